@@ -1,0 +1,32 @@
+"""prune_lab: see, measure and undo neural-network pruning, from a notebook or a script."""
+from __future__ import annotations
+
+from typing import Any
+
+from . import criteria, datasets, masks, models
+from ._version import __version__
+from .allocation import list_allocations, register_allocation
+from .criteria import list_criteria, register_criterion
+from .export import load_recipe, load_state_dict
+from .layers import LayerInfo
+from .models import demo, train
+from .session import Session
+
+__all__ = [
+    "Session", "LayerInfo", "demo", "train", "datasets", "models", "criteria", "masks",
+    "load_recipe", "load_state_dict", "register_criterion", "register_allocation",
+    "list_criteria", "list_allocations", "plots", "Lab", "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # matplotlib and ipywidgets load only when a plot or the Lab is used
+    if name == "plots":
+        from . import plots
+
+        return plots
+    if name == "Lab":
+        from .widgets import Lab
+
+        return Lab
+    raise AttributeError(f"module 'prune_lab' has no attribute {name!r}")

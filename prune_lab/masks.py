@@ -1,0 +1,149 @@
+"""Exact k-smallest masks: pure tensor math, no state.
+
+A mask is a bool tensor, True = keep. ``k_smallest_masks`` zeroes exactly ``k`` entries across
+one or many score tensors, ties broken deterministically by (tensor order, flat index), and it
+never concatenates the tensors: the k-th score is found by a radix select over the scores' bit
+patterns (two histogram passes with ``torch.bincount``), so extra memory is bounded by the
+largest single tensor, not the sum.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_RADIX_BITS = 16
+
+
+def ordered_keys(scores: Tensor) -> Tensor:
+    """Flat integer keys whose order equals the order of ``scores`` (floats or integers).
+
+    float32 maps to int32 bit patterns (negative floats flipped so order holds); other floats go
+    through float64/int64; integers are widened to int64. -0.0 and +0.0 map to the same key.
+    """
+    flat = scores.detach().reshape(-1)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    if flat.dtype == torch.float32:
+        int_type, flip = torch.int32, 0x7FFFFFFF
+    elif flat.dtype == torch.float64:
+        int_type, flip = torch.int64, 0x7FFFFFFFFFFFFFFF
+    elif not flat.dtype.is_floating_point and flat.dtype != torch.bool:
+        return flat.to(torch.int64)
+    else:
+        raise TypeError(f"scores must be a real float or integer tensor, got dtype {flat.dtype}")
+    bits = flat.contiguous().view(int_type)
+    negative = bits < 0
+    if bool(negative.any()):
+        bits = (flat + 0.0).view(int_type)  # -0.0 -> +0.0
+        negative = bits < 0
+        bits = torch.where(negative, bits ^ flip, bits)
+    return bits
+
+
+def magnitude_keys(weight: Tensor) -> Tensor:
+    """Ordered keys of ``|weight|`` in one pass: clearing the sign bit of an IEEE float is abs."""
+    flat = weight.detach().reshape(-1)
+    if flat.dtype == torch.float32:
+        return flat.contiguous().view(torch.int32) & 0x7FFFFFFF
+    if flat.dtype == torch.float64:
+        return flat.contiguous().view(torch.int64) & 0x7FFFFFFFFFFFFFFF
+    return ordered_keys(flat.abs())
+
+
+def _digit_histogram(keys: Tensor, lo: int, shift: int, nbins: int, span: int) -> Tensor:
+    d = keys.to(torch.int64) if keys.dtype == torch.int32 and span >= 2**31 - 1 else keys
+    if lo:
+        d = d - lo
+    if shift:
+        d = d >> shift
+    return torch.bincount(d, minlength=nbins).cpu()
+
+
+def kth_smallest_key(keys_of: Sequence[Tensor], k: int) -> tuple[int, int]:
+    """Radix-select the k-th smallest key (1-based) across tensors without concatenating.
+
+    ``keys_of[i]`` may be computed lazily (any Sequence); each is read at most three times.
+    Returns ``(threshold, ties)``: every key < threshold is among the k smallest, and ``ties``
+    of the keys equal to threshold complete the count.
+    """
+    extremes = [torch.aminmax(keys_of[i]) for i in range(len(keys_of)) if keys_of[i].numel()]
+    lo = min(int(e.min) for e in extremes)
+    hi = max(int(e.max) for e in extremes)
+    rank = k
+    candidates: list[Tensor] | None = None  # None: the full tensors, before the first narrowing
+    while lo < hi:
+        span = hi - lo
+        shift = max(0, span.bit_length() - _RADIX_BITS)
+        nbins = (span >> shift) + 1
+        hist = torch.zeros(nbins, dtype=torch.int64)
+        sources = candidates if candidates is not None else [keys_of[i] for i in range(len(keys_of))]
+        kept: list[Tensor] = []
+        for keys in sources:
+            if candidates is not None:
+                keys = keys[(keys >= lo) & (keys <= hi)]
+            if keys.numel() == 0:
+                continue
+            hist += _digit_histogram(keys, lo, shift, nbins, span)
+            if candidates is not None:
+                kept.append(keys)
+        cum = hist.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor([rank]), right=False)[0])
+        rank -= int(cum[b - 1]) if b > 0 else 0
+        new_lo = lo + (b << shift)
+        hi, lo = min(hi, new_lo + (1 << shift) - 1), new_lo
+        if candidates is None:
+            # narrow once from the full tensors; later rounds only touch the survivors
+            kept = []
+            for i in range(len(keys_of)):
+                keys = keys_of[i]
+                sel = keys[(keys >= lo) & (keys <= hi)]
+                if sel.numel():
+                    kept.append(sel)
+        candidates = kept
+    return lo, rank
+
+
+def k_smallest_masks(keys: Sequence[Tensor], k: int, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """Keep-masks (True = keep) zeroing exactly ``k`` of the smallest keys across all tensors.
+
+    ``keys`` are flat ordered keys (:func:`ordered_keys`, :func:`magnitude_keys`), possibly
+    computed lazily on access; ``shapes`` gives each mask its tensor's shape.
+
+    Ties at the threshold are pruned in (tensor order, flat index) order, so the result is
+    deterministic and, for tie-free scores, equals ``torch.topk(..., largest=False)`` on the
+    concatenation (what ``torch.nn.utils.prune`` does).
+    """
+    total = sum(int(torch.Size(s).numel()) for s in shapes)
+    if not 0 <= k <= total:
+        raise ValueError(f"k must be in [0, {total}], got {k}")
+    if k == 0 or k == total:
+        return [torch.full(s, k == 0, dtype=torch.bool, device=keys[i].device) for i, s in enumerate(shapes)]
+    threshold, ties = kth_smallest_key(keys, k)
+    masks: list[Tensor] = []
+    for i in range(len(keys)):
+        key = keys[i]
+        if ties == 0:
+            keep = key > threshold
+        else:
+            keep = key > threshold
+            equal = key == threshold
+            n_equal = int(equal.sum())
+            if n_equal > ties:
+                keep[equal.nonzero().reshape(-1)[ties:]] = True
+                ties = 0
+            else:
+                ties -= n_equal
+        masks.append(keep.reshape(shapes[i]))
+    return masks
+
+
+def k_smallest_mask(scores: Tensor, k: int) -> Tensor:
+    """Keep-mask zeroing exactly ``k`` of the smallest entries of one score tensor."""
+    return k_smallest_masks([ordered_keys(scores)], k, [scores.shape])[0]
+
+
+def count_to_prune(sparsity: float, n: int) -> int:
+    """Zeros for a sparsity fraction: ``round(sparsity * n)``, as ``torch.nn.utils.prune`` rounds."""
+    return int(round(sparsity * n))

@@ -1,0 +1,209 @@
+"""The model zoo (sized from a DataBundle), training with a progress bar, and the cached demo."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .datasets import DataBundle, digits
+
+
+def mlp(data: DataBundle, hidden: Sequence[int] = (300, 100)) -> nn.Module:
+    """LeNet-300-100 shape: flatten, Linear-ReLU per hidden size, Linear to classes."""
+    sizes = [int(torch.tensor(data.input_shape).prod())] + list(hidden)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(sizes[-1], data.num_classes))
+    return _named(nn.Sequential(*layers), ["flatten"] + [f"fc{i // 2 + 1}" if i % 2 == 0 else f"relu{i // 2 + 1}" for i in range(2 * len(hidden))] + [f"fc{len(hidden) + 1}"])
+
+
+def _named(seq: nn.Sequential, names: list[str]) -> nn.Sequential:
+    from collections import OrderedDict
+
+    return nn.Sequential(OrderedDict(zip(names, seq)))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 style: two conv+pool stages, three Linear layers. Small inputs use 3x3 kernels."""
+
+    def __init__(self, data: DataBundle, channels: tuple[int, int] = (6, 16)):
+        super().__init__()
+        c, h, w = data.input_shape
+        k = 5 if min(h, w) >= 20 else 3
+        self.conv1 = nn.Conv2d(c, channels[0], k, padding=k // 2)
+        self.conv2 = nn.Conv2d(channels[0], channels[1], k, padding=0 if k == 5 else 1)
+        with torch.no_grad():
+            n = self._features(torch.zeros(1, c, h, w)).shape[1]
+        self.fc1 = nn.Linear(n, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, data.num_classes)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._features(x)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def lenet5(data: DataBundle, channels: tuple[int, int] = (6, 16)) -> nn.Module:
+    return LeNet5(data, channels)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet with BatchNorm and residual adds: stem + three stages of basic blocks."""
+
+    def __init__(self, data: DataBundle, widths: tuple[int, int, int] = (16, 32, 64), blocks: int = 1):
+        super().__init__()
+        c = data.input_shape[0]
+        self.stem = nn.Conv2d(c, widths[0], 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        stages = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            for b in range(blocks):
+                stages.append(BasicBlock(cin, w, 2 if (i > 0 and b == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin, data.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.layers(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def small_resnet(data: DataBundle, widths: tuple[int, int, int] = (16, 32, 64), blocks: int = 1) -> nn.Module:
+    return SmallResNet(data, widths, blocks)
+
+
+def train(
+    model: nn.Module,
+    data: DataBundle,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    device: Union[str, torch.device, None] = None,
+    seed: int = 0,
+    progress: bool = True,
+    weight_decay: float = 0.0,
+) -> dict:
+    """Adam on ``data.train`` with a progress bar; Ctrl-C stops early and keeps what was learned.
+
+    Returns ``{"loss": [per-epoch mean], "test_accuracy": float, "interrupted": bool}``.
+    """
+    from tqdm.auto import tqdm
+
+    from .session import resolve_device
+
+    dev = resolve_device(device)
+    model.to(dev)
+    torch.manual_seed(seed)
+    x, y = data.train.tensors
+    x, y = x.to(dev), y.to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    history: dict = {"loss": [], "interrupted": False}
+    bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
+    model.train()
+    try:
+        for _ in bar:
+            order = torch.randperm(len(x), generator=g).to(dev)
+            total = 0.0
+            for start in range(0, len(x), batch_size):
+                idx = order[start : start + batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            history["loss"].append(total / len(x))
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+    except KeyboardInterrupt:
+        history["interrupted"] = True
+    finally:
+        bar.close()
+        model.eval()
+    history["test_accuracy"] = test_accuracy(model, data, dev)
+    return history
+
+
+def test_accuracy(model: nn.Module, data: DataBundle, device: Union[str, torch.device, None] = None) -> float:
+    from .measure import EvalData, evaluate
+
+    dev = next(model.parameters()).device if device is None else torch.device(device)
+    return evaluate(model, EvalData(data.test.tensors, dev)).metric
+
+
+# ---------------------------------------------------------------- demo
+DEMO_EPOCHS = 30
+DEMO_CHANNELS = (8, 16)
+
+
+def cache_dir() -> Path:
+    """``$PRUNE_LAB_CACHE``, else ``$XDG_CACHE_HOME/prune_lab``, else ``~/.cache/prune_lab``."""
+    env = os.environ.get("PRUNE_LAB_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "prune_lab"
+
+
+def _demo_key(model: nn.Module) -> str:
+    from ._version import __version__
+
+    arch = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    recipe = f"{__version__}|{torch.__version__.split('+')[0]}|{arch}|{DEMO_EPOCHS}|{DEMO_CHANNELS}"
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def demo(device: Union[str, torch.device, None] = "cpu", progress: bool = True) -> tuple[nn.Module, DataBundle]:
+    """A trained digits LeNet-5 and its DataBundle: from the cache, or trained in seconds.
+
+    A missing, corrupt or stale cache file is rebuilt (written atomically), never fatal.
+    """
+    data = digits()
+    torch.manual_seed(0)
+    model = lenet5(data, DEMO_CHANNELS)
+    path = cache_dir() / f"demo-lenet5-digits-{_demo_key(model)}.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception:
+        torch.manual_seed(0)
+        model = lenet5(data, DEMO_CHANNELS)
+        train(model, data, epochs=DEMO_EPOCHS, lr=3e-3, batch_size=64, device="cpu", progress=progress)
+        try:
+            from .export import serialize, write_bytes
+
+            write_bytes(path, serialize({k: v.cpu() for k, v in model.state_dict().items()}))
+        except OSError:
+            pass  # a read-only cache only costs the retraining next time
+    model.eval()
+    return model.to(device if device is not None else "cpu"), data

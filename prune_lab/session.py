@@ -1,0 +1,548 @@
+"""Session: a user's model, its original weights, masks applied in place, and measured numbers.
+
+Invariants: the original state (every parameter and buffer) is kept, so ``reset()`` is exact;
+masks are recomputed from the originals each time (a smaller sparsity un-prunes); pruning writes
+only the masked weights; every public method validates all input before it mutates anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import export as _export
+from ._version import __version__
+from .allocation import Allocation, as_allocation, get_allocation
+from .criteria import Criterion, get_criterion
+from .layers import LayerInfo, find_prunable
+from .masks import count_to_prune, k_smallest_masks
+from .measure import EvalData, Metric, accuracy, evaluate, mac_positions
+from .registry import close_names, describe
+
+DeviceLike = Union[str, torch.device, None]
+Listener = Callable[[str], None]
+
+
+def resolve_device(device: DeviceLike) -> torch.device:
+    """``None`` picks CUDA when available, else CPU; a CUDA request without CUDA is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device; valid: 'cpu', 'cuda', 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+class _LazyKeys(Sequence):
+    """Criterion keys per layer, computed on access so one layer's keys live at a time."""
+
+    def __init__(self, session: "Session", names: list[str], criterion: Criterion, seed: int):
+        self._s, self._names, self._c, self._seed = session, names, criterion, seed
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        name = self._names[i]
+        return self._c.keys(self._s._orig[name], layer=name, seed=self._seed)
+
+
+class Session:
+    """Prune a model layer by layer, exactly and reversibly, and measure what it costs.
+
+    ``eval_data``: a DataLoader, a Dataset or an ``(inputs, targets)`` pair. ``metric``:
+    ``(outputs, targets) -> batch mean`` replacing accuracy (its ``__name__`` is the key in
+    ``evaluate()``); ``loss_fn`` likewise (default cross-entropy; ``None`` for no loss).
+    ``extra_layers``: names of other modules whose ``weight`` should be prunable.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eval_data: Any,
+        device: DeviceLike = None,
+        metric: Optional[Metric] = None,
+        *,
+        loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = F.cross_entropy,
+        extra_layers: Sequence[str] = (),
+        seed: int = 0,
+        batch_size: int = 1024,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if metric is not None and not callable(metric):
+            raise TypeError(f"metric must be a callable (outputs, targets) -> value, got {type(metric).__name__}")
+        infos, users = find_prunable(model, extra_layers)
+        if not infos:
+            raise ValueError(
+                f"{type(model).__name__} has no prunable layers (Linear, Conv1d/2d/3d, ConvTranspose*); "
+                "name other modules with a 'weight' via extra_layers=[...]"
+            )
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for info in infos:
+            w = params[_weight_key(info.name)]
+            bad = int((~torch.isfinite(w.detach())).sum())
+            if bad:
+                raise ValueError(f"layer {info.name!r}: weight has {bad} NaN/inf values; fix the model before pruning")
+        self.device = resolve_device(device)
+        self.model = model
+        self.layers: list[LayerInfo] = infos
+        self._info = {i.name: i for i in infos}
+        self._users = users
+        self.metric: Metric = metric or accuracy
+        self.metric_name: str = "accuracy" if metric is None else describe(metric)
+        self.loss_fn = loss_fn
+        self.seed = int(seed)
+        old_device = _model_device(model)
+        model.to(self.device)
+        try:
+            self.data = EvalData(eval_data, self.device, batch_size)
+            self._positions = self._check_forward()
+        except Exception:
+            model.to(old_device)
+            raise
+        self._original: dict[str, Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._orig: dict[str, Tensor] = {i.name: self._original[_weight_key(i.name)] for i in infos}
+        self._weights: dict[str, Tensor] = {i.name: params[_weight_key(i.name)] for i in infos}
+        self._pruned: dict[str, int] = {i.name: 0 for i in infos}
+        self._criterion: dict[str, str] = {i.name: "magnitude" for i in infos}
+        self._layer_seed: dict[str, int] = {i.name: self.seed for i in infos}
+        self._masks: dict[str, Optional[Tensor]] = {i.name: None for i in infos}
+        self._listeners: list[Listener] = []
+        self._baseline: Optional[dict[str, float]] = None
+        self._dense_file_bytes: Optional[int] = None
+        self._sparse_bytes_cache: tuple[int, int] = (-1, 0)
+        self.version = 0  # bumped on every change of weights or device
+
+    # ------------------------------------------------------------------ discovery / validation
+    def _check_forward(self) -> dict[str, Optional[int]]:
+        sample = self.data.sample(1)
+        try:
+            positions = mac_positions(self.model, self._users, sample)
+        except RuntimeError as e:
+            first = self.layers[0]
+            raise ValueError(
+                f"the model cannot run on the eval data: inputs of shape {tuple(sample.shape)} "
+                f"(batch of 1) failed with: {str(e).splitlines()[0]}. First prunable layer "
+                f"{first.name!r} is {first.kind} with weight shape {first.shape}."
+            ) from None
+        return positions
+
+    def layer(self, name: str) -> LayerInfo:
+        try:
+            return self._info[name]
+        except (KeyError, TypeError):
+            names = list(self._info)
+            raise ValueError(
+                f"no prunable layer named {name!r}.{close_names(str(name), names)} Prunable layers: {', '.join(names)}"
+            ) from None
+
+    def check_sparsity(self, name: str, value: Any) -> float:
+        self.layer(name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"layer {name!r}: sparsity must be a number in [0, 1], got {value!r}")
+        v = float(value)
+        if math.isnan(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(
+                f"layer {name!r}: sparsity {value!r} is outside [0, 1] (a fraction: 0.9 zeroes 90% of the weights)"
+            )
+        return v
+
+    # ------------------------------------------------------------------ state
+    @property
+    def sparsity(self) -> dict[str, float]:
+        """Per layer, the fraction of weights the masks zero (pruned / params)."""
+        return {n: self._pruned[n] / self._info[n].n_params for n in self._info}
+
+    @property
+    def pruned_counts(self) -> dict[str, int]:
+        return dict(self._pruned)
+
+    @property
+    def criteria(self) -> dict[str, str]:
+        return dict(self._criterion)
+
+    def mask(self, name: str) -> Tensor:
+        """Keep-mask of a layer (True = kept), on the session's device."""
+        self.layer(name)
+        m = self._masks[name]
+        return torch.ones(self._info[name].shape, dtype=torch.bool, device=self.device) if m is None else m
+
+    def original_weight(self, name: str) -> Tensor:
+        """The layer's weight before any pruning (read-only view; do not modify)."""
+        self.layer(name)
+        return self._orig[name]
+
+    def total_sparsity(self) -> float:
+        return sum(self._pruned.values()) / sum(i.n_params for i in self.layers)
+
+    def lazy_keys(self, names: list[str], criterion: Criterion, seed: int) -> Sequence[Tensor]:
+        return _LazyKeys(self, names, criterion, seed)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event)`` after every change ('masks', 'reset', 'device'); returns an unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _notify(self, event: str) -> None:
+        self.version += 1
+        for listener in list(self._listeners):
+            listener(event)
+
+    # ------------------------------------------------------------------ pruning
+    def set_sparsity(
+        self,
+        sparsities: Mapping[str, float],
+        criterion: Union[str, Callable, Criterion] = "magnitude",
+        seed: Optional[int] = None,
+    ) -> "Session":
+        """Prune each named layer to ``round(s * n)`` zeros by ``criterion``; other layers keep theirs."""
+        if not isinstance(sparsities, Mapping):
+            raise TypeError(
+                "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
+                f"got {type(sparsities).__name__}"
+            )
+        crit = get_criterion(criterion)
+        seed = self.seed if seed is None else int(seed)
+        counts = {}
+        for name, value in sparsities.items():
+            s = self.check_sparsity(name, value)
+            counts[name] = count_to_prune(s, self._info[name].n_params)
+        self._apply_counts(counts, crit, seed)
+        return self
+
+    def set_global_sparsity(
+        self,
+        sparsity: float,
+        allocation: Union[str, Callable] = "global",
+        criterion: Union[str, Callable, Criterion] = "magnitude",
+        seed: Optional[int] = None,
+        locked: Sequence[str] = (),
+    ) -> "Session":
+        """Prune the model to a total sparsity, split across unlocked layers by ``allocation``.
+
+        Locked layers keep their current masks and count toward the total.
+        """
+        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or math.isnan(sparsity) or not 0 <= sparsity <= 1:
+            raise ValueError(f"global sparsity {sparsity!r} is outside [0, 1] (a fraction: 0.9 zeroes 90% of the weights)")
+        for name in locked:
+            self.layer(name)
+        crit = get_criterion(criterion)
+        seed = self.seed if seed is None else int(seed)
+        fn = get_allocation(allocation)
+        locked_counts = {name: self._pruned[name] for name in locked}
+        result = as_allocation(fn(self, float(sparsity), criterion=crit, seed=seed, locked=locked_counts), self)
+        self._apply_counts(result.counts, crit, seed, result.masks)
+        return self
+
+    def _apply_counts(self, counts: Mapping[str, int], crit: Criterion, seed: int, masks: Optional[Mapping[str, Tensor]] = None) -> None:
+        changed = {
+            name: k
+            for name, k in counts.items()
+            if (k, crit.name, seed) != (self._pruned[name], self._criterion[name], self._layer_seed[name])
+            or (k == 0) != (self._masks[name] is None)
+        }
+        new_masks: dict[str, Optional[Tensor]] = {}
+        for name, k in changed.items():  # compute everything before touching the model
+            if k == 0:
+                new_masks[name] = None
+            elif masks is not None and name in masks:
+                new_masks[name] = masks[name]
+            else:
+                keys = self.lazy_keys([name], crit, seed)
+                new_masks[name] = k_smallest_masks(keys, k, [self._info[name].shape])[0]
+        if not changed:
+            return
+        with torch.no_grad():
+            for name, mask in new_masks.items():
+                w, orig = self._weights[name], self._orig[name]
+                if mask is None:
+                    w.copy_(orig)
+                else:
+                    torch.mul(orig, mask, out=w.data)
+                self._masks[name] = mask
+                self._pruned[name] = changed[name]
+                self._criterion[name] = crit.name
+                self._layer_seed[name] = seed
+        self._notify("masks")
+
+    def reset(self) -> "Session":
+        """Restore every parameter and buffer to the state at construction, bit for bit."""
+        with torch.no_grad():
+            for key, t in self.model.state_dict().items():
+                t.copy_(self._original[key])
+        for name in self._info:
+            self._pruned[name] = 0
+            self._masks[name] = None
+            self._criterion[name] = "magnitude"
+            self._layer_seed[name] = self.seed
+        self._notify("reset")
+        return self
+
+    @contextlib.contextmanager
+    def dense(self) -> Iterator["Session"]:
+        """Temporarily put the original weights back (for baselines); masks return on exit."""
+        with torch.no_grad():
+            for name in self._info:
+                if self._masks[name] is not None:
+                    self._weights[name].copy_(self._orig[name])
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, mask in self._masks.items():
+                    if mask is not None:
+                        torch.mul(self._orig[name], mask, out=self._weights[name].data)
+
+    # ------------------------------------------------------------------ measuring
+    def evaluate(self, limit: Optional[int] = None) -> dict[str, float]:
+        """``{metric_name: value, "loss": value}`` on the eval data (first ``limit`` samples)."""
+        r = evaluate(self.model, self.data, self.metric, self.loss_fn, limit)
+        out = {self.metric_name: r.metric, "loss": r.loss if r.loss is not None else math.nan}
+        return out
+
+    def baseline(self) -> dict[str, float]:
+        """``evaluate()`` of the unpruned model (cached; originals never change)."""
+        if self._baseline is None:
+            with self.dense():
+                self._baseline = self.evaluate()
+        return dict(self._baseline)
+
+    def stats(self) -> "Stats":
+        """Per layer and total: params, nonzeros, sparsity, dense/sparse bytes, dense/effective MACs.
+
+        Nonzeros are counted in the live weights; MACs are weight entries times the positions each
+        is applied at per input sample (measured by hooks on one sample); sparse bytes per layer are
+        the encoded payload, and the totals' file bytes are the length of the actual serialised
+        dense and sparse exports.
+        """
+        rows: dict[str, dict[str, Any]] = {}
+        for info in self.layers:
+            w = self._weights[info.name]
+            nnz = int(torch.count_nonzero(w))
+            pos = self._positions.get(info.name)
+            rows[info.name] = {
+                "params": info.n_params,
+                "nonzeros": nnz,
+                "sparsity": 1 - nnz / info.n_params,
+                "dense_bytes": info.n_params * w.element_size(),
+                "sparse_bytes": _export.sparse_payload_bytes(info.n_params, nnz, w.element_size()),
+                "macs": None if pos is None else info.n_params * pos,
+                "effective_macs": None if pos is None else nnz * pos,
+            }
+        total: dict[str, Any] = {
+            key: sum(r[key] for r in rows.values() if r[key] is not None)
+            for key in ("params", "nonzeros", "dense_bytes", "sparse_bytes", "macs", "effective_macs")
+        }
+        total["sparsity"] = 1 - total["nonzeros"] / total["params"]
+        all_params = {id(p): p for p in self.model.parameters()}.values()
+        total["model_params"] = sum(p.numel() for p in all_params)
+        total["model_nonzeros"] = sum(int(torch.count_nonzero(p)) for p in all_params)
+        total["dense_file_bytes"] = self.dense_file_bytes()
+        total["sparse_file_bytes"] = self.sparse_file_bytes()
+        total["compression"] = total["params"] / max(total["nonzeros"], 1)
+        total["file_compression"] = total["dense_file_bytes"] / total["sparse_file_bytes"]
+        total["speedup"] = total["macs"] / max(total["effective_macs"], 1)
+        return Stats(rows, total)
+
+    def dense_file_bytes(self) -> int:
+        """Length of ``torch.save(model.state_dict())`` of the dense model (cached)."""
+        if self._dense_file_bytes is None:
+            self._dense_file_bytes = len(_export.serialize(_cpu_state(self._original)))
+        return self._dense_file_bytes
+
+    def sparse_file_bytes(self) -> int:
+        """Length of the sparse export of the current model (cached per change)."""
+        version, size = self._sparse_bytes_cache
+        if version != self.version:
+            size = len(_export.serialize(self._sparse_state()))
+            self._sparse_bytes_cache = (self.version, size)
+        return size
+
+    def _sparse_state(self) -> dict[str, Any]:
+        return _export.sparse_state(self.model.state_dict(), [_weight_key(i.name) for i in self.layers])
+
+    # ------------------------------------------------------------------ devices
+    def to(self, device: DeviceLike) -> "Session":
+        """Move model, originals, masks and eval data to ``device`` in one call."""
+        dev = resolve_device(device)
+        if dev == self.device:
+            return self
+        self.model.to(dev)
+        self.data.to(dev)
+        self._original = {k: v.to(dev) for k, v in self._original.items()}
+        self._orig = {i.name: self._original[_weight_key(i.name)] for i in self.layers}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        self._weights = {i.name: params[_weight_key(i.name)] for i in self.layers}
+        self._masks = {n: None if m is None else m.to(dev) for n, m in self._masks.items()}
+        self.device = dev
+        self._baseline = None
+        self._notify("device")
+        return self
+
+    # ------------------------------------------------------------------ recipes and export
+    def recipe(self) -> dict[str, Any]:
+        """What was pruned, reproducibly: per layer count, sparsity, criterion and seed."""
+        return {
+            "prune_lab_recipe": _export.RECIPE_FORMAT,
+            "prune_lab_version": __version__,
+            "model": type(self.model).__name__,
+            "seed": self.seed,
+            "weights_sha256": _export.weights_digest([self._orig[i.name] for i in self.layers]),
+            "layers": {
+                i.name: {
+                    "shape": list(i.shape),
+                    "pruned": self._pruned[i.name],
+                    "sparsity": self._pruned[i.name] / i.n_params,
+                    "criterion": self._criterion[i.name],
+                    "seed": self._layer_seed[i.name],
+                }
+                for i in self.layers
+            },
+        }
+
+    @staticmethod
+    def load_recipe(path: Union[str, Path, Mapping[str, Any]]) -> dict[str, Any]:
+        """Read and validate a recipe file (or dict); raises ValueError on anything malformed."""
+        return _export.load_recipe(path)
+
+    def apply_recipe(self, recipe: Union[str, Path, Mapping[str, Any]]) -> "Session":
+        """Reproduce a recipe's masks on this session's model (checked against its layers first)."""
+        data = _export.load_recipe(recipe)
+        layers = data["layers"]
+        missing = [n for n in self._info if n not in layers]
+        for name, entry in layers.items():
+            if name not in self._info:
+                raise ValueError(
+                    f"recipe layer {name!r} is not in this model (another architecture?).{close_names(name, list(self._info))}"
+                )
+            if tuple(entry["shape"]) != self._info[name].shape:
+                raise ValueError(
+                    f"recipe layer {name!r} has shape {tuple(entry['shape'])} but the model's is "
+                    f"{self._info[name].shape} (another architecture?)"
+                )
+        if missing:
+            raise ValueError(f"recipe has no entry for layer(s) {', '.join(missing)} of this model (another architecture?)")
+        groups: dict[tuple[str, int], dict[str, int]] = {}
+        crits = {}
+        for name, entry in layers.items():
+            crits[entry["criterion"]] = get_criterion(entry["criterion"])  # unknown names fail here, before any change
+            groups.setdefault((entry["criterion"], int(entry.get("seed", data.get("seed", 0)))), {})[name] = entry["pruned"]
+        if any(c.weight_dependent for c in crits.values()) and data.get("weights_sha256") not in (None, self.recipe()["weights_sha256"]):
+            import warnings
+
+            warnings.warn(
+                "the recipe was made on different weights; magnitude masks depend on the weights, so they will differ",
+                stacklevel=2,
+            )
+        snapshot = (dict(self._pruned), dict(self._criterion), dict(self._layer_seed), dict(self._masks))
+        try:
+            for (crit_name, seed), counts in groups.items():
+                self._apply_counts(counts, crits[crit_name], seed)
+        except Exception:
+            self._restore(snapshot)
+            raise
+        return self
+
+    def _restore(self, snapshot: tuple) -> None:
+        pruned, criterion, seeds, masks = snapshot
+        with torch.no_grad():
+            for name, mask in masks.items():
+                if mask is None:
+                    self._weights[name].copy_(self._orig[name])
+                else:
+                    torch.mul(self._orig[name], mask, out=self._weights[name].data)
+        self._pruned, self._criterion, self._layer_seed, self._masks = pruned, criterion, seeds, masks
+        self._notify("masks")
+
+    def export(self, path: Union[str, Path], sparse: bool = False) -> dict[str, Path]:
+        """Write the pruned state_dict (dense, or the compact sparse encoding) and its recipe.
+
+        Returns ``{"model": path, "recipe": <stem>.recipe.json}``. Load either form with
+        ``prune_lab.load_state_dict(path)`` (a dense export also loads with ``torch.load``).
+        """
+        path = Path(path)
+        state = self._sparse_state() if sparse else _cpu_state(self.model.state_dict())
+        model_path = _export.write_bytes(path, _export.serialize(state))
+        recipe_path = path.with_name(path.stem + ".recipe.json")
+        import json
+
+        _export.write_bytes(recipe_path, json.dumps(self.recipe(), indent=1).encode())
+        return {"model": model_path, "recipe": recipe_path}
+
+    def to_torch_prune(self, model: nn.Module) -> nn.Module:
+        """Hand this session's masks to ``model`` as ``torch.nn.utils.prune`` reparametrisation."""
+        masks = {i.name: self.mask(i.name) for i in self.layers}
+        return _export.to_torch_prune(model, masks)
+
+    # ------------------------------------------------------------------ display
+    def __repr__(self) -> str:
+        lines = [
+            f"Session({type(self.model).__name__}, device={self.device}, {len(self.layers)} prunable layers, "
+            f"{self.total_sparsity():.1%} sparse, eval on {len(self.data)} samples)"
+        ]
+        width = max(len(i.name) for i in self.layers)
+        for i in self.layers:
+            shape = "x".join(map(str, i.shape))
+            lines.append(
+                f"  {i.name:<{width}}  {i.kind:<15} {shape:>14} {i.n_params:>10,}  "
+                f"{self.sparsity[i.name]:6.1%} {self._criterion[i.name] if self._pruned[i.name] else ''}"
+            )
+        return "\n".join(lines)
+
+
+class Stats:
+    """``stats.layers[name][key]`` and ``stats.total[key]``; prints as a table."""
+
+    def __init__(self, layers: dict[str, dict[str, Any]], total: dict[str, Any]):
+        self.layers = layers
+        self.total = total
+
+    def __getitem__(self, key: str) -> Any:
+        return self.total if key == "total" else self.layers[key]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "total": self.total}
+
+    def __repr__(self) -> str:
+        head = f"{'layer':<20}{'params':>10}{'nonzeros':>10}{'sparsity':>9}{'bytes':>10}{'sparse B':>10}{'MACs':>12}{'eff. MACs':>12}"
+        lines = [head]
+        for name, r in list(self.layers.items()) + [("total", self.total)]:
+            macs = "n/a" if r["macs"] is None else f"{r['macs']:,}"
+            eff = "n/a" if r["effective_macs"] is None else f"{r['effective_macs']:,}"
+            lines.append(
+                f"{name:<20}{r['params']:>10,}{r['nonzeros']:>10,}{r['sparsity']:>9.1%}"
+                f"{r['dense_bytes']:>10,}{r['sparse_bytes']:>10,}{macs:>12}{eff:>12}"
+            )
+        t = self.total
+        lines.append(
+            f"files: dense {t['dense_file_bytes']:,} B, sparse {t['sparse_file_bytes']:,} B "
+            f"({t['file_compression']:.2f}x); compression {t['compression']:.2f}x; speedup {t['speedup']:.2f}x"
+        )
+        return "\n".join(lines)
+
+
+def _weight_key(name: str) -> str:
+    return f"{name}.weight" if name else "weight"
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _cpu_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
