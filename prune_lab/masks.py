@@ -52,12 +52,11 @@ def magnitude_keys(weight: Tensor) -> Tensor:
     return ordered_keys(flat.abs())
 
 
-def _digit_histogram(keys: Tensor, lo: int, shift: int, nbins: int, span: int) -> Tensor:
-    d = keys.to(torch.int64) if keys.dtype == torch.int32 and span >= 2**31 - 1 else keys
-    if lo:
-        d = d - lo
-    if shift:
-        d = d >> shift
+def _digit_histogram(keys: Tensor, base: int, shift: int, nbins: int) -> Tensor:
+    # shift before subtracting, so no key range can overflow
+    d = keys >> shift if shift else keys
+    if base:
+        d = d - base
     return torch.bincount(d, minlength=nbins).cpu()
 
 
@@ -74,9 +73,9 @@ def kth_smallest_key(keys_of: Sequence[Tensor], k: int) -> tuple[int, int]:
     rank = k
     candidates: list[Tensor] | None = None  # None: the full tensors, before the first narrowing
     while lo < hi:
-        span = hi - lo
-        shift = max(0, span.bit_length() - _RADIX_BITS)
-        nbins = (span >> shift) + 1
+        shift = max(0, (hi - lo).bit_length() - _RADIX_BITS)
+        base = lo >> shift
+        nbins = (hi >> shift) - base + 1
         hist = torch.zeros(nbins, dtype=torch.int64)
         sources = candidates if candidates is not None else [keys_of[i] for i in range(len(keys_of))]
         kept: list[Tensor] = []
@@ -85,14 +84,13 @@ def kth_smallest_key(keys_of: Sequence[Tensor], k: int) -> tuple[int, int]:
                 keys = keys[(keys >= lo) & (keys <= hi)]
             if keys.numel() == 0:
                 continue
-            hist += _digit_histogram(keys, lo, shift, nbins, span)
+            hist += _digit_histogram(keys, base, shift, nbins)
             if candidates is not None:
                 kept.append(keys)
         cum = hist.cumsum(0)
         b = int(torch.searchsorted(cum, torch.tensor([rank]), right=False)[0])
         rank -= int(cum[b - 1]) if b > 0 else 0
-        new_lo = lo + (b << shift)
-        hi, lo = min(hi, new_lo + (1 << shift) - 1), new_lo
+        lo, hi = max(lo, (base + b) << shift), min(hi, ((base + b + 1) << shift) - 1)
         if candidates is None:
             # narrow once from the full tensors; later rounds only touch the survivors
             kept = []
@@ -124,8 +122,8 @@ def k_smallest_masks(keys: Sequence[Tensor], k: int, shapes: Sequence[torch.Size
     masks: list[Tensor] = []
     for i in range(len(keys)):
         key = keys[i]
-        if ties == 0:
-            keep = key > threshold
+        if ties == 0:  # the tied entries to prune are used up: keep the rest
+            keep = key >= threshold
         else:
             keep = key > threshold
             equal = key == threshold

@@ -18,7 +18,7 @@ MATERIALISE_LIMIT_BYTES = 1 << 30
 
 def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
     """Top-1 accuracy of a batch, a fraction in [0, 1]."""
-    return (outputs.argmax(dim=-1) == targets).float().mean()
+    return (outputs.argmax(dim=-1) == targets).sum(dtype=torch.float64) / len(targets)
 
 
 class EvalData:
@@ -139,10 +139,10 @@ def evaluate(
             for x, y in data.batches(limit):
                 out = model(x)
                 b = len(y)
-                m = metric(out, y).float() * b
+                m = metric(out, y).double() * b
                 metric_sum = m if metric_sum is None else metric_sum + m
                 if loss_fn is not None:
-                    l = loss_fn(out, y).float() * b
+                    l = loss_fn(out, y).double() * b
                     loss_sum = l if loss_sum is None else loss_sum + l
                 n += b
             # one host sync per evaluation, not per batch

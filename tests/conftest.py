@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+import prune_lab as pl
+
+settings.register_profile("prune_lab", deadline=None, max_examples=60)
+settings.load_profile("prune_lab")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PRUNE_LAB_SHARED", ROOT.parent / "shared"))
+MNIST_ROOT = SHARED / "data" / "mnist"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's real cache."""
+    if "PRUNE_LAB_CACHE" not in os.environ:
+        os.environ["PRUNE_LAB_CACHE"] = str(tmp_path_factory.mktemp("prune_lab_cache"))
+    os.environ.setdefault("PRUNE_LAB_FAST", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    yield
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return pl.datasets.digits()
+
+
+@pytest.fixture(scope="session")
+def demo(_isolated_cache):
+    return pl.demo(progress=False)
+
+
+@pytest.fixture
+def demo_session(demo):
+    model, data = demo
+    s = pl.Session(model, data.test, device="cpu")
+    yield s
+    s.reset()
+
+
+@pytest.fixture(scope="session")
+def mnist_root():
+    if not (MNIST_ROOT / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"shared MNIST files not found under {MNIST_ROOT}")
+    return MNIST_ROOT
+
+
+def zoo_model(kind: str, data) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return {"mlp": pl.models.mlp, "lenet5": pl.models.lenet5, "resnet": pl.models.small_resnet}[kind](data)
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
