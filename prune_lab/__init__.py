@@ -21,12 +21,10 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # matplotlib and ipywidgets load only when a plot or the Lab is used
+    import importlib
+
     if name == "plots":
-        from . import plots
-
-        return plots
+        return importlib.import_module(".plots", __name__)
     if name == "Lab":
-        from .widgets import Lab
-
-        return Lab
+        return importlib.import_module(".widgets", __name__).Lab
     raise AttributeError(f"module 'prune_lab' has no attribute {name!r}")

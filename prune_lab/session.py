@@ -185,6 +185,10 @@ class Session:
         self.layer(name)
         return self._orig[name]
 
+    def original_state(self) -> dict[str, Tensor]:
+        """A copy of the model's state_dict as it was at construction (CPU tensors)."""
+        return _cpu_state({k: v.clone() for k, v in self._original.items()})
+
     def total_sparsity(self) -> float:
         return sum(self._pruned.values()) / sum(i.n_params for i in self.layers)
 

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+import prune_lab as pl
+from prune_lab.datasets import read_idx
+
+
+def test_digits_bundle_fixed_split():
+    a, b = pl.datasets.digits(), pl.datasets.digits()
+    assert a.input_shape == (1, 8, 8) and a.num_classes == 10 and len(a.class_names) == 10
+    assert len(a.train) + len(a.test) == 1797 and len(a.test) == 359
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0])
+    x = a.train.tensors[0]
+    assert x.shape[1:] == (1, 8, 8) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_mnist_official_test_split(mnist_root):
+    data = pl.datasets.mnist(mnist_root, train_from_test=8000)
+    x, y = data.test.tensors
+    assert len(data.train) == 8000 and len(data.test) == 2000
+    assert x.shape == (2000, 1, 28, 28) and data.num_classes == 10
+    full = read_idx(mnist_root / "t10k-labels-idx1-ubyte.gz")
+    assert full.shape == (10000,) and full[0] == 7  # the first official test label is a 7
+    assert torch.equal(y, torch.from_numpy(full[8000:].astype(np.int64)))
+
+
+def test_mnist_missing_train_files_is_clear(mnist_root):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*download=True.*train_from_test"):
+        pl.datasets.mnist(mnist_root)
+
+
+def test_mnist_missing_everything_no_network(tmp_path):
+    with pytest.raises(FileNotFoundError, match="t10k-images"):
+        pl.datasets.mnist(tmp_path)
+
+
+def test_idx_reader_rejects_garbage(tmp_path):
+    p = tmp_path / "x.gz"
+    with gzip.open(p, "wb") as f:
+        f.write(b"\x01\x02\x03\x04garbage")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(p)
+    q = tmp_path / "y"
+    q.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02")  # says 5 bytes, holds 2
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(q)

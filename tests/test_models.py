@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import prune_lab as pl
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("factory", [pl.models.mlp, pl.models.lenet5, pl.models.small_resnet])
+def test_zoo_sized_from_bundle(factory, shape):
+    bundle = pl.datasets.DataBundle("x", None, None, shape, 7)
+    model = factory(bundle)
+    assert model(torch.zeros(2, *shape)).shape == (2, 7)
+
+
+def test_mlp_is_lenet_300_100(digits):
+    s = pl.Session(pl.models.mlp(digits), digits.test)
+    assert [i.shape for i in s.layers] == [(300, 64), (100, 300), (10, 100)]
+
+
+def test_demo_accuracy_and_cache(demo):
+    model, data = demo
+    assert pl.models.test_accuracy(model, data) >= 0.95
+    cached = list(pl.models.cache_dir().glob("demo-*.pt"))
+    assert len(cached) == 1
+    t = time.perf_counter()
+    again, _ = pl.demo(progress=False)
+    assert time.perf_counter() - t < 5, "a cached demo loads without training"
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_corrupt_cache_is_rebuilt(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_LAB_CACHE", str(tmp_path))
+    model, _ = demo
+    key = pl.models._demo_key(model)
+    path = tmp_path / f"demo-lenet5-digits-{key}.pt"
+    path.write_bytes(b"definitely not a checkpoint")
+    rebuilt, data = pl.demo(progress=False)
+    assert pl.models.test_accuracy(rebuilt, data) >= 0.95
+    assert torch.load(path, weights_only=True).keys() == rebuilt.state_dict().keys()
+    # a stale cache (other shapes under the same name) is rebuilt too
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    rebuilt2, _ = pl.demo(progress=False)
+    assert torch.equal(rebuilt2.conv1.weight, rebuilt.conv1.weight)
+
+
+def test_train_interrupt_keeps_progress(digits, monkeypatch):
+    model = pl.models.mlp(digits)
+    calls = {"n": 0}
+    real = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    history = pl.train(model, digits, epochs=5, progress=False)
+    assert history["interrupted"] and len(history["loss"]) == 1
+    assert history["test_accuracy"] > 0.5
+
+
+def test_import_is_light():
+    code = "import sys, prune_lab; print(any(m.split('.')[0] in ('ipywidgets', 'matplotlib') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    code2 = "import sys, prune_lab; prune_lab.plots; print('matplotlib' in sys.modules)"
+    out2 = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, check=True, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert out2.stdout.strip() == "True"
