@@ -6,8 +6,9 @@ import io
 import json
 import math
 import os
+import struct
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Iterable, Mapping, Union
 
 import numpy as np
 import torch
@@ -41,13 +42,17 @@ def sparse_payload_bytes(n: int, nnz: int, itemsize: int) -> int:
     return min(sparse_layouts(n, nnz, itemsize).values())
 
 
+def _layout(n: int, nnz: int, itemsize: int) -> str:
+    sizes = sparse_layouts(n, nnz, itemsize)
+    return min(sizes, key=sizes.__getitem__)  # ties prefer dense, then bitmap
+
+
 def encode_sparse(t: Tensor) -> dict[str, Any]:
-    """A tensor in the smallest of three layouts (see :func:`sparse_layouts`); ties prefer dense."""
+    """A tensor in the smallest of three layouts (see :func:`sparse_layouts`)."""
     flat = t.detach().reshape(-1).cpu()
     nonzero = flat != 0
     n, nnz = flat.numel(), int(nonzero.sum())
-    sizes = sparse_layouts(n, nnz, flat.element_size())
-    layout = min(sizes, key=sizes.__getitem__)
+    layout = _layout(n, nnz, flat.element_size())
     entry: dict[str, Any] = {"shape": list(t.shape), "layout": layout}
     if layout == "dense":
         entry["values"] = flat.clone()
@@ -64,9 +69,9 @@ def encode_sparse(t: Tensor) -> dict[str, Any]:
 def decode_sparse(entry: Mapping[str, Any]) -> Tensor:
     shape = tuple(entry["shape"])
     values = entry["values"]
-    n = math.prod(shape)
     if entry.get("layout") == "dense":
         return values.reshape(shape)
+    n = math.prod(shape)
     out = torch.zeros(n, dtype=values.dtype)
     if "bitmap" in entry:
         mask = torch.from_numpy(np.unpackbits(entry["bitmap"].numpy(), count=n).astype(bool))
@@ -76,13 +81,104 @@ def decode_sparse(entry: Mapping[str, Any]) -> Tensor:
     return out.reshape(shape)
 
 
-def sparse_state(state_dict: Mapping[str, Tensor], sparse_keys: list[str]) -> dict[str, Any]:
-    return {
-        "prune_lab_sparse": SPARSE_FORMAT,
-        "sparse": {k: encode_sparse(state_dict[k]) for k in sparse_keys},
-        "dense": {k: v.detach().cpu() for k, v in state_dict.items() if k not in sparse_keys},
-        "order": list(state_dict),
-    }
+# The sparse export file: MAGIC, an 8-byte little-endian header length, a JSON header listing
+# every tensor (key, layout, shape, dtype, nonzeros), then the raw buffers in header order. Its
+# exact length follows from the nonzero counts alone, so stats() reports it without writing.
+MAGIC = b"PRUNE_LAB_SPARSE"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
+    torch.int16, torch.int32, torch.int64, torch.bool,
+)}
+
+
+def _header(meta: list[tuple[str, tuple[int, ...], torch.dtype, int, bool]]) -> bytes:
+    tensors = []
+    for key, shape, dtype, nnz, sparse in meta:
+        n = math.prod(shape)
+        layout = _layout(n, nnz, _itemsize(dtype)) if sparse else "dense"
+        tensors.append({"key": key, "layout": layout, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "nnz": nnz})
+    head = {"prune_lab_sparse": SPARSE_FORMAT, "prune_lab_version": __version__, "tensors": tensors}
+    return json.dumps(head, separators=(",", ":")).encode()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _payload(n: int, nnz: int, itemsize: int, layout: str) -> int:
+    return sparse_layouts(n, nnz, itemsize)[layout]
+
+
+def sparse_file_size(meta: list[tuple[str, tuple[int, ...], torch.dtype, int, bool]]) -> int:
+    """Exact byte length of :func:`write_sparse`'s file for tensors described by
+    ``(key, shape, dtype, nonzeros, encode_sparse)``."""
+    header = _header(meta)
+    body = 0
+    for (key, shape, dtype, nnz, sparse), entry in zip(meta, json.loads(header)["tensors"]):
+        n = math.prod(shape)
+        body += _payload(n, nnz, _itemsize(dtype), entry["layout"]) if sparse else n * _itemsize(dtype)
+    return len(MAGIC) + 8 + len(header) + body
+
+
+def _raw(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def sparse_bytes(state_dict: Mapping[str, Tensor], sparse_keys: Iterable[str]) -> bytes:
+    """The sparse export of a state_dict: ``sparse_keys`` encoded, everything else dense."""
+    sparse_keys = set(sparse_keys)
+    meta, buffers = [], []
+    for key, t in state_dict.items():
+        flat = t.detach().reshape(-1).cpu()
+        sparse = key in sparse_keys
+        nonzero = flat != 0
+        nnz = int(nonzero.sum()) if sparse else flat.numel()
+        meta.append((key, tuple(t.shape), t.dtype, nnz, sparse))
+        layout = _layout(flat.numel(), nnz, flat.element_size()) if sparse else "dense"
+        if layout == "dense":
+            buffers.append(_raw(flat))
+        elif layout == "bitmap":
+            buffers += [np.packbits(nonzero.numpy()).tobytes(), _raw(flat[nonzero])]
+        else:
+            idx = nonzero.nonzero().reshape(-1).to(torch.int32 if index_bytes(flat.numel()) == 4 else torch.int64)
+            buffers += [_raw(idx), _raw(flat[nonzero])]
+    header = _header(meta)
+    return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *buffers])
+
+
+def read_sparse(data: bytes, source: str = "sparse export") -> dict[str, Tensor]:
+    if not data.startswith(MAGIC):
+        raise ValueError(f"{source} is not a prune_lab sparse export")
+    (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
+    pos = len(MAGIC) + 8
+    head = json.loads(data[pos : pos + hlen])
+    if head.get("prune_lab_sparse", 0) > SPARSE_FORMAT:
+        raise ValueError(f"{source}: sparse format {head['prune_lab_sparse']} is newer than this prune_lab reads ({SPARSE_FORMAT}); upgrade prune_lab")
+    pos += hlen
+
+    def take(nbytes: int, dtype: torch.dtype) -> Tensor:
+        nonlocal pos
+        buf = bytearray(data[pos : pos + nbytes])
+        pos += nbytes
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype) if nbytes else torch.empty(0, dtype=dtype)
+
+    out: dict[str, Tensor] = {}
+    for e in head["tensors"]:
+        dtype, shape, nnz = _DTYPES[e["dtype"]], tuple(e["shape"]), e["nnz"]
+        n, size = math.prod(shape), _itemsize(dtype)
+        if e["layout"] == "dense":
+            out[e["key"]] = take(n * size, dtype).reshape(shape).clone()
+            continue
+        flat = torch.zeros(n, dtype=dtype)
+        if e["layout"] == "bitmap":
+            bits = take(math.ceil(n / 8), torch.uint8)
+            mask = torch.from_numpy(np.unpackbits(bits.numpy(), count=n).astype(bool))
+            flat[mask] = take(nnz * size, dtype)
+        else:
+            idx = take(nnz * index_bytes(n), torch.int32 if index_bytes(n) == 4 else torch.int64)
+            flat[idx.long()] = take(nnz * size, dtype)
+        out[e["key"]] = flat.reshape(shape)
+    return out
 
 
 def serialize(obj: Any) -> bytes:
@@ -102,15 +198,12 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
 
 
 def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Tensor]:
-    """A dense state_dict from a dense or sparse export, loadable with ``model.load_state_dict``."""
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(obj, Mapping) and "prune_lab_sparse" in obj:
-        if obj["prune_lab_sparse"] > SPARSE_FORMAT:
-            raise ValueError(f"{path}: sparse format {obj['prune_lab_sparse']} is newer than this prune_lab reads ({SPARSE_FORMAT}); upgrade prune_lab")
-        tensors = {k: decode_sparse(v) for k, v in obj["sparse"].items()}
-        tensors.update(obj["dense"])
-        return {k: tensors[k] for k in obj["order"]}
-    return dict(obj)
+    """A dense state_dict from a dense (``torch.save``) or sparse export, for ``model.load_state_dict``."""
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC))
+    if head == MAGIC:
+        return {k: v.to(map_location) for k, v in read_sparse(Path(path).read_bytes(), f"{os.fspath(path)!r}").items()}
+    return dict(torch.load(path, map_location=map_location, weights_only=True))
 
 
 # ---------------------------------------------------------------- recipes

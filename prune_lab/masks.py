@@ -77,7 +77,8 @@ def kth_smallest_key(keys_of: Sequence[Tensor], k: int) -> tuple[int, int]:
         base = lo >> shift
         nbins = (hi >> shift) - base + 1
         hist = torch.zeros(nbins, dtype=torch.int64)
-        sources = candidates if candidates is not None else [keys_of[i] for i in range(len(keys_of))]
+        # lazily: only one tensor's keys exist at a time
+        sources = candidates if candidates is not None else (keys_of[i] for i in range(len(keys_of)))
         kept: list[Tensor] = []
         for keys in sources:
             if candidates is not None:
@@ -103,11 +104,12 @@ def kth_smallest_key(keys_of: Sequence[Tensor], k: int) -> tuple[int, int]:
     return lo, rank
 
 
-def k_smallest_masks(keys: Sequence[Tensor], k: int, shapes: Sequence[torch.Size]) -> list[Tensor]:
+def k_smallest_masks(keys: Sequence[Tensor], k: int, shapes: Sequence[torch.Size], method: str = "auto") -> list[Tensor]:
     """Keep-masks (True = keep) zeroing exactly ``k`` of the smallest keys across all tensors.
 
     ``keys`` are flat ordered keys (:func:`ordered_keys`, :func:`magnitude_keys`), possibly
-    computed lazily on access; ``shapes`` gives each mask its tensor's shape.
+    computed lazily on access; ``shapes`` gives each mask its tensor's shape. ``method``: "sort"
+    (small inputs), "radix" (no concatenation), or "auto" to choose by size; all agree exactly.
 
     Ties at the threshold are pruned in (tensor order, flat index) order, so the result is
     deterministic and, for tie-free scores, equals ``torch.topk(..., largest=False)`` on the
@@ -118,6 +120,8 @@ def k_smallest_masks(keys: Sequence[Tensor], k: int, shapes: Sequence[torch.Size
         raise ValueError(f"k must be in [0, {total}], got {k}")
     if k == 0 or k == total:
         return [torch.full(s, k == 0, dtype=torch.bool, device=keys[i].device) for i, s in enumerate(shapes)]
+    if method == "sort" or (method == "auto" and total <= _SORT_LIMIT):
+        return _sorted_masks(keys, k, shapes)
     threshold, ties = kth_smallest_key(keys, k)
     masks: list[Tensor] = []
     for i in range(len(keys)):
@@ -137,9 +141,21 @@ def k_smallest_masks(keys: Sequence[Tensor], k: int, shapes: Sequence[torch.Size
     return masks
 
 
-def k_smallest_mask(scores: Tensor, k: int) -> Tensor:
+_SORT_LIMIT = 1 << 16  # below this many entries a stable sort beats the radix passes
+
+
+def _sorted_masks(keys: Sequence[Tensor], k: int, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    flat = torch.cat([keys[i].to(torch.int64) for i in range(len(keys))])
+    order = torch.sort(flat, stable=True).indices  # ties: lower (tensor, index) first
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[order[:k]] = False
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    return [m.reshape(s) for m, s in zip(keep.split(sizes), shapes)]
+
+
+def k_smallest_mask(scores: Tensor, k: int, method: str = "auto") -> Tensor:
     """Keep-mask zeroing exactly ``k`` of the smallest entries of one score tensor."""
-    return k_smallest_masks([ordered_keys(scores)], k, [scores.shape])[0]
+    return k_smallest_masks([ordered_keys(scores)], k, [scores.shape], method)[0]
 
 
 def count_to_prune(sparsity: float, n: int) -> int:

@@ -1,9 +1,10 @@
 """Measured numbers: accuracy/loss, nonzeros, MACs (forward hooks). Nothing here is estimated."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,45 @@ class Evaluation:
     n: int
 
 
+def score_outputs(
+    pairs: Iterable[tuple[Tensor, Tensor]],
+    metric: Metric = accuracy,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = F.cross_entropy,
+) -> Evaluation:
+    """Sample-weighted mean metric and loss over ``(outputs, targets)`` batches, one host sync."""
+    metric_sum = loss_sum = None
+    n = 0
+    with torch.inference_mode():
+        for out, y in pairs:
+            b = len(y)
+            m = metric(out, y).double() * b
+            metric_sum = m if metric_sum is None else metric_sum + m
+            if loss_fn is not None:
+                l = loss_fn(out, y).double() * b
+                loss_sum = l if loss_sum is None else loss_sum + l
+            n += b
+    total_metric = float(metric_sum) if metric_sum is not None else math.nan
+    total_loss = float(loss_sum) if loss_sum is not None else math.nan
+    return Evaluation(total_metric / max(n, 1), total_loss / max(n, 1) if loss_fn is not None else None, n)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block, the previous train/eval mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def forward_batches(model: nn.Module, data: EvalData, limit: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
+    with torch.inference_mode():
+        for x, y in data.batches(limit):
+            yield model(x), y
+
+
 def evaluate(
     model: nn.Module,
     data: EvalData,
@@ -126,31 +166,9 @@ def evaluate(
     loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = F.cross_entropy,
     limit: Optional[int] = None,
 ) -> Evaluation:
-    """Sample-weighted mean metric and mean loss, under ``inference_mode``, train/eval mode kept."""
-    was_training = model.training
-    model.eval()
-    total_metric = 0.0
-    total_loss = 0.0
-    n = 0
-    try:
-        with torch.inference_mode():
-            metric_sum = None
-            loss_sum = None
-            for x, y in data.batches(limit):
-                out = model(x)
-                b = len(y)
-                m = metric(out, y).double() * b
-                metric_sum = m if metric_sum is None else metric_sum + m
-                if loss_fn is not None:
-                    l = loss_fn(out, y).double() * b
-                    loss_sum = l if loss_sum is None else loss_sum + l
-                n += b
-            # one host sync per evaluation, not per batch
-            total_metric = float(metric_sum) if metric_sum is not None else math.nan
-            total_loss = float(loss_sum) if loss_sum is not None else math.nan
-    finally:
-        model.train(was_training)
-    return Evaluation(total_metric / max(n, 1), total_loss / max(n, 1) if loss_fn is not None else None, n)
+    """Full forward passes under ``inference_mode``, train/eval mode kept."""
+    with eval_mode(model):
+        return score_outputs(forward_batches(model, data, limit), metric, loss_fn)
 
 
 def mac_positions(model: nn.Module, users: dict[str, list[nn.Module]], sample: Tensor) -> dict[str, Optional[int]]:
@@ -177,13 +195,10 @@ def mac_positions(model: nn.Module, users: dict[str, list[nn.Module]], sample: T
         counts[layer] = 0
         for m in modules:
             handles.append(m.register_forward_hook(hook_for(layer)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(sample)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return counts

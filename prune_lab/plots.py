@@ -5,16 +5,14 @@ Artists that tests and the Lab look for carry a ``gid``: ``threshold``, ``pruned
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import matplotlib
-
-matplotlib.use(matplotlib.get_backend())  # respect the user's/Jupyter's backend; import only
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     from .session import Session
@@ -23,9 +21,20 @@ KEPT_COLOR = "#1f77b4"
 PRUNED_COLOR = "#d62728"
 
 
-def new_figure(figsize: tuple[float, float]) -> Figure:
-    """A Figure not registered with pyplot, so notebooks do not show it twice or leak it."""
-    return Figure(figsize=figsize, layout="constrained")
+class PlotFigure(Figure):
+    """A Figure that renders itself as PNG in any notebook, with or without a pyplot backend.
+
+    It is not registered with pyplot, so a notebook never shows it twice and never leaks it.
+    """
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png")
+        return buf.getvalue()
+
+
+def new_figure(figsize: tuple[float, float]) -> PlotFigure:
+    return PlotFigure(figsize=figsize, layout="constrained")
 
 
 def magnitude_threshold(weights: np.ndarray, keep: np.ndarray) -> Optional[float]:

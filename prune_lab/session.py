@@ -22,7 +22,8 @@ from .allocation import Allocation, as_allocation, get_allocation
 from .criteria import Criterion, get_criterion
 from .layers import LayerInfo, find_prunable
 from .masks import count_to_prune, k_smallest_masks
-from .measure import EvalData, Metric, accuracy, evaluate, mac_positions
+from .incremental import IncrementalEvaluator, TraceError
+from .measure import EvalData, Metric, accuracy, eval_mode, evaluate, mac_positions, score_outputs
 from .registry import close_names, describe
 
 DeviceLike = Union[str, torch.device, None]
@@ -79,6 +80,8 @@ class Session:
         extra_layers: Sequence[str] = (),
         seed: int = 0,
         batch_size: int = 1024,
+        incremental: bool = True,
+        cache_budget_bytes: Optional[int] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,8 +126,12 @@ class Session:
         self._listeners: list[Listener] = []
         self._baseline: Optional[dict[str, float]] = None
         self._dense_file_bytes: Optional[int] = None
-        self._sparse_bytes_cache: tuple[int, int] = (-1, 0)
+        self._nnz_cache: dict[int, tuple[Tensor, int, int]] = {}
         self.version = 0  # bumped on every change of weights or device
+        self.incremental = incremental
+        self.cache_budget_bytes = cache_budget_bytes
+        self._evaluator: Optional[IncrementalEvaluator] = None
+        self._trace_failed: Optional[str] = None
 
     # ------------------------------------------------------------------ discovery / validation
     def _check_forward(self) -> dict[str, Optional[int]]:
@@ -275,7 +282,7 @@ class Session:
                 if mask is None:
                     w.copy_(orig)
                 else:
-                    torch.mul(orig, mask, out=w.data)
+                    torch.mul(orig, mask, out=w)
                 self._masks[name] = mask
                 self._pruned[name] = changed[name]
                 self._criterion[name] = crit.name
@@ -308,14 +315,39 @@ class Session:
             with torch.no_grad():
                 for name, mask in self._masks.items():
                     if mask is not None:
-                        torch.mul(self._orig[name], mask, out=self._weights[name].data)
+                        torch.mul(self._orig[name], mask, out=self._weights[name])
 
     # ------------------------------------------------------------------ measuring
     def evaluate(self, limit: Optional[int] = None) -> dict[str, float]:
-        """``{metric_name: value, "loss": value}`` on the eval data (first ``limit`` samples)."""
-        r = evaluate(self.model, self.data, self.metric, self.loss_fn, limit)
-        out = {self.metric_name: r.metric, "loss": r.loss if r.loss is not None else math.nan}
-        return out
+        """``{metric_name: value, "loss": value}`` on the eval data (first ``limit`` samples).
+
+        Exact, but only the part of the model downstream of layers changed since the last
+        evaluation is recomputed (see ``incremental.py``); ``limit`` runs full passes.
+        """
+        ev = self.evaluator() if limit is None else None
+        with eval_mode(self.model):
+            if ev is not None:
+                r = score_outputs(ev.outputs(), self.metric, self.loss_fn)
+            else:
+                r = evaluate(self.model, self.data, self.metric, self.loss_fn, limit)
+        return {self.metric_name: r.metric, "loss": r.loss if r.loss is not None else math.nan}
+
+    def evaluator(self) -> Optional[IncrementalEvaluator]:
+        """The traced incremental evaluator, or ``None`` (untraceable model, streamed data, or off)."""
+        if self._evaluator is None and self._trace_failed is None and self.incremental:
+            try:
+                self._evaluator = IncrementalEvaluator(
+                    self.model,
+                    self.data,
+                    {i.name: [i.name, *i.aliases] for i in self.layers},
+                    self._weights,
+                    budget_bytes=self.cache_budget_bytes,
+                    chunk_size=self.data.batch_size,
+                )
+            except TraceError as e:
+                self._trace_failed = str(e)
+                print(f"prune_lab: {type(self.model).__name__} cannot be traced by torch.fx ({e}); evaluating with full forward passes")
+        return self._evaluator
 
     def baseline(self) -> dict[str, float]:
         """``evaluate()`` of the unpruned model (cached; originals never change)."""
@@ -335,7 +367,7 @@ class Session:
         rows: dict[str, dict[str, Any]] = {}
         for info in self.layers:
             w = self._weights[info.name]
-            nnz = int(torch.count_nonzero(w))
+            nnz = self._nonzeros(w)
             pos = self._positions.get(info.name)
             rows[info.name] = {
                 "params": info.n_params,
@@ -353,7 +385,7 @@ class Session:
         total["sparsity"] = 1 - total["nonzeros"] / total["params"]
         all_params = {id(p): p for p in self.model.parameters()}.values()
         total["model_params"] = sum(p.numel() for p in all_params)
-        total["model_nonzeros"] = sum(int(torch.count_nonzero(p)) for p in all_params)
+        total["model_nonzeros"] = sum(self._nonzeros(p) for p in all_params)
         total["dense_file_bytes"] = self.dense_file_bytes()
         total["sparse_file_bytes"] = self.sparse_file_bytes()
         total["compression"] = total["params"] / max(total["nonzeros"], 1)
@@ -368,15 +400,23 @@ class Session:
         return self._dense_file_bytes
 
     def sparse_file_bytes(self) -> int:
-        """Length of the sparse export of the current model (cached per change)."""
-        version, size = self._sparse_bytes_cache
-        if version != self.version:
-            size = len(_export.serialize(self._sparse_state()))
-            self._sparse_bytes_cache = (self.version, size)
-        return size
+        """Exact length of ``export(path, sparse=True)``'s file for the current weights."""
+        sparse = {_weight_key(i.name) for i in self.layers}
+        meta = [
+            (key, tuple(t.shape), t.dtype, self._nonzeros(t) if key in sparse else t.numel(), key in sparse)
+            for key, t in self.model.state_dict(keep_vars=True).items()
+        ]
+        return _export.sparse_file_size(meta)
 
-    def _sparse_state(self) -> dict[str, Any]:
-        return _export.sparse_state(self.model.state_dict(), [_weight_key(i.name) for i in self.layers])
+    def _nonzeros(self, t: Tensor) -> int:
+        """``count_nonzero``, cached per tensor until it is written (tensor version counter)."""
+        key = id(t)
+        hit = self._nnz_cache.get(key)
+        if hit is not None and hit[0] is t and hit[1] == t._version:
+            return hit[2]
+        nnz = int(torch.count_nonzero(t.detach()))
+        self._nnz_cache[key] = (t, t._version, nnz)
+        return nnz
 
     # ------------------------------------------------------------------ devices
     def to(self, device: DeviceLike) -> "Session":
@@ -393,6 +433,7 @@ class Session:
         self._masks = {n: None if m is None else m.to(dev) for n, m in self._masks.items()}
         self.device = dev
         self._baseline = None
+        self._evaluator = None
         self._notify("device")
         return self
 
@@ -467,7 +508,7 @@ class Session:
                 if mask is None:
                     self._weights[name].copy_(self._orig[name])
                 else:
-                    torch.mul(self._orig[name], mask, out=self._weights[name].data)
+                    torch.mul(self._orig[name], mask, out=self._weights[name])
         self._pruned, self._criterion, self._layer_seed, self._masks = pruned, criterion, seeds, masks
         self._notify("masks")
 
@@ -478,8 +519,11 @@ class Session:
         ``prune_lab.load_state_dict(path)`` (a dense export also loads with ``torch.load``).
         """
         path = Path(path)
-        state = self._sparse_state() if sparse else _cpu_state(self.model.state_dict())
-        model_path = _export.write_bytes(path, _export.serialize(state))
+        if sparse:
+            data = _export.sparse_bytes(self.model.state_dict(), [_weight_key(i.name) for i in self.layers])
+        else:
+            data = _export.serialize(_cpu_state(self.model.state_dict()))
+        model_path = _export.write_bytes(path, data)
         recipe_path = path.with_name(path.stem + ".recipe.json")
         import json
 

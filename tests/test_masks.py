@@ -26,19 +26,24 @@ def reference_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(keep).reshape(scores.shape)
 
 
+METHODS = pytest.mark.parametrize("method", ["radix", "sort"])
+
+
+@METHODS
 @given(tensors, st.data())
-def test_exact_count_and_reference(t, data):
+def test_exact_count_and_reference(method, t, data):
     k = data.draw(st.integers(0, t.numel()))
-    mask = k_smallest_mask(t, k)
+    mask = k_smallest_mask(t, k, method)
     assert int((~mask).sum()) == k
     assert torch.equal(mask, reference_mask(t, k))
 
 
+@METHODS
 @given(tensors)
-def test_masks_nest_as_k_grows(t):
+def test_masks_nest_as_k_grows(method, t):
     prev = torch.ones_like(t, dtype=torch.bool)
     for k in range(t.numel() + 1):
-        mask = k_smallest_mask(t, k)
+        mask = k_smallest_mask(t, k, method)
         assert not bool((mask & ~prev).any()), "a weight pruned at smaller k came back"
         prev = mask
 
@@ -49,11 +54,12 @@ def test_idempotent(t, data):
     assert torch.equal(k_smallest_mask(t, k), k_smallest_mask(t.clone(), k))
 
 
+@METHODS
 @given(st.lists(tensors, min_size=1, max_size=5), st.data())
-def test_many_tensors_equal_concatenation(ts, data):
+def test_many_tensors_equal_concatenation(method, ts, data):
     total = sum(t.numel() for t in ts)
     k = data.draw(st.integers(0, total))
-    masks = k_smallest_masks([ordered_keys(t) for t in ts], k, [t.shape for t in ts])
+    masks = k_smallest_masks([ordered_keys(t) for t in ts], k, [t.shape for t in ts], method)
     ref = reference_mask(torch.cat(ts), k)
     assert torch.equal(torch.cat(masks), ref)
 
@@ -79,7 +85,8 @@ def test_magnitude_keys_order_abs(t):
 def test_other_dtypes(dtype):
     t = (torch.randn(500, generator=torch.Generator().manual_seed(1)) * 100).to(dtype)
     for k in (0, 1, 250, 499, 500):
-        assert torch.equal(k_smallest_mask(t, k), reference_mask(t.double(), k))
+        for method in ("radix", "sort"):
+            assert torch.equal(k_smallest_mask(t, k, method), reference_mask(t.double(), k))
 
 
 def test_large_tensor_matches_topk():
