@@ -83,8 +83,10 @@ class IncrementalEvaluator:
             d: set[str] = set()
             for arg in node.all_input_nodes:
                 d |= self.deps[arg]
-            if node.op == "call_module" and node.target in module_to_layer:
-                d.add(module_to_layer[node.target])
+            if node.op == "call_module":
+                # the called module, or any prunable module inside it (a leaf like MultiheadAttention)
+                prefix = f"{node.target}."
+                d |= {layer for m, layer in module_to_layer.items() if m == node.target or m.startswith(prefix)}
             elif node.op == "get_attr":
                 attr = _fetch_attr(self.graph_module, str(node.target))
                 if isinstance(attr, Tensor) and id(attr) in weight_to_layer:

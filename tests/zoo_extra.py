@@ -1,0 +1,100 @@
+"""Models built for the tests: the shapes users bring that break naive pruning tools."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SkipConcat(nn.Module):
+    """Residual add, a concatenation, and one layer used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        r = h + self.b(h)  # residual
+        s = self.shared(self.shared(r))  # used twice
+        z = torch.cat([r, s], dim=1)  # concat
+        return self.head(z.flatten(1))
+
+
+class DepthwiseGrouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.grouped = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(32, 16, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.stem(x)))
+        x = self.act(self.dw(x))
+        x = self.act(self.grouped(x))
+        y = self.pw(x)
+        y += x[:, :16]  # in-place residual
+        return self.fc(y.mean((2, 3)))
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the output projection (used functionally)."""
+
+    def __init__(self, vocab: int = 10, dim: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.proj(self.emb(x).mean(1)))
+        return self.out(h) + F.linear(h, self.emb.weight) * 0.5
+
+
+class TinyTransformer(nn.Module):
+    """One pre-norm transformer block over the rows of an 8x8 image, then a classifier."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.pos = nn.Parameter(torch.randn(8, dim) * 0.02)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x.flatten(1, 2)) + self.pos  # (B, 8 rows, dim)
+        h = self.norm1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        t = t + self.mlp(self.norm2(t))
+        return self.head(t.mean(1))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.fc1(x.flatten(1))
+        if h.sum() > 0:
+            h = F.relu(h)
+        return self.fc2(h)
+
+
+def token_data(n: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 10, (n, 6), generator=g), torch.randint(0, 10, (n,), generator=g)
