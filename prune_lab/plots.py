@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -112,3 +114,51 @@ def weight_histograms(
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def sensitivity(result: Any, key: Optional[str] = None, current: Optional[dict[str, float]] = None) -> Figure:
+    """One curve per layer: the metric (or ``key``) against that layer's sparsity.
+
+    The dotted line is the reference (the model as the sweep found it); each layer's current
+    sparsity is marked with a dot on its curve (``current`` overrides the sweep's).
+    """
+    key = key or result.metric
+    current = result.current if current is None else current
+    fig = new_figure((7.0, 4.2))
+    ax = fig.subplots()
+    for layer in result.layers:
+        pts = result.curve(layer, key)
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        (line,) = ax.plot(xs, ys, marker=".", label=layer, gid=f"curve:{layer}")
+        s = current.get(layer, 0.0)
+        y = float(np.interp(s, xs, ys))
+        ax.plot([s], [y], "o", color=line.get_color(), markersize=8, markeredgecolor="black", gid=f"current:{layer}")
+    ax.axhline(result.reference[key], color="gray", linestyle=":", linewidth=1, gid="reference")
+    ax.set_xlabel("sparsity of the layer (others unchanged)")
+    ax.set_ylabel(key)
+    status = "" if result.complete else " (incomplete)"
+    ax.set_title(f"Layer sensitivity - {result.criterion}{status}", fontsize=10)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.legend(fontsize=7, ncol=2 if len(result.layers) > 8 else 1, loc="lower left")
+    return fig
+
+
+def sensitivity_heatmap(result: Any, key: Optional[str] = None) -> Figure:
+    """Layers x levels heatmap of the drop in the metric versus the reference (red = worse)."""
+    key = key or result.metric
+    table = result.table(key).numpy()
+    drop = result.reference[key] - table if key == result.metric else table - result.reference[key]
+    fig = new_figure((7.0, 0.35 * len(result.layers) + 1.6))
+    ax = fig.subplots()
+    vmax = float(np.nanmax(np.abs(drop))) if np.isfinite(drop).any() else 1.0
+    im = ax.imshow(drop, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    im.set_gid("heatmap")
+    ax.set_yticks(range(len(result.layers)), result.layers, fontsize=8)
+    step = max(1, len(result.levels) // 10)
+    ax.set_xticks(range(0, len(result.levels), step), [f"{lv:.0%}" for lv in result.levels[::step]], fontsize=8)
+    ax.set_xlabel("sparsity")
+    fig.colorbar(im, ax=ax, label=f"{key} drop" if key == result.metric else f"{key} increase")
+    ax.set_title("Sensitivity heatmap", fontsize=10)
+    return fig

@@ -501,6 +501,46 @@ class Session:
             raise
         return self
 
+    # ------------------------------------------------------------------ silent writes (sweeps)
+    def _write_layer(self, name: str, mask: Optional[Tensor]) -> None:
+        """Write a trial mask without recording it (a sweep step); undone by ``_restore_layer``."""
+        with torch.no_grad():
+            if mask is None:
+                self._weights[name].copy_(self._orig[name])
+            else:
+                torch.mul(self._orig[name], mask, out=self._weights[name])
+
+    def _restore_layer(self, name: str) -> None:
+        self._write_layer(name, self._masks[name])
+
+    def _restore_all_layers(self) -> None:
+        for name in self._info:
+            self._restore_layer(name)
+
+    def sensitivity(
+        self,
+        levels: Optional[Sequence[float]] = None,
+        criterion: Union[str, Callable, Criterion] = "magnitude",
+        metric: Optional[str] = None,
+        layers: Optional[Sequence[str]] = None,
+        resume: Any = None,
+        incremental: bool = True,
+        progress: bool = True,
+        on_step: Optional[Callable[[dict], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+    ) -> Any:
+        """Prune each layer alone to each level (others at their current sparsity), evaluate,
+        restore exactly. Returns a ``SensitivityResult``; Ctrl-C returns the partial one.
+
+        ``levels`` default to 0.0-0.95 in 0.05 steps. ``metric`` must be the session's metric
+        name (set the metric on the Session). ``resume`` continues an interrupted result.
+        """
+        from .sensitivity import sweep
+
+        if metric is not None and metric != self.metric_name:
+            raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
+        return sweep(self, levels, criterion, layers, resume, incremental, progress, on_step, should_stop)
+
     def _restore(self, snapshot: tuple) -> None:
         pruned, criterion, seeds, masks = snapshot
         with torch.no_grad():

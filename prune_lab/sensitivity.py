@@ -1,0 +1,283 @@
+"""Layer sensitivity: prune one layer at a time to each level, measure, restore exactly.
+
+The sweep evaluates incrementally (only the part of the model downstream of the swept layer is
+recomputed, fed from cached activations), shows a progress bar, and on Ctrl-C returns the partial
+result with the model restored bit for bit; ``resume=`` continues it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+
+from .criteria import Criterion, get_criterion
+from .masks import count_to_prune, k_smallest_masks
+from .measure import eval_mode, score_outputs
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .session import Session
+
+DEFAULT_LEVELS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0 .. 0.95
+
+
+class Plan(dict):
+    """``{layer: sparsity}`` chosen from measured curves; ``predicted`` is the curves' guess of
+    the metric after applying it (an additive model of per-layer drops), never a measurement."""
+
+    def __init__(self, sparsities: dict[str, float], predicted: float, reference: float, total_sparsity: float):
+        super().__init__(sparsities)
+        self.predicted = predicted
+        self.reference = reference
+        self.total_sparsity = total_sparsity
+
+    def __repr__(self) -> str:
+        per = ", ".join(f"{k}: {v:.1%}" for k, v in self.items())
+        return f"Plan({self.total_sparsity:.1%} total, predicted {self.predicted:.4f} vs {self.reference:.4f}; {per})"
+
+
+@dataclass
+class SensitivityResult:
+    """A layers x levels table of the metric and loss, one layer pruned at a time.
+
+    ``reference`` is the model as the sweep found it (other layers at their sparsities then);
+    ``dense`` the unpruned model. ``complete`` is False for an interrupted sweep.
+    """
+
+    layers: list[str]
+    levels: list[float]
+    n_params: dict[str, int]
+    current: dict[str, float]
+    criterion: str
+    metric: str
+    reference: dict[str, float]
+    dense: dict[str, float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = False
+
+    # ------------------------------------------------------------------ tables
+    def table(self, key: Optional[str] = None) -> "torch.Tensor":
+        """layers x levels float64 tensor of ``key`` (default: the metric); NaN where unmeasured."""
+        key = key or self.metric
+        t = torch.full((len(self.layers), len(self.levels)), math.nan, dtype=torch.float64)
+        li = {n: i for i, n in enumerate(self.layers)}
+        vi = {v: j for j, v in enumerate(self.levels)}
+        for r in self.records:
+            t[li[r["layer"]], vi[r["level"]]] = r[key]
+        return t
+
+    def curve(self, layer: str, key: Optional[str] = None) -> list[tuple[float, float]]:
+        key = key or self.metric
+        return sorted((r["level"], r[key]) for r in self.records if r["layer"] == layer)
+
+    def done(self) -> set[tuple[str, float]]:
+        return {(r["layer"], r["level"]) for r in self.records}
+
+    # ------------------------------------------------------------------ io
+    def to_csv(self, path: Union[str, Path, None] = None) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["layer", "level", self.metric, "loss"])
+        w.writeheader()
+        for r in self.records:
+            w.writerow({"layer": r["layer"], "level": r["level"], self.metric: r[self.metric], "loss": r["loss"]})
+        text = buf.getvalue()
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_json(self, path: Union[str, Path, None] = None) -> str:
+        text = json.dumps(asdict(self), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: Union[str, Path]) -> "SensitivityResult":
+        text = Path(source).read_text() if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")) else source
+        try:
+            data = json.loads(text)
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"not a SensitivityResult JSON: {e}") from None
+
+    # ------------------------------------------------------------------ reading the curves
+    def plot(self, key: Optional[str] = None) -> "Figure":
+        from .plots import sensitivity
+
+        return sensitivity(self, key)
+
+    def heatmap(self, key: Optional[str] = None) -> "Figure":
+        from .plots import sensitivity_heatmap
+
+        return sensitivity_heatmap(self, key)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"INCOMPLETE ({len(self.records)}/{len(self.layers) * len(self.levels)})"
+        return (
+            f"SensitivityResult({len(self.layers)} layers x {len(self.levels)} levels, {self.criterion}, {state}; "
+            f"reference {self.metric} {self.reference[self.metric]:.4f})"
+        )
+
+    def drop(self, layer: str, level: float) -> float:
+        """Metric lost at ``level`` relative to the reference (positive = worse)."""
+        for lv, v in self.curve(layer):
+            if lv == level:
+                return self.reference[self.metric] - v
+        raise KeyError((layer, level))
+
+    def ranking(self, max_drop: float = 0.01) -> dict[str, float]:
+        """Per layer, the largest level such that every measured level up to it loses at most
+        ``max_drop`` of the metric; layers sorted most prunable first."""
+        out = {}
+        for layer in self.layers:
+            best = 0.0
+            for level, v in self.curve(layer):
+                if self.reference[self.metric] - v > max_drop + 1e-12:
+                    break
+                best = level
+            out[layer] = best
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], self.layers.index(kv[0]))))
+
+    def allocate(self, target_sparsity: Optional[float] = None, max_drop: Optional[float] = None) -> Plan:
+        """Per-layer sparsities from the measured curves, greedily by metric lost per weight pruned.
+
+        ``target_sparsity``: the plan prunes exactly ``round(target * total)`` weights (the last
+        step is a partial one, its cost interpolated). ``max_drop``: the largest plan whose
+        predicted drop (sum of per-layer drops) stays within it. Exactly one must be given.
+        """
+        if (target_sparsity is None) == (max_drop is None):
+            raise ValueError("allocate needs exactly one of target_sparsity=... or max_drop=...")
+        total = sum(self.n_params[n] for n in self.layers)
+        curves = {n: [(0.0, 0.0)] + [(lv, self.reference[self.metric] - v) for lv, v in self.curve(n) if lv > 0] for n in self.layers}
+        max_reach = sum(curves[n][-1][0] * self.n_params[n] for n in self.layers)
+        if target_sparsity is not None:
+            if not 0 <= target_sparsity <= 1 or math.isnan(target_sparsity):
+                raise ValueError(f"target_sparsity {target_sparsity!r} is outside [0, 1]")
+            goal = count_to_prune(target_sparsity, total)
+            if goal > round(max_reach):
+                raise ValueError(
+                    f"target_sparsity {target_sparsity:.3f} needs {goal} pruned weights but the measured levels reach "
+                    f"only {max_reach / total:.3f}; sweep higher levels"
+                )
+        pos = {n: 0 for n in self.layers}  # index into the layer's curve
+        pruned = {n: 0 for n in self.layers}
+        drop = 0.0
+        while True:
+            best = None
+            for n in self.layers:
+                c, i = curves[n], pos[n]
+                for j in range(i + 1, len(c)):
+                    add = round(c[j][0] * self.n_params[n]) - pruned[n]
+                    if add <= 0:
+                        continue
+                    cost = (c[j][1] - c[i][1]) / add
+                    key = (cost, -add)
+                    if best is None or key < best[0]:
+                        best = (key, n, j, add)
+            if best is None:
+                break
+            _, n, j, add = best
+            step_drop = curves[n][j][1] - curves[n][pos[n]][1]
+            if target_sparsity is not None:
+                have = sum(pruned.values())
+                if have + add >= goal:  # partial last step
+                    need = goal - have
+                    drop += step_drop * need / add
+                    pruned[n] += need
+                    break
+            elif drop + step_drop > max_drop + 1e-12:
+                # this step is too costly; drop it from consideration and keep looking
+                curves[n] = curves[n][: j]
+                if len(curves[n]) <= pos[n] + 1:
+                    curves[n] = curves[n][: pos[n] + 1]
+                continue
+            drop += step_drop
+            pruned[n] += add
+            pos[n] = j
+        sparsities = {n: pruned[n] / self.n_params[n] for n in self.layers}
+        return Plan(sparsities, self.reference[self.metric] - drop, self.reference[self.metric], sum(pruned.values()) / total)
+
+
+# ---------------------------------------------------------------------- the sweep
+def sweep(
+    session: "Session",
+    levels: Optional[Sequence[float]] = None,
+    criterion: Union[str, Callable, Criterion] = "magnitude",
+    layers: Optional[Sequence[str]] = None,
+    resume: Optional[SensitivityResult] = None,
+    incremental: bool = True,
+    progress: bool = True,
+    on_step: Optional[Callable[[dict[str, Any]], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    seed: Optional[int] = None,
+) -> SensitivityResult:
+    """See :meth:`prune_lab.Session.sensitivity`."""
+    from tqdm.auto import tqdm
+
+    crit = get_criterion(criterion)
+    seed = session.seed if seed is None else int(seed)
+    levels = list(DEFAULT_LEVELS if levels is None else levels)
+    for lv in levels:
+        session.check_sparsity(session.layers[0].name, lv)
+    names = [i.name for i in session.layers] if layers is None else list(layers)
+    for n in names:
+        session.layer(n)
+    if resume is not None:
+        if resume.levels != levels and levels != list(DEFAULT_LEVELS):
+            raise ValueError("resume: levels differ from the interrupted sweep's")
+        levels, names = resume.levels, resume.layers
+        if resume.criterion != crit.name:
+            raise ValueError(f"resume: the interrupted sweep used criterion {resume.criterion!r}, not {crit.name!r}")
+    reference = session.evaluate()
+    result = resume or SensitivityResult(
+        layers=names,
+        levels=levels,
+        n_params={n: session.layer(n).n_params for n in names},
+        current=session.sparsity,
+        criterion=crit.name,
+        metric=session.metric_name,
+        reference=reference,
+        dense=session.baseline(),
+    )
+    result.complete = False
+    done = result.done()
+    todo = [(n, lv) for n in names for lv in levels if (n, lv) not in done]
+    ev = session.evaluator() if incremental else None
+    bar = tqdm(total=len(names) * len(levels), initial=len(names) * len(levels) - len(todo), desc="sensitivity", disable=not progress, leave=False)
+    try:
+        current_layer = None
+        for name, level in todo:
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+            if name != current_layer:
+                if current_layer is not None:
+                    session._restore_layer(current_layer)
+                current_layer = name
+            k = count_to_prune(level, session.layer(name).n_params)
+            session._write_layer(name, k_smallest_masks(session.lazy_keys([name], crit, seed), k, [session.layer(name).shape])[0] if k else None)
+            with eval_mode(session.model):
+                if ev is not None:
+                    r = score_outputs(ev.outputs(changed={name}, update_cache=False), session.metric, session.loss_fn)
+                else:
+                    from .measure import evaluate as full_evaluate
+
+                    r = full_evaluate(session.model, session.data, session.metric, session.loss_fn)
+            record = {"layer": name, "level": level, session.metric_name: r.metric, "loss": r.loss if r.loss is not None else math.nan}
+            result.records.append(record)
+            bar.update(1)
+            if on_step is not None:
+                on_step(record)
+        result.complete = True
+    except KeyboardInterrupt:
+        pass  # the partial result is returned, marked incomplete
+    finally:
+        bar.close()
+        session._restore_all_layers()
+    return result
