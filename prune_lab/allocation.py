@@ -114,3 +114,18 @@ def as_allocation(result: Any, session: "Session") -> Allocation:
             counts[name] = count_to_prune(float(s), session.layer(name).n_params)
         return Allocation(counts)
     raise TypeError(f"an allocation must return an Allocation or a {{layer: sparsity}} dict, got {type(result).__name__}")
+
+
+@register_allocation("sensitivity")
+def sensitivity_plan(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+    """The greedy plan from the session's last sensitivity sweep (``session.sensitivity()``)."""
+    result = getattr(session, "last_sensitivity", None)
+    if result is None:
+        raise ValueError("allocation 'sensitivity' needs a sweep first: run session.sensitivity()")
+    held = dict(locked)
+    for info in session.layers:  # layers the sweep did not cover stay as they are
+        if info.name not in result.layers:
+            held[info.name] = session.pruned_counts[info.name]
+    plan = result.allocate(target_sparsity=sparsity, locked={n: k for n, k in held.items() if n in result.layers})
+    counts = {n: round(s * session.layer(n).n_params) for n, s in plan.items() if n not in held}
+    return Allocation(counts)

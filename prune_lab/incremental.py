@@ -97,8 +97,10 @@ class IncrementalEvaluator:
         for node in self.nodes:
             if node.op == "output":
                 continue
-            if any(user.op != "output" and (self.deps[user] - self.deps[node]) for user in node.users):
+            if any(self.deps[user] - self.deps[node] for user in node.users):
                 self.boundary.append(node)
+        self._boundary_set = set(self.boundary)
+        self._programs: dict[Any, tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]] = {}
         self.output_node = self.nodes[-1]
         self.inplace = {n for n in self.nodes if _is_inplace(n, self.modules)}
         self.budget_bytes = budget_bytes if budget_bytes is not None else int(DEFAULT_BUDGET_FRACTION * free_memory_bytes(data.device))
@@ -148,19 +150,58 @@ class IncrementalEvaluator:
             yield from self._uncached_tail()
             return
         self.stats["incremental"] += 1
-        recompute = [n for n in self.nodes if self.deps[n] & changed_set]
+        program, inputs, updates = self._program(changed_set, update_cache)
         for chunk in self.chunks[: self.cached_chunks]:
-            env = self._run(recompute, dict(chunk.cache), chunk.inputs)
-            out = env.get(self.output_node.name, chunk.outputs)
+            with torch.inference_mode():
+                out, new_values = program(*[chunk.cache[n.name] for n in inputs])
             if update_cache:
-                for node in self.boundary:
-                    if node.name in env and self.deps[node] & changed_set:
-                        chunk.cache[node.name] = env[node.name]
+                for node, value in zip(updates, new_values):
+                    chunk.cache[node.name] = value
                 chunk.outputs = out
             yield out, chunk.targets
         if update_cache:
             self._record_versions()
         yield from self._uncached_tail()
+
+    def _program(self, changed: Optional[frozenset], update_cache: bool) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+        """A compiled graph that recomputes the nodes depending on ``changed`` (all nodes when
+        None) from cached inputs, returning ``(outputs, [updated boundary values])``. fx's code
+        generation frees each intermediate after its last use, like an ordinary forward."""
+        key = (changed, update_cache)
+        if key in self._programs:
+            return self._programs[key]
+        if changed is None:
+            recompute = [n for n in self.nodes if n.op != "placeholder"]
+            inputs = [n for n in self.nodes if n.op == "placeholder"]
+            updates = list(self.boundary)
+        else:
+            recompute = [n for n in self.nodes if self.deps[n] & changed]
+            rset = set(recompute)
+            inputs = [n for n in self.boundary if n not in rset and any(u in rset for u in n.users)]
+            updates = [n for n in self.boundary if n in rset] if update_cache else []
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in inputs:
+            env[n] = g.placeholder(f"in_{n.name}")
+        output_args = None
+        for n in recompute:
+            if n.op == "output":
+                output_args = fx.node.map_arg(n.args[0], lambda a: env[a])
+                continue
+            if n in self.inplace and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in self._boundary_set:
+                # never write into a value the cache holds
+                cloned = g.call_method("clone", (env[n.args[0]],))
+                copy = g.node_copy(n, lambda a: cloned if a is n.args[0] else env[a])
+            else:
+                copy = g.node_copy(n, lambda a: env[a])
+            env[n] = copy
+        if output_args is None:  # the output does not depend on the changed layers
+            output_args = g.placeholder("in_cached_output")
+            inputs = inputs + [self.output_node]
+        g.output((output_args, tuple(env[n] for n in updates)))
+        program = fx.GraphModule(self.graph_module, g)
+        self._programs[key] = (program, inputs, updates)
+        return self._programs[key]
 
     def _uncached_tail(self) -> Iterable[tuple[Tensor, Tensor]]:
         """Chunks beyond the memory budget: plain forward passes."""
@@ -174,51 +215,30 @@ class IncrementalEvaluator:
         self.stats["full"] += 1
         inputs, targets = self.data.inputs, self.data.targets
         self.chunks, self.cached_chunks = [], 0
+        program, _, updates = self._program(None, True)
         used = 0
         for s in range(0, len(inputs), self.chunk_size):
             x, y = inputs[s : s + self.chunk_size], targets[s : s + self.chunk_size]
-            if used <= self.budget_bytes:
-                env = self._run(self.nodes, {}, x)
-                chunk = _Chunk(x, y, {n.name: env[n.name] for n in self.boundary}, env[self.output_node.name])
-                used += sum(_nbytes(v) for v in chunk.cache.values()) + _nbytes(chunk.outputs)
-                if used <= self.budget_bytes:
-                    self.chunks.append(chunk)
-                    self.cached_chunks += 1
-                yield chunk.outputs, y
-            else:
-                with torch.inference_mode():
+            with torch.inference_mode():
+                if used > self.budget_bytes:
                     yield self.graph_module(x), y
+                    continue
+                out, values = program(x)
+            cache = {n.name: v for n, v in zip(updates, values)}
+            cache[self.output_node.name] = out
+            used += sum(_nbytes(v) for v in values if v is not x) + _nbytes(out)
+            if used <= self.budget_bytes:
+                self.chunks.append(_Chunk(x, y, cache, out))
+                self.cached_chunks += 1
+            yield out, y
         self._record_versions()
 
     def _record_versions(self) -> None:
         self._versions, self._layer_versions = self._state_versions()
 
-    def _run(self, nodes: list[fx.Node], env: dict[str, Any], x: Tensor) -> dict[str, Any]:
-        gm = self.graph_module
-        with torch.inference_mode():
-            for node in nodes:
-                if node.op == "placeholder":
-                    env[node.name] = x
-                    continue
-                args = fx.node.map_arg(node.args, lambda n: env[n.name])
-                if node in self.inplace and args and isinstance(args[0], Tensor):
-                    args = (args[0].clone(), *args[1:])  # never overwrite a cached value
-                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-                if node.op == "call_module":
-                    env[node.name] = self.modules[node.target](*args, **kwargs)
-                elif node.op == "call_function":
-                    env[node.name] = node.target(*args, **kwargs)
-                elif node.op == "call_method":
-                    obj, *rest = args
-                    env[node.name] = getattr(obj, node.target)(*rest, **kwargs)
-                elif node.op == "get_attr":
-                    env[node.name] = _fetch_attr(gm, str(node.target))
-                elif node.op == "output":
-                    env[node.name] = args[0]
-        return env
-
     def cache_bytes(self) -> int:
-        return sum(_nbytes(v) for c in self.chunks for v in c.cache.values()) + sum(_nbytes(c.outputs) for c in self.chunks)
+        """Bytes held by cached activations (the eval inputs themselves not counted)."""
+        return sum(_nbytes(v) for c in self.chunks for k, v in c.cache.items() if v is not c.inputs)
 
 
 class TraceError(RuntimeError):

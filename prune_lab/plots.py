@@ -162,3 +162,59 @@ def sensitivity_heatmap(result: Any, key: Optional[str] = None) -> Figure:
     fig.colorbar(im, ax=ax, label=f"{key} drop" if key == result.metric else f"{key} increase")
     ax.set_title("Sensitivity heatmap", fontsize=10)
     return fig
+
+
+def tradeoff_points(points: Sequence[dict[str, Any]], current: Optional[int] = None, metric: str = "accuracy") -> Figure:
+    """Every configuration tried: ``metric`` against sparse bytes and against effective MACs,
+    Pareto fronts drawn, ``points[current]`` highlighted. Update in place with
+    :func:`update_tradeoff_points`."""
+    fig = new_figure((7.0, 3.0))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, (key, label) in zip(axes, (("sparse_bytes", "sparse file bytes"), ("effective_macs", "effective MACs"))):
+        ax.plot([], [], "o", color="#999999", markersize=4, gid="points", alpha=0.7)
+        ax.plot([], [], "-", color=KEPT_COLOR, linewidth=1.5, gid="pareto")
+        ax.plot([], [], "*", color=PRUNED_COLOR, markersize=14, markeredgecolor="black", gid="current")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    fig.suptitle("Configurations tried (line: Pareto front)", fontsize=10)
+    update_tradeoff_points(fig, points, current, metric)
+    return fig
+
+
+def update_tradeoff_points(fig: Figure, points: Sequence[dict[str, Any]], current: Optional[int] = None, metric: str = "accuracy") -> None:
+    from .tradeoff import pareto_front
+
+    scores = [p[metric] for p in points]
+    for ax, key in zip(fig.axes[:2], ("sparse_bytes", "effective_macs")):
+        lines = {line.get_gid(): line for line in ax.lines}
+        costs = [p[key] for p in points]
+        lines["points"].set_data(costs, scores)
+        front = pareto_front(costs, scores)
+        lines["pareto"].set_data([costs[i] for i in front], [scores[i] for i in front])
+        if current is not None and points:
+            lines["current"].set_data([costs[current]], [scores[current]])
+        else:
+            lines["current"].set_data([], [])
+        if points:
+            lo, hi = min(costs), max(costs)
+            ax.set_xlim(lo / 1.3, hi * 1.3)
+            ylo, yhi = min(scores), max(scores)
+            pad = max(0.01, (yhi - ylo) * 0.08)
+            ax.set_ylim(ylo - pad, yhi + pad)
+
+
+def move_sensitivity_markers(fig: Figure, result: Any, current: dict[str, float], key: Optional[str] = None) -> None:
+    """Move each layer's current-sparsity dot on a :func:`sensitivity` figure, in place."""
+    key = key or result.metric
+    lines = {line.get_gid(): line for line in fig.axes[0].lines}
+    for layer in result.layers:
+        marker = lines.get(f"current:{layer}")
+        pts = result.curve(layer, key)
+        if marker is None or not pts:
+            continue
+        xs, ys = zip(*pts)
+        s = current.get(layer, 0.0)
+        marker.set_data([s], [float(np.interp(s, xs, ys))])

@@ -145,18 +145,26 @@ class SensitivityResult:
             out[layer] = best
         return dict(sorted(out.items(), key=lambda kv: (-kv[1], self.layers.index(kv[0]))))
 
-    def allocate(self, target_sparsity: Optional[float] = None, max_drop: Optional[float] = None) -> Plan:
+    def allocate(
+        self,
+        target_sparsity: Optional[float] = None,
+        max_drop: Optional[float] = None,
+        locked: Optional[dict[str, int]] = None,
+    ) -> Plan:
         """Per-layer sparsities from the measured curves, greedily by metric lost per weight pruned.
 
         ``target_sparsity``: the plan prunes exactly ``round(target * total)`` weights (the last
         step is a partial one, its cost interpolated). ``max_drop``: the largest plan whose
         predicted drop (sum of per-layer drops) stays within it. Exactly one must be given.
+        ``locked``: layers held at a pruned count; they count toward the target and are not moved.
         """
+        locked = dict(locked or {})
         if (target_sparsity is None) == (max_drop is None):
             raise ValueError("allocate needs exactly one of target_sparsity=... or max_drop=...")
         total = sum(self.n_params[n] for n in self.layers)
-        curves = {n: [(0.0, 0.0)] + [(lv, self.reference[self.metric] - v) for lv, v in self.curve(n) if lv > 0] for n in self.layers}
-        max_reach = sum(curves[n][-1][0] * self.n_params[n] for n in self.layers)
+        free = [n for n in self.layers if n not in locked]
+        curves = {n: [(0.0, 0.0)] + [(lv, self.reference[self.metric] - v) for lv, v in self.curve(n) if lv > 0] for n in free}
+        max_reach = sum(curves[n][-1][0] * self.n_params[n] for n in free) + sum(locked.values())
         if target_sparsity is not None:
             if not 0 <= target_sparsity <= 1 or math.isnan(target_sparsity):
                 raise ValueError(f"target_sparsity {target_sparsity!r} is outside [0, 1]")
@@ -166,12 +174,15 @@ class SensitivityResult:
                     f"target_sparsity {target_sparsity:.3f} needs {goal} pruned weights but the measured levels reach "
                     f"only {max_reach / total:.3f}; sweep higher levels"
                 )
-        pos = {n: 0 for n in self.layers}  # index into the layer's curve
-        pruned = {n: 0 for n in self.layers}
+        pos = {n: 0 for n in free}  # index into the layer's curve
+        pruned = {n: 0 for n in free}
         drop = 0.0
-        while True:
+        if target_sparsity is not None and goal <= sum(locked.values()):
+            goal = sum(locked.values())  # the locked layers alone reach it
+            free, curves = [], {}
+        while free:
             best = None
-            for n in self.layers:
+            for n in free:
                 c, i = curves[n], pos[n]
                 for j in range(i + 1, len(c)):
                     add = round(c[j][0] * self.n_params[n]) - pruned[n]
@@ -186,7 +197,7 @@ class SensitivityResult:
             _, n, j, add = best
             step_drop = curves[n][j][1] - curves[n][pos[n]][1]
             if target_sparsity is not None:
-                have = sum(pruned.values())
+                have = sum(pruned.values()) + sum(locked.values())
                 if have + add >= goal:  # partial last step
                     need = goal - have
                     drop += step_drop * need / add
@@ -201,6 +212,7 @@ class SensitivityResult:
             drop += step_drop
             pruned[n] += add
             pos[n] = j
+        pruned.update(locked)
         sparsities = {n: pruned[n] / self.n_params[n] for n in self.layers}
         return Plan(sparsities, self.reference[self.metric] - drop, self.reference[self.metric], sum(pruned.values()) / total)
 
@@ -280,4 +292,5 @@ def sweep(
     finally:
         bar.close()
         session._restore_all_layers()
+        session.last_sensitivity = result
     return result

@@ -131,6 +131,7 @@ class Session:
         self.incremental = incremental
         self.cache_budget_bytes = cache_budget_bytes
         self._evaluator: Optional[IncrementalEvaluator] = None
+        self.last_sensitivity: Any = None  # the latest SensitivityResult, for allocation="sensitivity"
         self._trace_failed: Optional[str] = None
 
     # ------------------------------------------------------------------ discovery / validation
@@ -496,6 +497,28 @@ class Session:
         try:
             for (crit_name, seed), counts in groups.items():
                 self._apply_counts(counts, crits[crit_name], seed)
+        except Exception:
+            self._restore(snapshot)
+            raise
+        return self
+
+    # ------------------------------------------------------------------ states (undo/redo)
+    def state(self) -> dict[str, tuple[int, str, int]]:
+        """The pruning state as ``{layer: (pruned count, criterion, seed)}``: small, comparable,
+        and exactly restorable with :meth:`restore_state` (masks are recomputed from originals)."""
+        return {n: (self._pruned[n], self._criterion[n], self._layer_seed[n]) for n in self._info}
+
+    def restore_state(self, state: Mapping[str, tuple[int, str, int]]) -> "Session":
+        for name in state:
+            self.layer(name)
+        groups: dict[tuple[str, int], dict[str, int]] = {}
+        for name, (k, crit, seed) in state.items():
+            groups.setdefault((crit, seed), {})[name] = k
+        crits = {c: get_criterion(c) for c, _ in groups}
+        snapshot = (dict(self._pruned), dict(self._criterion), dict(self._layer_seed), dict(self._masks))
+        try:
+            for (crit, seed), counts in groups.items():
+                self._apply_counts(counts, crits[crit], seed)
         except Exception:
             self._restore(snapshot)
             raise

@@ -93,8 +93,62 @@ session.reset();"""),
     ("md", """Next: `02_layer_sensitivity.ipynb` asks *which* layers tolerate pruning."""),
 ]
 
+NB02 = [
+    ("md", """# 2 · Layer sensitivity
+
+Which layers can you prune, and how far? A sensitivity sweep prunes **one layer at a time** to
+each level (0%, 5%, … 95%), keeps the others as they are, measures accuracy, and restores the
+layer exactly. The sweep only recomputes the part of the network *after* the pruned layer, from
+cached activations, so it is much cheaper than evaluating the whole model at every point — and
+gives the same numbers.
+
+Press the stop button (or Ctrl-C in a script) mid-sweep: you get the partial result back, the
+model untouched, and `resume=` continues it."""),
+    ("code", """import prune_lab as pl
+
+model, data = pl.demo()
+session = pl.Session(model, data.test)
+result = session.sensitivity()          # magnitude criterion, 20 levels, every layer
+result"""),
+    ("code", """result.plot()"""),
+    ("md", """Each curve is one layer. Flat curves are layers you can prune hard; steep ones are fragile.
+The big fully connected layers (`fc1`, `fc2`) tolerate much more than the first convolution,
+which has only 72 weights and sees the raw pixels."""),
+    ("code", """result.heatmap()"""),
+    ("code", """result.ranking(max_drop=0.01)   # per layer: how far it goes within 1 point of accuracy"""),
+    ("md", """## Magnitude versus random
+
+Is "smallest magnitude first" better than chance? Sweep again with the `random` criterion (seeded)
+and compare: the gap is what the magnitude heuristic buys."""),
+    ("code", """random_result = session.sensitivity(criterion="random")
+for layer in ["conv2", "fc1"]:
+    mag = dict(result.curve(layer))
+    rnd = dict(random_result.curve(layer))
+    print(layer, "at 70%:", f"magnitude {mag[0.7]:.3f}", f"random {rnd[0.7]:.3f}")
+random_result.plot()"""),
+    ("md", """## From sensitivity to a plan
+
+`allocate` turns the curves into per-layer sparsities: it greedily prunes where accuracy costs
+least per weight removed, until exactly 80% of all weights are gone. The predicted accuracy adds up
+the per-layer drops — a guess, since layers interact. Applying the plan and evaluating gives the
+**measured** number."""),
+    ("code", """plan = result.allocate(target_sparsity=0.8)
+session.set_sparsity(plan)
+measured = session.evaluate()["accuracy"]
+print(plan)
+print(f"predicted {plan.predicted:.4f}  |  measured {measured:.4f}  |  total sparsity {session.total_sparsity():.1%}")"""),
+    ("code", """session.set_global_sparsity(0.8, allocation="uniform")
+uniform = session.evaluate()["accuracy"]
+session.set_global_sparsity(0.8, allocation="global")
+global_ = session.evaluate()["accuracy"]
+print(f"at 80%: sensitivity plan {measured:.4f} | global magnitude {global_:.4f} | uniform {uniform:.4f}")
+session.reset();"""),
+    ("md", """Next: `03_interactive_lab.ipynb` puts a slider on every layer."""),
+]
+
 if __name__ == "__main__":
     build("01_weights_and_masks.ipynb", NB01)
+    build("02_layer_sensitivity.ipynb", NB02)
     extra = sys.modules[__name__].__dict__.get("EXTRA_NOTEBOOKS", {})
     for name, cells in extra.items():
         build(name, cells)

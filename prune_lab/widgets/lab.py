@@ -1,0 +1,534 @@
+"""The Lab: one slider per layer wired to a Session, every number re-measured as you drag.
+
+The Lab holds controls and what they show; every computation is a Session call or a plot
+function. State flows one way: a control changes the Session, then ``refresh`` reads the Session
+and updates labels and plots.
+"""
+from __future__ import annotations
+
+import functools
+import html
+import io
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import ipywidgets as W
+import torch
+
+from .. import plots
+from ..allocation import list_allocations
+from ..criteria import list_criteria
+from ..session import Session
+
+SLIDER_MAX = 0.99
+DRAG_END_S = 0.35  # no slider event for this long ends a drag
+
+
+def css_name(layer: str) -> str:
+    return (layer or "model").replace(".", "-")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def fmt_count(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def _guard(fn: Callable) -> Callable:
+    """Run a callback; show any error in the Lab's status line instead of losing it."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Lab", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:  # shown to the user, kept for tests
+            self.last_error = e
+            self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>"
+            self._sync_controls()
+
+    return wrapper
+
+
+class Lab:
+    """An ipywidgets dashboard over a :class:`~prune_lab.Session`.
+
+    ``lab.sliders[name]`` (fraction 0-0.99, shown as percent), ``lab.global_slider``,
+    ``lab.allocation``, ``lab.criterion``, ``lab.locks[name]``, buttons ``lab.reset_button`` ...
+    ``lab.labels[key]`` show exactly ``Session.evaluate()``/``stats()`` numbers.
+
+    In a running kernel, slider events are coalesced: only the newest value is evaluated. While a
+    drag is in progress on a model whose evaluation exceeds ``frame_budget_s``, the first
+    ``preview_samples`` samples are evaluated (labelled "preview"), and the full eval set when
+    the drag ends. Outside a kernel (scripts, tests) every change is evaluated in full at once.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        sensitivity: Any = None,
+        preview_samples: int = 256,
+        frame_budget_s: float = 0.05,
+        dpi: int = 72,
+        defer: Optional[bool] = None,
+    ):
+        if not isinstance(session, Session):
+            raise TypeError(f"Lab needs a prune_lab.Session, got {type(session).__name__}")
+        self.session = session
+        if sensitivity is not None:
+            session.last_sensitivity = sensitivity
+        self.preview_samples = preview_samples
+        self.frame_budget_s = frame_budget_s
+        self.dpi = dpi
+        self.last_error: Optional[BaseException] = None
+        self.points: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+        self.evaluation: dict[str, Any] = {}
+        self._undo: list[dict] = []
+        self._redo: list[dict] = []
+        self._syncing = False
+        self._stop_requested = False
+        self._sweep_thread: Optional[threading.Thread] = None
+        self._last_eval_s = 0.0
+        self._drawn_hist: Any = None
+        self._loop = _kernel_loop() if defer is None or defer else None
+        self._pending = False
+        self._dragging = False
+        self._last_event = 0.0
+        self._build()
+        self.refresh()
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        s = self.session
+        self.sliders: dict[str, W.FloatSlider] = {}
+        self.locks: dict[str, W.ToggleButton] = {}
+        self.sensitivity_bars: dict[str, W.HTML] = {}
+        rows = []
+        for info in s.layers:
+            name = info.name
+            slider = W.FloatSlider(
+                value=min(s.sparsity[name], SLIDER_MAX), min=0.0, max=SLIDER_MAX, step=0.01,
+                description=name or "(model)", readout_format=".0%", continuous_update=True,
+                style={"description_width": "120px"}, layout=W.Layout(width="380px"),
+            )
+            slider.add_class("prune-lab-slider")
+            slider.add_class(f"prune-lab-slider-{css_name(name)}")
+            slider.observe(functools.partial(self._on_layer_slider, name), names="value")
+            lock = W.ToggleButton(value=False, icon="lock", tooltip=f"keep {name} fixed while the global slider moves", layout=W.Layout(width="34px"))
+            lock.add_class("prune-lab-lock")
+            shape = "x".join(map(str, info.shape))
+            meta = W.HTML(f"<span style='font-size:11px;color:#555'>{info.kind} {shape} &middot; {info.n_params:,} params</span>", layout=W.Layout(width="210px"))
+            bar = W.HTML("", layout=W.Layout(width="120px"))
+            bar.add_class("prune-lab-sensbar")
+            self.sliders[name], self.locks[name], self.sensitivity_bars[name] = slider, lock, bar
+            rows.append(W.HBox([lock, slider, meta, bar]))
+
+        self.global_slider = W.FloatSlider(value=0.0, min=0.0, max=SLIDER_MAX, step=0.01, description="all layers", readout_format=".0%",
+                                           continuous_update=True, style={"description_width": "120px"}, layout=W.Layout(width="380px"))
+        self.global_slider.add_class("prune-lab-global")
+        self.global_slider.observe(self._on_global, names="value")
+        self.allocation = W.Dropdown(options=list_allocations(), value="global", description="allocation", layout=W.Layout(width="220px"))
+        self.allocation.add_class("prune-lab-allocation")
+        self.criterion = W.Dropdown(options=list_criteria(), value="magnitude", description="criterion", layout=W.Layout(width="220px"))
+        self.criterion.add_class("prune-lab-criterion")
+        self.criterion.observe(self._on_criterion, names="value")
+
+        def button(label: str, role: str, handler: Callable, icon: str = "") -> W.Button:
+            b = W.Button(description=label, icon=icon, layout=W.Layout(width="auto"))
+            b.add_class(f"prune-lab-{role}")
+            b.on_click(lambda _b: handler())
+            return b
+
+        self.reset_button = button("reset", "reset", self.reset, "undo-alt")
+        self.undo_button = button("undo", "undo", self.undo, "arrow-left")
+        self.redo_button = button("redo", "redo", self.redo, "arrow-right")
+        self.sensitivity_button = button("run sensitivity", "run-sensitivity", self.run_sensitivity, "chart-line")
+        self.stop_button = button("stop", "stop", self.stop, "stop")
+        self.stop_button.disabled = True
+        self.plan_button = button("apply plan", "apply-plan", self.apply_plan, "magic")
+        self.export_path = W.Text(value="pruned_model.pt", description="export to", layout=W.Layout(width="300px"))
+        self.export_button = button("export", "export", self.export, "save")
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        self.device = W.Dropdown(options=devices, value=_device_name(self.session.device), description="device", layout=W.Layout(width="200px"))
+        self.device.add_class("prune-lab-device")
+        self.device.observe(self._on_device, names="value")
+        self.progress = W.IntProgress(value=0, min=0, max=1, description="sweep", layout=W.Layout(width="300px", visibility="hidden"))
+        self.progress.add_class("prune-lab-progress")
+
+        self.labels: dict[str, W.HTML] = {}
+        for key in ("mode", "accuracy", "delta", "loss", "sparsity", "nonzeros", "bytes", "compression", "macs", "speedup"):
+            self.labels[key] = W.HTML()
+            self.labels[key].add_class(f"prune-lab-metric-{key}")
+        self.status = W.HTML()
+        self.status.add_class("prune-lab-status")
+
+        self.layer_select = W.Dropdown(options=[i.name for i in self.session.layers], description="histogram", layout=W.Layout(width="260px"))
+        self.layer_select.observe(lambda _c: self._guarded_plots(), names="value")
+        self.log_counts = W.Checkbox(value=False, description="log counts", indent=False)
+        self.log_counts.observe(lambda _c: self._guarded_plots(force_hist=True), names="value")
+        self.images = {k: W.Image(format="png") for k in ("histogram", "sensitivity", "tradeoff")}
+        for k, img in self.images.items():
+            img.add_class(f"prune-lab-plot-{k}")
+        self._figures: dict[str, Any] = {}
+
+        metrics = W.VBox([self.labels[k] for k in self.labels], layout=W.Layout(min_width="300px"))
+        metrics.add_class("prune-lab-metrics")
+        controls = W.VBox([
+            W.HBox([self.global_slider, self.allocation, self.criterion]),
+            W.VBox(rows),
+            W.HBox([self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.stop_button, self.plan_button, self.device]),
+            W.HBox([self.export_path, self.export_button, self.progress]),
+            self.status,
+        ])
+        plots_box = W.VBox([
+            W.HBox([self.layer_select, self.log_counts]),
+            W.HBox([self.images["histogram"], self.images["sensitivity"]]),
+            self.images["tradeoff"],
+        ])
+        self.widget = W.VBox([W.HBox([controls, metrics]), plots_box])
+        self.widget.add_class("prune-lab")
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    # ------------------------------------------------------------------ control callbacks
+    @_guard
+    def _on_layer_slider(self, name: str, change: dict) -> None:
+        if self._syncing:
+            return
+        self._push_undo(coalesce=f"slider:{name}")
+        self.session.set_sparsity({name: float(change["new"])}, criterion=self.criterion.value)
+        self._syncing = True
+        try:
+            self.layer_select.value = name
+        finally:
+            self._syncing = False
+        self._changed()
+
+    @_guard
+    def _on_global(self, change: dict) -> None:
+        if self._syncing:
+            return
+        self._push_undo(coalesce="global")
+        locked = [n for n, lock in self.locks.items() if lock.value]
+        self.session.set_global_sparsity(float(change["new"]), allocation=self.allocation.value, criterion=self.criterion.value, locked=locked)
+        self._sync_controls()
+        self._changed()
+
+    @_guard
+    def _on_criterion(self, change: dict) -> None:
+        if self._syncing:
+            return
+        self._push_undo()
+        self.session.set_sparsity(self.session.sparsity, criterion=change["new"])
+        self._changed()
+
+    @_guard
+    def _on_device(self, change: dict) -> None:
+        if self._syncing:
+            return
+        self.session.to(change["new"])
+        self._drawn_hist = None
+        self.refresh()
+
+    # ------------------------------------------------------------------ actions (buttons call these)
+    @_guard
+    def reset(self) -> None:
+        self._push_undo()
+        self.session.reset()
+        self._sync_controls()
+        self.refresh()
+
+    @_guard
+    def undo(self) -> None:
+        if not self._undo:
+            return
+        self._redo.append(self.session.state())
+        self.session.restore_state(self._undo.pop())
+        self._sync_controls()
+        self.refresh()
+
+    @_guard
+    def redo(self) -> None:
+        if not self._redo:
+            return
+        self._undo.append(self.session.state())
+        self.session.restore_state(self._redo.pop())
+        self._sync_controls()
+        self.refresh()
+
+    @_guard
+    def run_sensitivity(self, levels: Any = None) -> None:
+        """Sweep with a progress bar; in a kernel it runs in a thread so Stop stays clickable."""
+        self._stop_requested = False
+        n_levels = len(levels) if levels is not None else 20
+        self.progress.max = len(self.session.layers) * n_levels
+        self.progress.value = 0
+        self.progress.layout.visibility = "visible"
+        self.stop_button.disabled = False
+        self._set_controls_disabled(True)
+        previous = self.session.last_sensitivity
+        resume = previous if previous is not None and not previous.complete and previous.criterion == self.criterion.value else None
+
+        def work() -> None:
+            try:
+                result = self.session.sensitivity(
+                    levels=levels, criterion=self.criterion.value, resume=resume, progress=False,
+                    on_step=lambda _r: setattr(self.progress, "value", self.progress.value + 1),
+                    should_stop=lambda: self._stop_requested,
+                )
+                done = len(result.records)
+                total = len(result.layers) * len(result.levels)
+                self.status.value = "sensitivity: complete" if result.complete else f"sensitivity: stopped, {done}/{total} points kept (run again to resume)"
+            except Exception as e:
+                self.last_error = e
+                self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>"
+            finally:
+                self.stop_button.disabled = True
+                self._set_controls_disabled(False)
+                self._drawn_hist = None
+                self.refresh()
+
+        if self._loop is not None:
+            self._sweep_thread = threading.Thread(target=work, daemon=True)
+            self._sweep_thread.start()
+        else:
+            work()
+
+    def stop(self) -> None:
+        """Stop a running sweep after the current point; its partial result is kept."""
+        self._stop_requested = True
+
+    @_guard
+    def apply_plan(self, target: Optional[float] = None) -> None:
+        """Apply the sensitivity plan for the global slider's sparsity; show predicted and measured."""
+        result = self.session.last_sensitivity
+        if result is None:
+            raise ValueError("no sensitivity result yet: click 'run sensitivity' first")
+        target = self.global_slider.value if target is None else target
+        self._push_undo()
+        locked = {n: self.session.pruned_counts[n] for n, lock in self.locks.items() if lock.value}
+        plan = result.allocate(target_sparsity=target, locked=locked)
+        self.session.set_sparsity(plan, criterion=self.criterion.value)
+        self._sync_controls()
+        self.refresh()
+        measured = self.evaluation[self.session.metric_name]
+        self.status.value = (
+            f"plan for {plan.total_sparsity:.1%}: predicted {self.session.metric_name} {plan.predicted:.4f} "
+            f"(from the curves) &middot; <b>measured {measured:.4f}</b>"
+        )
+
+    @_guard
+    def export(self, path: Optional[str] = None) -> dict:
+        paths = self.session.export(path or self.export_path.value, sparse=True)
+        sizes = ", ".join(f"{p.name} ({fmt_bytes(p.stat().st_size)})" for p in paths.values())
+        self.status.value = f"exported {html.escape(sizes)}"
+        return paths
+
+    # ------------------------------------------------------------------ undo bookkeeping
+    def _push_undo(self, coalesce: Optional[str] = None) -> None:
+        now = time.monotonic()
+        if self._loop is not None and coalesce is not None and getattr(self, "_last_push", (None, 0.0))[0] == coalesce and now - self._last_push[1] < DRAG_END_S:
+            self._last_push = (coalesce, now)
+            return  # one drag is one undo step
+        self._last_push = (coalesce, now)
+        state = self.session.state()
+        if not self._undo or self._undo[-1] != state:
+            self._undo.append(state)
+        self._redo.clear()
+
+    def _sync_controls(self) -> None:
+        """Move every control to what the session holds, without firing callbacks."""
+        self._syncing = True
+        try:
+            for name, slider in self.sliders.items():
+                slider.value = min(self.session.sparsity[name], SLIDER_MAX)
+            self.global_slider.value = min(round(self.session.total_sparsity(), 2), SLIDER_MAX)
+            self.device.value = _device_name(self.session.device)
+        finally:
+            self._syncing = False
+
+    def _set_controls_disabled(self, disabled: bool) -> None:
+        for w in [*self.sliders.values(), self.global_slider, self.allocation, self.criterion, self.reset_button,
+                  self.undo_button, self.redo_button, self.sensitivity_button, self.plan_button, self.device]:
+            w.disabled = disabled
+
+    # ------------------------------------------------------------------ refreshing
+    def _changed(self) -> None:
+        """A control changed the session: refresh now (scripts) or coalesced on the kernel loop."""
+        if self._loop is None:
+            self.refresh()
+            return
+        self._last_event = time.monotonic()
+        self._dragging = True
+        if not self._pending:
+            self._pending = True
+            self._loop.add_callback(self._flush)
+        self._loop.call_later(DRAG_END_S, self._drag_end)
+
+    def _flush(self) -> None:
+        self._pending = False
+        preview = self._dragging and self._last_eval_s > self.frame_budget_s
+        self.refresh(preview=preview)
+
+    def _drag_end(self) -> None:
+        if time.monotonic() - self._last_event >= DRAG_END_S - 1e-3 and self._dragging:
+            self._dragging = False
+            if self.evaluation.get("preview"):
+                self.refresh()
+
+    @_guard
+    def refresh(self, preview: bool = False) -> None:
+        """Measure the session and update every label and plot (``preview``: a subset only)."""
+        t0 = time.perf_counter()
+        s = self.session
+        limit = min(self.preview_samples, len(s.data)) if preview else None
+        result = s.evaluate(limit=limit)
+        if not preview:
+            self._last_eval_s = time.perf_counter() - t0
+        stats = s.stats()
+        dense = s.baseline() if not preview else _preview_baseline(self, limit)
+        self.evaluation = {**result, "preview": preview, "samples": limit or len(s.data)}
+        self._update_labels(result, dense, stats, preview, limit or len(s.data))
+        t1 = time.perf_counter()
+        if not preview:
+            self.points.append({
+                s.metric_name: result[s.metric_name], "loss": result["loss"],
+                "sparse_bytes": stats.total["sparse_file_bytes"], "effective_macs": stats.total["effective_macs"] or 1,
+                "sparsity": stats.total["sparsity"], "state": s.state(),
+            })
+        self._update_plots()
+        t2 = time.perf_counter()
+        self.timings = {"numbers_ms": (t1 - t0) * 1000, "plots_ms": (t2 - t1) * 1000, "all_ms": (t2 - t0) * 1000}
+
+    def _update_labels(self, result: dict, dense: dict, stats: Any, preview: bool, samples: int) -> None:
+        key = self.session.metric_name
+        t = stats.total
+        mode = f"preview: first {samples} samples (dragging)" if preview else f"full eval set: {samples} samples"
+        L = self.labels
+        L["mode"].value = f"<i style='color:{'#b36b00' if preview else '#2a7'}'>{mode}</i>"
+        L["accuracy"].value = f"<b>{key}</b>: <span class='prune-lab-value'>{_fmt_metric(key, result[key])}</span>"
+        delta = result[key] - dense[key]
+        L["delta"].value = f"&Delta; vs dense: <span class='prune-lab-value'>{_fmt_delta(key, delta)}</span>"
+        L["loss"].value = f"loss: <span class='prune-lab-value'>{result['loss']:.4f}</span>"
+        L["sparsity"].value = f"sparsity: <span class='prune-lab-value'>{t['sparsity']:.2%}</span>"
+        L["nonzeros"].value = f"nonzero weights: <span class='prune-lab-value'>{fmt_count(t['nonzeros'])}</span> / {fmt_count(t['params'])}"
+        L["bytes"].value = f"file: {fmt_bytes(t['dense_file_bytes'])} dense &rarr; <span class='prune-lab-value'>{fmt_bytes(t['sparse_file_bytes'])}</span> sparse"
+        L["compression"].value = f"compression: <span class='prune-lab-value'>{t['compression']:.2f}x</span> (params/nonzeros), file {t['file_compression']:.2f}x"
+        L["macs"].value = f"MACs: {fmt_count(t['macs'])} dense &rarr; <span class='prune-lab-value'>{fmt_count(t['effective_macs'])}</span> effective"
+        L["speedup"].value = f"theoretical speedup: <span class='prune-lab-value'>{t['speedup']:.2f}x</span>"
+
+    def _guarded_plots(self, force_hist: bool = False) -> None:
+        if self._syncing:
+            return
+        if force_hist:
+            self._drawn_hist = None
+        try:
+            self._update_plots()
+        except Exception as e:
+            self.last_error = e
+            self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(str(e))}</span>"
+
+    def _update_plots(self) -> None:
+        s = self.session
+        name = self.layer_select.value
+        hist_key = (name, s.state()[name], self.log_counts.value, s.device)
+        if hist_key != self._drawn_hist:
+            fig = self._figures.get("histogram")
+            if fig is None:
+                fig = self._figures["histogram"] = plots.new_figure((4.6, 3.0))
+                fig.subplots()
+            info = s.layer(name)
+            w = s.original_weight(name).detach().float().cpu().numpy()
+            keep = s.mask(name).cpu().numpy()
+            shape = "x".join(map(str, info.shape))
+            plots.draw_layer_histogram(fig.axes[0], w, keep, f"{name} ({shape}) - {s.sparsity[name]:.1%} pruned", log=self.log_counts.value)
+            self.images["histogram"].value = self._png(fig)
+            self._drawn_hist = hist_key
+        result = s.last_sensitivity
+        if result is not None:
+            fig = self._figures.get("sensitivity")
+            if fig is None or self._figures.get("sensitivity_of") is not result:
+                fig = self._figures["sensitivity"] = plots.sensitivity(result, current=s.sparsity)
+                self._figures["sensitivity_of"] = result
+                self._update_sensitivity_bars(result)
+            else:
+                plots.move_sensitivity_markers(fig, result, s.sparsity)
+            self.images["sensitivity"].value = self._png(fig)
+        if self.points:
+            fig = self._figures.get("tradeoff")
+            metric = s.metric_name
+            if fig is None:
+                fig = self._figures["tradeoff"] = plots.tradeoff_points(self.points, len(self.points) - 1, metric)
+            else:
+                plots.update_tradeoff_points(fig, self.points, len(self.points) - 1, metric)
+            self.images["tradeoff"].value = self._png(fig)
+
+    def _update_sensitivity_bars(self, result: Any) -> None:
+        ranking = result.ranking(max_drop=0.01)
+        for name, bar in self.sensitivity_bars.items():
+            if name not in ranking:
+                bar.value = ""
+                continue
+            level = ranking[name]
+            bar.value = (
+                f"<div title='prunable to {level:.0%} within 1 point' style='font-size:10px;color:#555'>"
+                f"<div style='display:inline-block;width:60px;height:8px;background:#eee;vertical-align:middle'>"
+                f"<div style='width:{level * 100:.0f}%;height:8px;background:#2a7'></div></div> {level:.0%} ok</div>"
+            )
+
+    def _png(self, fig: Any) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=self.dpi)
+        if fig.get_layout_engine() is not None:
+            fig.set_layout_engine("none")  # laid out once; later frames skip the costly layout pass
+        return buf.getvalue()
+
+    def __repr__(self) -> str:
+        return f"Lab({self.session!r})"
+
+
+def _preview_baseline(lab: Lab, limit: Optional[int]) -> dict:
+    """Dense metric on the preview subset (cached), so preview deltas compare like with like."""
+    cache = getattr(lab, "_preview_dense", None)
+    if cache is None or cache[0] != limit:
+        with lab.session.dense():
+            cache = (limit, lab.session.evaluate(limit=limit))
+        lab._preview_dense = cache
+    return cache[1]
+
+
+def _fmt_metric(key: str, value: float) -> str:
+    return f"{value:.2%}" if key == "accuracy" else f"{value:.4f}"
+
+
+def _fmt_delta(key: str, value: float) -> str:
+    return f"{value * 100:+.2f} points" if key == "accuracy" else f"{value:+.4f}"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return "cpu"
+
+
+def _kernel_loop() -> Any:
+    """The running kernel's IO loop (tornado), where deferred refreshes run; None outside one."""
+    try:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+        kernel = getattr(ip, "kernel", None)
+        loop = getattr(kernel, "io_loop", None)
+        return loop if loop is not None and hasattr(loop, "add_callback") else None
+    except Exception:
+        return None

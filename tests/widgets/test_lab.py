@@ -1,0 +1,174 @@
+"""The Lab driven through real ipywidgets objects, no browser: every label is the Session's number."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import prune_lab as pl
+from tests.conftest import snapshot, state_equal
+
+
+@pytest.fixture
+def lab(demo_session):
+    return pl.Lab(demo_session)
+
+
+def value_of(label) -> str:
+    return re.search(r"class='prune-lab-value'>([^<]*)<", label.value).group(1)
+
+
+def test_slider_prunes_exactly_and_labels_are_measured(lab):
+    s = lab.session
+    lab.sliders["fc1"].value = 0.37
+    assert lab.last_error is None
+    assert s.pruned_counts["fc1"] == round(0.37 * 7680)
+    assert int((s.model.fc1.weight == 0).sum()) == round(0.37 * 7680)
+    ev, st = s.evaluate(), s.stats()
+    assert value_of(lab.labels["accuracy"]) == f"{ev['accuracy']:.2%}"
+    assert value_of(lab.labels["loss"]) == f"{ev['loss']:.4f}"
+    assert value_of(lab.labels["nonzeros"]) == f"{st.total['nonzeros']:,}"
+    assert value_of(lab.labels["sparsity"]) == f"{st.total['sparsity']:.2%}"
+    assert value_of(lab.labels["speedup"]) == f"{st.total['speedup']:.2f}x"
+    delta = (ev["accuracy"] - s.baseline()["accuracy"]) * 100
+    assert value_of(lab.labels["delta"]) == f"{delta:+.2f} points"
+    assert "full eval set: 359 samples" in lab.labels["mode"].value
+    assert lab.layer_select.value == "fc1"  # the histogram follows the moved slider
+
+
+def test_plots_follow_the_sliders(lab):
+    before = lab.images["histogram"].value
+    n = len(lab.points)
+    lab.sliders["fc1"].value = 0.8
+    assert lab.images["histogram"].value != before
+    assert len(lab.points) == n + 1
+    fig = lab._figures["tradeoff"]
+    current = [l for l in fig.axes[0].lines if l.get_gid() == "current"][0]
+    assert current.get_xdata()[0] == lab.session.stats().total["sparse_file_bytes"]
+    assert current.get_ydata()[0] == pytest.approx(lab.session.evaluate()["accuracy"])
+    hist_ax = lab._figures["histogram"].axes[0]
+    assert "80.0% pruned" in hist_ax.get_title()
+    assert [a for a in hist_ax.get_children() if a.get_gid() == "threshold"]
+
+
+def test_global_slider_moves_layer_sliders_and_respects_locks(lab):
+    s = lab.session
+    lab.sliders["fc3"].value = 0.1
+    lab.locks["fc3"].value = True
+    lab.allocation.value = "uniform"
+    lab.global_slider.value = 0.6
+    total = sum(i.n_params for i in s.layers)
+    assert sum(s.pruned_counts.values()) == round(0.6 * total)
+    assert s.pruned_counts["fc3"] == round(0.1 * 840)
+    for name, slider in lab.sliders.items():
+        assert slider.value == pytest.approx(s.sparsity[name], abs=0.005)
+    lab.allocation.value = "global"
+    lab.global_slider.value = 0.7
+    assert sum(s.pruned_counts.values()) == round(0.7 * total)
+
+
+def test_undo_redo_reset_restore_exact_states(lab):
+    s = lab.session
+    states, weights = [], []
+    for v in (0.2, 0.5, 0.9):
+        lab.sliders["fc2"].value = v
+        states.append(s.state())
+        weights.append(snapshot(s.model))
+    lab.undo()
+    assert s.state() == states[1] and state_equal(snapshot(s.model), weights[1])
+    assert lab.sliders["fc2"].value == pytest.approx(0.5)
+    lab.undo()
+    assert state_equal(snapshot(s.model), weights[0])
+    lab.redo()
+    assert state_equal(snapshot(s.model), weights[1])
+    lab.reset_button.click()
+    assert state_equal(snapshot(s.model), s.original_state())
+    assert all(sl.value == 0 for sl in lab.sliders.values())
+    lab.undo()  # reset is undoable too
+    assert state_equal(snapshot(s.model), weights[1])
+
+
+def test_criterion_dropdown_reprunes(lab):
+    s = lab.session
+    lab.sliders["fc1"].value = 0.5
+    magnitude = s.mask("fc1").clone()
+    lab.criterion.value = "random"
+    assert s.criteria["fc1"] == "random"
+    assert not torch.equal(s.mask("fc1"), magnitude)
+    assert s.pruned_counts["fc1"] == round(0.5 * 7680)
+
+
+def test_sensitivity_stop_keeps_partial_then_resumes(lab):
+    def click_stop(change):
+        if change["new"] == 4:
+            lab.stop_button.click()
+
+    lab.progress.observe(click_stop, names="value")
+    lab.run_sensitivity(levels=[0.0, 0.5, 0.9])
+    partial = lab.session.last_sensitivity
+    assert not partial.complete and len(partial.records) == 4
+    assert "stopped, 4/15 points kept" in lab.status.value
+    assert lab.stop_button.disabled and not lab.sliders["fc1"].disabled
+    lab.progress.unobserve(click_stop, names="value")
+    lab.sensitivity_button.click()  # resumes with the default levels? no: with the partial's levels
+    full = lab.session.last_sensitivity
+    assert full.complete and len(full.records) == 15
+    assert lab.images["sensitivity"].value
+    assert "ok" in lab.sensitivity_bars["fc1"].value
+
+
+def test_apply_plan_shows_predicted_and_measured(lab):
+    lab.run_sensitivity(levels=[0.0, 0.3, 0.6, 0.9])
+    lab.global_slider.value = 0.5
+    lab.apply_plan()
+    s = lab.session
+    total = sum(i.n_params for i in s.layers)
+    assert sum(s.pruned_counts.values()) == round(0.5 * total)
+    measured = s.evaluate()["accuracy"]
+    assert f"measured {measured:.4f}" in lab.status.value and "predicted" in lab.status.value
+
+
+def test_errors_show_in_the_lab(lab):
+    lab.apply_plan()
+    assert isinstance(lab.last_error, ValueError)
+    assert "run sensitivity" in lab.status.value and "prune-lab-error" in lab.status.value
+
+
+def test_export_button(lab, tmp_path):
+    lab.sliders["fc1"].value = 0.9
+    lab.export_path.value = str(tmp_path / "lab.pt")
+    lab.export_button.click()
+    assert (tmp_path / "lab.pt").exists() and (tmp_path / "lab.recipe.json").exists()
+    back = pl.load_state_dict(tmp_path / "lab.pt")
+    assert torch.equal(back["fc1.weight"], lab.session.model.fc1.weight.detach())
+
+
+def test_preview_is_labelled_and_measured(lab):
+    lab.sliders["fc1"].value = 0.6
+    lab.refresh(preview=True)
+    assert "preview: first 256 samples" in lab.labels["mode"].value
+    assert value_of(lab.labels["accuracy"]) == f"{lab.session.evaluate(limit=256)['accuracy']:.2%}"
+    lab.refresh()
+    assert "full eval set" in lab.labels["mode"].value
+
+
+def test_device_selector_lists_devices(lab):
+    expected = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    assert list(lab.device.options) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_selector_moves_session(lab):
+    lab.sliders["fc1"].value = 0.5
+    cpu_acc = lab.session.evaluate()["accuracy"]
+    lab.device.value = "cuda:0"
+    assert lab.session.device.type == "cuda"
+    assert value_of(lab.labels["accuracy"]) == f"{cpu_acc:.2%}"
+    lab.device.value = "cpu"
+
+
+def test_widgets_carry_css_classes(lab):
+    assert "prune-lab-slider-fc1" in lab.sliders["fc1]".rstrip("]")]._dom_classes
+    assert "prune-lab-metric-accuracy" in lab.labels["accuracy"]._dom_classes
+    assert "prune-lab" in lab.widget._dom_classes
