@@ -131,6 +131,14 @@ class IncrementalEvaluator:
             return None
         return {name for name, v in layers.items() if self._layer_versions.get(name) != v}
 
+    def mark_clean(self, layers: Iterable[str]) -> None:
+        """Declare layers written back to exactly the values the cache was filled with (a sweep
+        restoring a layer), so their version bump does not trigger recomputation."""
+        if not self.chunks:
+            return
+        for name in layers:
+            self._layer_versions[name] = self.layer_weights[name]._version
+
     # ------------------------------------------------------------------ running
     def outputs(self, changed: Optional[Iterable[str]] = None, update_cache: bool = True) -> Iterable[tuple[Tensor, Tensor]]:
         """Yield ``(outputs, targets)`` per chunk for the model's current weights.

@@ -271,6 +271,8 @@ def sweep(
             if name != current_layer:
                 if current_layer is not None:
                     session._restore_layer(current_layer)
+                    if ev is not None:
+                        ev.mark_clean([current_layer])  # bit-identical to the cached reference
                 current_layer = name
             k = count_to_prune(level, session.layer(name).n_params)
             session._write_layer(name, k_smallest_masks(session.lazy_keys([name], crit, seed), k, [session.layer(name).shape])[0] if k else None)
@@ -292,5 +294,7 @@ def sweep(
     finally:
         bar.close()
         session._restore_all_layers()
+        if ev is not None and ev is session.evaluator():
+            ev.mark_clean(names)  # every layer is back to the reference state the cache holds
         session.last_sensitivity = result
     return result

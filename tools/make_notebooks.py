@@ -146,9 +146,72 @@ session.reset();"""),
     ("md", """Next: `03_interactive_lab.ipynb` puts a slider on every layer."""),
 ]
 
+NB03 = [
+    ("md", """# 3 · The interactive Lab
+
+One slider per layer. Every time you move one, the Lab prunes that layer for real (exact masks,
+recomputed from the original weights), re-evaluates the model, and updates every number and plot:
+accuracy and its change from the dense model, loss, sparsity, nonzero weights, file size, and
+multiply-accumulates. Nothing is estimated.
+
+- **lock** a layer to keep it fixed while the *all layers* slider moves;
+- **allocation** decides how the *all layers* slider splits the pruning across layers;
+- **run sensitivity** sweeps every layer (with a progress bar; **stop** keeps what it measured);
+- **undo / redo / reset** step through what you tried; reset is exact.
+
+If an evaluation takes longer than a frame while you drag, the Lab shows a *preview* on the first
+256 samples and finishes on the whole eval set when you let go — the label says which."""),
+    ("code", """import prune_lab as pl
+
+model, data = pl.demo()
+session = pl.Session(model, data.test)
+lab = pl.Lab(session)
+lab"""),
+    ("md", """## Exercise 1 — the most prunable layer
+
+Drag each layer's slider to the right until accuracy drops by a point. Which layer goes furthest?
+Then click **run sensitivity** and compare with the sweep's answer below (it runs the same
+experiment systematically)."""),
+    ("code", """result = session.sensitivity(progress=False)
+ranking = result.ranking(max_drop=0.01)
+print("prunable within 1 point of accuracy:", {k: f"{v:.0%}" for k, v in ranking.items()})
+print("most prunable layer:", next(iter(ranking)))
+session.reset();"""),
+    ("md", """## Exercise 2 — 90% sparsity within 1 point
+
+Reach a total sparsity of at least 90% while losing at most one point of accuracy. Lock the layers
+that hurt, move the others. The cell below checks the Lab's current state. (Hint: which layers hold
+most of the weights?)"""),
+    ("code", """def check():
+    acc = session.evaluate()["accuracy"]
+    drop = (session.baseline()["accuracy"] - acc) * 100
+    total = session.total_sparsity()
+    verdict = "done!" if total >= 0.9 and drop <= 1 else "not yet"
+    print(f"sparsity {total:.1%}, accuracy {acc:.2%} ({drop:+.2f} points lost): {verdict}")
+
+check()"""),
+    ("md", """One answer, with the API the Lab uses (your own slider settings may do better):"""),
+    ("code", """lab.locks["conv1"].value = True
+lab.allocation.value = "global"
+lab.global_slider.value = 0.9
+check()
+lab.locks["conv1"].value = False"""),
+    ("md", """## Exercise 3 — uniform versus global
+
+Set the allocation to `uniform` and to `global` at the same total sparsity and compare. The
+trade-off panel at the bottom keeps every configuration you tried; the line is the Pareto front."""),
+    ("code", """for allocation in ("uniform", "global"):
+    lab.allocation.value = allocation
+    for sparsity in (0.5, 0.8, 0.9):
+        lab.global_slider.value = sparsity
+        print(f"{allocation:>8} {sparsity:.0%}: accuracy {lab.evaluation['accuracy']:.2%}")
+lab.reset()"""),
+]
+
 if __name__ == "__main__":
     build("01_weights_and_masks.ipynb", NB01)
     build("02_layer_sensitivity.ipynb", NB02)
+    build("03_interactive_lab.ipynb", NB03)
     extra = sys.modules[__name__].__dict__.get("EXTRA_NOTEBOOKS", {})
     for name, cells in extra.items():
         build(name, cells)
