@@ -204,7 +204,7 @@ trade-off panel at the bottom keeps every configuration you tried; the line is t
     lab.allocation.value = allocation
     for sparsity in (0.5, 0.8, 0.9):
         lab.global_slider.value = sparsity
-        print(f"{allocation:>8} {sparsity:.0%}: accuracy {lab.evaluation['accuracy']:.2%}")
+        print(f"{allocation:>8} {sparsity:.0%}: accuracy {session.evaluate()['accuracy']:.2%}")
 lab.reset()"""),
 ]
 

@@ -101,6 +101,7 @@ class Lab:
         self._pending = False
         self._dragging = False
         self._last_event = 0.0
+        self._set_by_lab: dict[int, list[float]] = {}
         self._build()
         self.refresh()
 
@@ -114,14 +115,14 @@ class Lab:
         for info in s.layers:
             name = info.name
             slider = W.FloatSlider(
-                value=min(s.sparsity[name], SLIDER_MAX), min=0.0, max=SLIDER_MAX, step=0.01,
+                value=_on_step(s.sparsity[name]), min=0.0, max=SLIDER_MAX, step=0.01,
                 description=name or "(model)", readout_format=".0%", continuous_update=True,
                 style={"description_width": "120px"}, layout=W.Layout(width="380px"),
             )
             slider.add_class("prune-lab-slider")
             slider.add_class(f"prune-lab-slider-{css_name(name)}")
             slider.observe(functools.partial(self._on_layer_slider, name), names="value")
-            lock = W.ToggleButton(value=False, icon="lock", tooltip=f"keep {name} fixed while the global slider moves", layout=W.Layout(width="34px"))
+            lock = W.ToggleButton(value=False, icon="lock", tooltip=f"keep {name} fixed while the global slider moves", layout=W.Layout(width="40px"))
             lock.add_class("prune-lab-lock")
             shape = "x".join(map(str, info.shape))
             meta = W.HTML(f"<span style='font-size:11px;color:#555'>{info.kind} {shape} &middot; {info.n_params:,} params</span>", layout=W.Layout(width="210px"))
@@ -173,7 +174,9 @@ class Lab:
         self.layer_select.observe(lambda _c: self._guarded_plots(), names="value")
         self.log_counts = W.Checkbox(value=False, description="log counts", indent=False)
         self.log_counts.observe(lambda _c: self._guarded_plots(force_hist=True), names="value")
-        self.images = {k: W.Image(format="png") for k in ("histogram", "sensitivity", "tradeoff")}
+        # displayed at their rendered size (figure inches x dpi), never stretched
+        sizes = {"histogram": (4.6, 3.0), "sensitivity": (7.0, 4.2), "tradeoff": (7.0, 3.0)}
+        self.images = {k: W.Image(format="png", layout=W.Layout(width=f"{w * self.dpi:.0f}px", height=f"{h * self.dpi:.0f}px")) for k, (w, h) in sizes.items()}
         for k, img in self.images.items():
             img.add_class(f"prune-lab-plot-{k}")
         self._figures: dict[str, Any] = {}
@@ -201,9 +204,34 @@ class Lab:
         display(self.widget)
 
     # ------------------------------------------------------------------ control callbacks
+    def _is_echo(self, widget: Any, value: float) -> bool:
+        """A browser re-sends values the kernel set on a slider (and may deliver them late); a
+        value this Lab set itself since the user last moved that slider is not a user move."""
+        history = self._set_by_lab.get(id(widget), [])
+        value = round(value, 6)  # the browser adds float noise (0.9000000000000001)
+        if value in history:
+            if value != history[-1]:  # stale: put the browser back on the session's value
+                self._syncing = True
+                try:
+                    widget.value = history[-1]
+                finally:
+                    self._syncing = False
+            return True
+        self._set_by_lab.pop(id(widget), None)
+        return False
+
+    def _set_slider(self, widget: Any, value: float) -> None:
+        value = _on_step(value)
+        history = self._set_by_lab.setdefault(id(widget), [])
+        if value in history:
+            history.remove(value)
+        history.append(value)
+        del history[:-64]
+        widget.value = value
+
     @_guard
     def _on_layer_slider(self, name: str, change: dict) -> None:
-        if self._syncing:
+        if self._syncing or self._is_echo(self.sliders[name], change["new"]):
             return
         self._push_undo(coalesce=f"slider:{name}")
         self.session.set_sparsity({name: float(change["new"])}, criterion=self.criterion.value)
@@ -216,7 +244,7 @@ class Lab:
 
     @_guard
     def _on_global(self, change: dict) -> None:
-        if self._syncing:
+        if self._syncing or self._is_echo(self.global_slider, change["new"]):
             return
         self._push_undo(coalesce="global")
         locked = [n for n, lock in self.locks.items() if lock.value]
@@ -351,8 +379,8 @@ class Lab:
         self._syncing = True
         try:
             for name, slider in self.sliders.items():
-                slider.value = min(self.session.sparsity[name], SLIDER_MAX)
-            self.global_slider.value = min(round(self.session.total_sparsity(), 2), SLIDER_MAX)
+                self._set_slider(slider, self.session.sparsity[name])
+            self._set_slider(self.global_slider, self.session.total_sparsity())
             self.device.value = _device_name(self.session.device)
         finally:
             self._syncing = False
@@ -495,6 +523,12 @@ class Lab:
 
     def __repr__(self) -> str:
         return f"Lab({self.session!r})"
+
+
+def _on_step(sparsity: float) -> float:
+    """A value on the sliders' 0.01 grid. The browser snaps off-grid values and sends the snapped
+    value back, which would arrive later as a stale user move; on-grid values are never echoed."""
+    return min(round(sparsity, 2), SLIDER_MAX)
 
 
 def _preview_baseline(lab: Lab, limit: Optional[int]) -> dict:

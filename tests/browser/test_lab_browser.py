@@ -55,12 +55,14 @@ def jupyterlab(tmp_path, demo):
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     port, token = _free_port(), "prune-lab-test-token"
+    log = tmp_path / "jupyterlab.log"
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "PRUNE_LAB_FAST": "1"}
     env.pop("MPLBACKEND", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
+         "--allow-root"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -71,16 +73,17 @@ def jupyterlab(tmp_path, demo):
                 break
             except OSError:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("JupyterLab did not start")
+                    raise RuntimeError(f"JupyterLab did not start:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
         yield url, token
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def expected_accuracy(demo, sparsity: float) -> str:
@@ -103,8 +106,8 @@ def test_lab_in_jupyterlab(jupyterlab, demo):
             executable_path=str(CHROMIUM),
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
             page.goto(f"{url}/lab/tree/03_interactive_lab.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=120_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Toolbar-kernelStatus", timeout=120_000)
@@ -120,7 +123,8 @@ def test_lab_in_jupyterlab(jupyterlab, demo):
             )
             # wait until every cell ran (the last cells reset the Lab to dense again)
             page.wait_for_function(
-                "() => [...document.querySelectorAll('.jp-InputArea-prompt')].every(p => /\\[\\d+\\]/.test(p.textContent))",
+                "() => { const ps = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];"
+                " return ps.length > 0 && ps.every(p => /\\[\\d+\\]/.test(p.textContent)); }",
                 timeout=240_000,
             )
             page.wait_for_function(
@@ -129,9 +133,10 @@ def test_lab_in_jupyterlab(jupyterlab, demo):
             )
             slider = page.locator(f".prune-lab-slider-{LAYER}").first
             slider.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "before-keys.png"))
             handle = slider.locator(".noUi-handle").first
             handle.focus()
-            for _ in range(80):
+            for _ in range(30):
                 page.keyboard.press("ArrowRight")
             readout = slider.locator(".widget-readout").first
             page.wait_for_function(
@@ -150,6 +155,9 @@ def test_lab_in_jupyterlab(jupyterlab, demo):
             time.sleep(1.0)
             page.locator(".prune-lab").first.screenshot(path=str(ARTIFACTS / "lab.png"))
             page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"))
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "failure.png"))
+            raise
         finally:
             browser.close()
     assert (ARTIFACTS / "lab.png").stat().st_size > 10_000
