@@ -25,7 +25,9 @@ from torch.nn.utils import prune  # noqa: E402
 import prune_lab as pl  # noqa: E402
 
 MNIST = Path(os.environ.get("PRUNE_LAB_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
-VALUES = [0.05 * (i % 19 + 1) for i in range(40)]
+# drags: 8 moves of one slider, then the next layer's slider (a layer switch redraws its histogram)
+DRAG = 8
+VALUES = [0.1 * (i % DRAG + 1) for i in range(5 * DRAG)]
 
 
 def p(xs, q):
@@ -39,7 +41,7 @@ def lab_times(session, layers):
     lab.refresh()
     total, numbers = [], []
     for i, v in enumerate(VALUES):
-        name = layers[i % len(layers)]
+        name = layers[(i // DRAG) % len(layers)]
         t = time.perf_counter()
         lab.sliders[name].value = round(v, 2)
         total.append((time.perf_counter() - t) * 1000)
@@ -56,7 +58,7 @@ def naive_times(model, data, layers, result):
     points = []
     times = []
     for i, v in enumerate(VALUES):
-        name = layers[i % len(layers)]
+        name = layers[(i // DRAG) % len(layers)]
         t = time.perf_counter()
         model.load_state_dict(original)
         module = model.get_submodule(name)

@@ -57,26 +57,63 @@ def draw_layer_histogram(
     bins: int = 60,
     log: bool = False,
 ) -> None:
-    """Stacked histogram of kept and pruned original weights; magnitude threshold marked."""
+    """Stacked histogram of kept (blue) and pruned (red, on top) original weights; the magnitude
+    threshold marked. Bin counts per series: :func:`histogram_counts`.
+
+    The bar, threshold and band artists always exist (hidden when unused) so
+    :func:`update_layer_histogram` can move them in place for a new mask.
+    """
     ax.clear()
     w = weights.reshape(-1)
-    k = keep.reshape(-1)
     lim = float(np.abs(w).max()) or 1.0
     edges = np.linspace(-lim, lim, bins + 1)
-    ax.hist([w[k], w[~k]], bins=edges, stacked=True, color=[KEPT_COLOR, PRUNED_COLOR], label=["kept", "pruned"])
-    for container, gid in zip(ax.containers, ("kept", "pruned")):
-        for patch in container:
-            patch.set_gid(gid)
-    t = magnitude_threshold(w, k)
-    if t is not None:
-        ax.axvspan(-t, t, color=PRUNED_COLOR, alpha=0.12, gid="pruned-region")
-        for x in (-t, t):
-            ax.axvline(x, color=PRUNED_COLOR, linestyle="--", linewidth=1, gid="threshold")
+    total, _ = np.histogram(w, bins=edges)
+    # two step patches (not 2 x bins bars): cheap to draw and to update in place
+    kept_bars = ax.stairs(total, edges, baseline=0, fill=True, color=KEPT_COLOR, label="kept", gid="kept")
+    pruned_bars = ax.stairs(total, edges, baseline=total, fill=True, color=PRUNED_COLOR, label="pruned", gid="pruned")
+    ax.axvspan(0, 0, color=PRUNED_COLOR, alpha=0.12, gid="pruned-region")
+    for _ in range(2):
+        ax.axvline(0, color=PRUNED_COLOR, linestyle="--", linewidth=1, gid="threshold")
+    ax._prune_lab_hist = (w, edges, total, kept_bars, pruned_bars)  # for in-place updates
     if log:
         ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
+        ax.set_ylim(0.8, max(float(total.max()), 1.0) * 1.5)
+    else:
+        ax.set_ylim(0, max(float(total.max()), 1.0) * 1.05)
+    ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("weight")
     ax.set_ylabel("count (log)" if log else "count")
+    update_layer_histogram(ax, keep, title)
+
+
+def histogram_counts(ax: Axes) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, pruned) weights per bin as drawn by :func:`draw_layer_histogram`."""
+    _, _, total, kept_bars, pruned_bars = ax._prune_lab_hist
+    kept = np.asarray(kept_bars.get_data().values)
+    pruned = np.asarray(pruned_bars.get_data().values) - np.asarray(pruned_bars.get_data().baseline)
+    return kept, pruned
+
+
+def update_layer_histogram(ax: Axes, keep: np.ndarray, title: str = "") -> list:
+    """Re-split the bars of :func:`draw_layer_histogram` into kept/pruned for a new mask, move
+    the threshold lines and band; returns the artists that changed. Axis limits never change:
+    each bin's stacked total is the whole weight histogram."""
+    w, edges, total, kept_bars, pruned_bars = ax._prune_lab_hist
+    k = keep.reshape(-1)
+    kept, _ = np.histogram(w[k], bins=edges)
+    kept_bars.set_data(kept, edges, baseline=0)
+    pruned_bars.set_data(total, edges, baseline=kept)
+    t = magnitude_threshold(w, k)
+    lines = [a for a in ax.lines if a.get_gid() == "threshold"]
+    band = [a for a in ax.patches if a.get_gid() == "pruned-region"][0]
+    for line, x in zip(lines, (-(t or 0.0), t or 0.0)):
+        line.set_xdata([x, x])
+        line.set_visible(t is not None)
+    band.set_x(-(t or 0.0))
+    band.set_width(2 * (t or 0.0))
+    band.set_visible(t is not None)
+    ax.set_title(title, fontsize=9)
+    return [kept_bars, pruned_bars, band, *lines, ax.title]
 
 
 def weight_histograms(
@@ -184,10 +221,17 @@ def tradeoff_points(points: Sequence[dict[str, Any]], current: Optional[int] = N
     return fig
 
 
-def update_tradeoff_points(fig: Figure, points: Sequence[dict[str, Any]], current: Optional[int] = None, metric: str = "accuracy") -> None:
+def update_tradeoff_points(
+    fig: Figure, points: Sequence[dict[str, Any]], current: Optional[int] = None, metric: str = "accuracy", grow_only: bool = False
+) -> bool:
+    """Move the points, fronts and current marker in place; returns True when axis limits changed.
+
+    ``grow_only`` widens limits (with margin) only when a point falls outside them, so a live
+    view rarely needs a full redraw."""
     from .tradeoff import pareto_front
 
     scores = [p[metric] for p in points]
+    changed = False
     for ax, key in zip(fig.axes[:2], ("sparse_bytes", "effective_macs")):
         lines = {line.get_gid(): line for line in ax.lines}
         costs = [p[key] for p in points]
@@ -200,10 +244,20 @@ def update_tradeoff_points(fig: Figure, points: Sequence[dict[str, Any]], curren
             lines["current"].set_data([], [])
         if points:
             lo, hi = min(costs), max(costs)
-            ax.set_xlim(lo / 1.3, hi * 1.3)
             ylo, yhi = min(scores), max(scores)
             pad = max(0.01, (yhi - ylo) * 0.08)
-            ax.set_ylim(ylo - pad, yhi + pad)
+            old_x, old_y = ax.get_xlim(), ax.get_ylim()
+            if not grow_only or not getattr(ax, "_prune_lab_fitted", False):
+                ax.set_xlim(lo / 1.3, hi * 1.3)
+                ax.set_ylim(ylo - pad, yhi + pad)
+                ax._prune_lab_fitted = True
+            else:
+                if lo < old_x[0] or hi > old_x[1]:
+                    ax.set_xlim(min(old_x[0], lo / 2), max(old_x[1], hi * 2))
+                if ylo < old_y[0] or yhi > old_y[1]:
+                    ax.set_ylim(min(old_y[0], ylo - 4 * pad), max(old_y[1], yhi + pad))
+            changed = changed or (ax.get_xlim(), ax.get_ylim()) != (old_x, old_y)
+    return changed
 
 
 def move_sensitivity_markers(fig: Figure, result: Any, current: dict[str, float], key: Optional[str] = None) -> None:

@@ -8,7 +8,7 @@ import prune_lab as pl
 
 
 def _artists(ax, gid):
-    return [a for a in ax.get_children() if a.get_gid() == gid]
+    return [a for a in ax.get_children() if a.get_gid() == gid and a.get_visible()]
 
 
 def test_weight_histograms_mark_threshold_and_pruned_mass(demo_session):
@@ -25,15 +25,31 @@ def test_weight_histograms_mark_threshold_and_pruned_mass(demo_session):
     assert sorted(line.get_xdata()[0] for line in lines) == pytest.approx([-t, t])
     assert len(_artists(ax, "pruned-region")) == 1
     # the red bars hold exactly the pruned weights, the blue ones the kept
-    pruned_bars = _artists(ax, "pruned")
-    kept_bars = _artists(ax, "kept")
-    stacked_top = sum(p.get_height() for p in pruned_bars)
-    assert sum(p.get_height() for p in kept_bars) == w.size - pruned.size
-    assert stacked_top == pruned.size
+    kept_counts, pruned_counts = pl.plots.histogram_counts(ax)
+    edges = ax._prune_lab_hist[1]
+    assert np.array_equal(pruned_counts, np.histogram(pruned, bins=edges)[0])
+    assert kept_counts.sum() == w.size - pruned.size and pruned_counts.sum() == pruned.size
     assert "75.0% pruned" in ax.get_title()
     # a dense layer has no threshold
     ax0 = axes[0]
     assert not _artists(ax0, "threshold")
+
+
+def test_histogram_updates_in_place_for_a_new_mask(demo_session):
+    from prune_lab.plots import draw_layer_histogram, new_figure, update_layer_histogram
+
+    w = demo_session.original_weight("fc2").numpy()
+    fig = new_figure((4, 3))
+    ax = fig.subplots()
+    draw_layer_histogram(ax, w, demo_session.mask("fc2").numpy(), "dense")
+    ylim = ax.get_ylim()
+    demo_session.set_sparsity({"fc2": 0.6})
+    changed = update_layer_histogram(ax, demo_session.mask("fc2").numpy(), "60%")
+    assert pl.plots.histogram_counts(ax)[1].sum() == round(0.6 * w.size)
+    assert ax.get_ylim() == ylim and ax.get_title() == "60%"
+    t = np.abs(w[~demo_session.mask("fc2").numpy()]).max()
+    assert sorted(line.get_xdata()[0] for line in _artists(ax, "threshold")) == pytest.approx([-t, t])
+    assert ax.title in changed
 
 
 def test_random_mask_has_no_threshold_and_log_axis(demo_session):

@@ -180,6 +180,7 @@ class Lab:
         for k, img in self.images.items():
             img.add_class(f"prune-lab-plot-{k}")
         self._figures: dict[str, Any] = {}
+        self.panels = {k: _BlitPanel(img, self.dpi) for k, img in self.images.items()}
 
         metrics = W.VBox([self.labels[k] for k in self.labels], layout=W.Layout(min_width="300px"))
         metrics.add_class("prune-lab-metrics")
@@ -467,39 +468,56 @@ class Lab:
             self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(str(e))}</span>"
 
     def _update_plots(self) -> None:
+        """Each panel redraws only what changed: static parts are drawn once and cached, the
+        artists that follow the sliders are re-drawn on that background (blitting)."""
         s = self.session
         name = self.layer_select.value
-        hist_key = (name, s.state()[name], self.log_counts.value, s.device)
-        if hist_key != self._drawn_hist:
-            fig = self._figures.get("histogram")
+        info = s.layer(name)
+        title = f"{name} ({'x'.join(map(str, info.shape))}) - {s.sparsity[name]:.1%} pruned"
+        keep = s.mask(name).cpu().numpy()
+        hist = self.panels["histogram"]
+        figure_key = (name, self.log_counts.value, s.device)
+        mask_key = (figure_key, s.state()[name])
+        if figure_key != getattr(hist, "key", None):
+            fig = hist.fig
             if fig is None:
-                fig = self._figures["histogram"] = plots.new_figure((4.6, 3.0))
+                fig = plots.new_figure((4.6, 3.0))
                 fig.subplots()
-            info = s.layer(name)
-            w = s.original_weight(name).detach().float().cpu().numpy()
-            keep = s.mask(name).cpu().numpy()
-            shape = "x".join(map(str, info.shape))
-            plots.draw_layer_histogram(fig.axes[0], w, keep, f"{name} ({shape}) - {s.sparsity[name]:.1%} pruned", log=self.log_counts.value)
-            self.images["histogram"].value = self._png(fig)
-            self._drawn_hist = hist_key
+            ax = fig.axes[0]  # another layer: same figure and layout, new contents
+            plots.draw_layer_histogram(ax, s.original_weight(name).detach().float().cpu().numpy(), keep, title, log=self.log_counts.value)
+            hist.show(fig, plots.update_layer_histogram(ax, keep, title))
+            hist.key = figure_key
+        elif mask_key != self._drawn_hist:
+            plots.update_layer_histogram(hist.fig.axes[0], keep, title)
+            hist.blit()
+        self._drawn_hist = mask_key
+        self._figures["histogram"] = hist.fig
+
         result = s.last_sensitivity
         if result is not None:
-            fig = self._figures.get("sensitivity")
-            if fig is None or self._figures.get("sensitivity_of") is not result:
-                fig = self._figures["sensitivity"] = plots.sensitivity(result, current=s.sparsity)
-                self._figures["sensitivity_of"] = result
+            panel = self.panels["sensitivity"]
+            if getattr(panel, "key", None) is not result:
+                fig = plots.sensitivity(result, current=s.sparsity)
+                panel.show(fig, [l for l in fig.axes[0].lines if str(l.get_gid()).startswith("current:")])
+                panel.key = result
                 self._update_sensitivity_bars(result)
             else:
-                plots.move_sensitivity_markers(fig, result, s.sparsity)
-            self.images["sensitivity"].value = self._png(fig)
+                plots.move_sensitivity_markers(panel.fig, result, s.sparsity)
+                panel.blit()
+            self._figures["sensitivity"] = panel.fig
+
         if self.points:
-            fig = self._figures.get("tradeoff")
+            panel = self.panels["tradeoff"]
             metric = s.metric_name
-            if fig is None:
-                fig = self._figures["tradeoff"] = plots.tradeoff_points(self.points, len(self.points) - 1, metric)
+            current = len(self.points) - 1
+            if panel.fig is None:
+                fig = plots.tradeoff_points(self.points, current, metric)
+                panel.show(fig, [l for ax in fig.axes for l in ax.lines])
+            elif plots.update_tradeoff_points(panel.fig, self.points, current, metric, grow_only=True):
+                panel.show(panel.fig, panel.animated)  # limits moved: redraw the static parts once
             else:
-                plots.update_tradeoff_points(fig, self.points, len(self.points) - 1, metric)
-            self.images["tradeoff"].value = self._png(fig)
+                panel.blit()
+            self._figures["tradeoff"] = panel.fig
 
     def _update_sensitivity_bars(self, result: Any) -> None:
         ranking = result.ranking(max_drop=0.01)
@@ -514,15 +532,52 @@ class Lab:
                 f"<div style='width:{level * 100:.0f}%;height:8px;background:#2a7'></div></div> {level:.0%} ok</div>"
             )
 
-    def _png(self, fig: Any) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=self.dpi)
-        if fig.get_layout_engine() is not None:
-            fig.set_layout_engine("none")  # laid out once; later frames skip the costly layout pass
-        return buf.getvalue()
-
     def __repr__(self) -> str:
         return f"Lab({self.session!r})"
+
+
+class _BlitPanel:
+    """A Figure shown in an Image widget. ``show`` draws the static parts once (layout included)
+    and caches them; ``blit`` re-draws only the animated artists on that cache and re-encodes."""
+
+    def __init__(self, image: W.Image, dpi: int):
+        self.image, self.dpi = image, dpi
+        self.fig: Any = None
+        self.animated: list = []
+        self.background: Any = None
+
+    def show(self, fig: Any, animated: list) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        if fig is not self.fig:
+            FigureCanvasAgg(fig)
+            fig.set_dpi(self.dpi)
+        for artist in animated:
+            artist.set_animated(True)
+        self.fig, self.animated = fig, list(animated)
+        fig.canvas.draw()  # static parts (animated artists are skipped)
+        if fig.get_layout_engine() is not None:
+            fig.set_layout_engine("none")  # laid out once; positions stay
+        self.background = fig.canvas.copy_from_bbox(fig.bbox)
+        self.blit()
+
+    def blit(self) -> None:
+        canvas = self.fig.canvas
+        canvas.restore_region(self.background)
+        renderer = canvas.get_renderer()
+        for artist in self.animated:
+            if artist.get_visible():
+                artist.draw(renderer)
+        self.image.value = _encode_png(canvas)
+
+
+def _encode_png(canvas: Any) -> bytes:
+    from PIL import Image
+
+    w, h = canvas.get_width_height(physical=True)
+    buf = io.BytesIO()
+    Image.frombuffer("RGBA", (w, h), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(buf, format="png", compress_level=1)
+    return buf.getvalue()
 
 
 def _on_step(sparsity: float) -> float:
