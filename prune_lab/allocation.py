@@ -26,6 +26,7 @@ class Allocation:
 
     counts: dict[str, int]
     masks: Optional[dict[str, Tensor]] = field(default=None, repr=False)
+    criterion: Optional[Criterion] = None  # overrides the caller's criterion (e.g. random pruning)
 
 
 AllocationFn = Callable[..., Union[Allocation, Mapping[str, float]]]
@@ -129,3 +130,69 @@ def sensitivity_plan(session: "Session", sparsity: float, *, criterion: Criterio
     plan = result.allocate(target_sparsity=sparsity, locked={n: k for n, k in held.items() if n in result.layers})
     counts = {n: round(s * session.layer(n).n_params) for n, s in plan.items() if n not in held}
     return Allocation(counts)
+
+
+@register_allocation("erk")
+def erdos_renyi_kernel(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+    """Erdos-Renyi-Kernel (Evci et al. 2020, RigL): density of a layer proportional to
+    sum(shape) / prod(shape), so small layers stay denser; layers that would exceed density 1
+    are kept dense and the rest rescaled. Kept counts are rounded to hit the total exactly."""
+    free, k = free_budget(session, sparsity, locked)
+    n = {name: session.layer(name).n_params for name in free}
+    raw = {name: sum(session.layer(name).shape) / n[name] for name in free}
+    keep_total = sum(n.values()) - k
+    dense: set[str] = set()
+    while True:  # find the scale eps with sum(min(1, eps * raw) * n) == keep_total
+        rest = [name for name in free if name not in dense]
+        budget = keep_total - sum(n[name] for name in dense)
+        denom = sum(raw[name] * n[name] for name in rest)
+        eps = budget / denom if denom > 0 else 0.0
+        over = {name for name in rest if eps * raw[name] > 1}
+        if not over:
+            break
+        dense |= over
+    kept_share = {name: (n[name] if name in dense else eps * raw[name] * n[name]) for name in free}
+    kept = largest_remainder(kept_share, keep_total, n)
+    return Allocation({name: n[name] - kept[name] for name in free})
+
+
+@register_allocation("lamp")
+def lamp(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+    """Layer-adaptive magnitude pruning (Lee et al. 2021): each weight's score is w^2 divided by
+    the sum of w'^2 over the weights of its layer at least as large; one global threshold on that
+    score. Within a layer the order is magnitude order, so the masks are magnitude masks."""
+    import torch
+
+    from .masks import ordered_keys
+
+    free, k = free_budget(session, sparsity, locked)
+
+    class _Scores:
+        def __len__(self) -> int:
+            return len(free)
+
+        def __getitem__(self, i: int):
+            w2 = session.original_weight(free[i]).detach().double().reshape(-1) ** 2
+            order = torch.argsort(w2, stable=True)
+            sorted_w2 = w2[order]
+            suffix = torch.flip(torch.cumsum(torch.flip(sorted_w2, [0]), 0), [0])
+            score = torch.empty_like(w2)
+            score[order] = sorted_w2 / suffix.clamp_min(torch.finfo(torch.float64).tiny)
+            return ordered_keys(score)
+
+    masks = k_smallest_masks(_Scores(), k, [session.layer(name).shape for name in free])
+    return Allocation({name: int(m.numel() - m.sum()) for name, m in zip(free, masks)})
+
+
+@register_allocation("random")
+def random_allocation(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+    """The floor: weights pruned uniformly at random across all unlocked layers (seeded). Counts
+    per layer are one multivariate hypergeometric draw; masks use the random criterion."""
+    import numpy as np
+
+    from .criteria import get_criterion
+
+    free, k = free_budget(session, sparsity, locked)
+    rng = np.random.default_rng(seed)
+    draw = rng.multivariate_hypergeometric([session.layer(name).n_params for name in free], k) if free else []
+    return Allocation({name: int(c) for name, c in zip(free, draw)}, criterion=get_criterion("random"))

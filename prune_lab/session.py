@@ -256,7 +256,7 @@ class Session:
         fn = get_allocation(allocation)
         locked_counts = {name: self._pruned[name] for name in locked}
         result = as_allocation(fn(self, float(sparsity), criterion=crit, seed=seed, locked=locked_counts), self)
-        self._apply_counts(result.counts, crit, seed, result.masks)
+        self._apply_counts(result.counts, result.criterion or crit, seed, result.masks)
         return self
 
     def _apply_counts(self, counts: Mapping[str, int], crit: Criterion, seed: int, masks: Optional[Mapping[str, Tensor]] = None) -> None:
