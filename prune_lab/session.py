@@ -291,10 +291,12 @@ class Session:
         self._notify("masks")
 
     def reset(self) -> "Session":
-        """Restore every parameter and buffer to the state at construction, bit for bit."""
+        """Restore every parameter and buffer to the state at construction, bit for bit
+        (fine-tuning included: masks are computed from the construction-time weights again)."""
         with torch.no_grad():
             for key, t in self.model.state_dict().items():
                 t.copy_(self._original[key])
+        self._orig = {i.name: self._original[_weight_key(i.name)] for i in self.layers}
         for name in self._info:
             self._pruned[name] = 0
             self._masks[name] = None
@@ -523,6 +525,133 @@ class Session:
             self._restore(snapshot)
             raise
         return self
+
+    # ------------------------------------------------------------------ fine-tuning
+    def _rebase(self) -> None:
+        """After training: masks are computed from the trained weights from now on; pruned
+        entries keep their previous base value (what un-pruning brings back)."""
+        for name, w in self._weights.items():
+            m = self._masks[name]
+            trained = w.detach().clone()
+            self._orig[name] = trained if m is None else torch.where(m, trained, self._orig[name])
+        self._notify("finetune")
+
+    def rewind_to(self, state: Mapping[str, Tensor]) -> "Session":
+        """Lottery-ticket rewinding: every tensor back to ``state`` (a state_dict recorded
+        earlier), surviving weights included, pruned weights kept at zero; masks unchanged."""
+        current = self.model.state_dict()
+        missing = [k for k in current if k not in state]
+        if missing:
+            raise ValueError(f"rewind_to: the state lacks {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
+        with torch.no_grad():
+            for key, t in current.items():
+                t.copy_(state[key].to(t.device))
+            for name, w in self._weights.items():
+                self._orig[name] = state[_weight_key(name)].to(self.device).detach().clone()
+                if self._masks[name] is not None:
+                    torch.mul(self._orig[name], self._masks[name], out=w)
+        self._notify("rewind")
+        return self
+
+    def finetune(
+        self,
+        train_data: Any,
+        epochs: Optional[float] = None,
+        steps: Optional[int] = None,
+        lr: float = 0.01,
+        schedule: str = "oneshot",
+        target_sparsity: Optional[float] = None,
+        allocation: Union[str, Callable] = "global",
+        rounds: int = 3,
+        rewind_step: int = 0,
+        restore: str = "last",
+        optimizer: Union[str, Callable] = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        batch_size: int = 64,
+        seed: int = 0,
+        progress: bool = True,
+        on_step: Optional[Callable[[int, float], None]] = None,
+    ) -> Any:
+        """Train with the masks held (pruned weights stay exactly 0), optionally pruning on a schedule.
+
+        ``schedule``: "oneshot" (prune to ``target_sparsity`` if given, then train), "iterative"
+        (``rounds`` of prune-then-train, geometric sparsities), "agp" (cubic ramp to the target,
+        ``rounds`` pruning steps), "lottery" (train, prune by magnitude, rewind the survivors to
+        their values at ``rewind_step``, retrain). ``steps`` (or ``epochs``) is the training
+        budget per phase. ``restore="best"`` keeps the state with the best eval metric seen.
+        Ctrl-C stops early with what was learned. ``reset()`` still restores the original model.
+        """
+        from . import finetune as ft
+
+        if schedule not in ("oneshot", "iterative", "agp", "lottery"):
+            raise ValueError(f"schedule must be 'oneshot', 'iterative', 'agp' or 'lottery', got {schedule!r}")
+        if restore not in ("last", "best"):
+            raise ValueError(f"restore must be 'last' or 'best', got {restore!r}")
+        if target_sparsity is not None and (isinstance(target_sparsity, bool) or not 0 <= target_sparsity <= 1):
+            raise ValueError(f"target_sparsity {target_sparsity!r} is outside [0, 1]")
+        if schedule != "oneshot" and target_sparsity is None:
+            raise ValueError(f"schedule {schedule!r} needs target_sparsity=...")
+        n_train = len(train_data[0]) if isinstance(train_data, (tuple, list)) else len(getattr(train_data, "dataset", train_data))
+        if steps is None:
+            if epochs is None:
+                raise ValueError("finetune needs steps=... or epochs=...")
+            steps = max(1, int(math.ceil(epochs * n_train / batch_size)))
+        self.baseline()  # the dense reference is measured before any weight changes
+        result = ft.FinetuneResult()
+        best: tuple[float, Optional[dict]] = (-math.inf, None)
+
+        def train(n: int, phase_seed: int) -> None:
+            nonlocal best
+            ft.masked_train(self, train_data, n, lr, optimizer, momentum, weight_decay, batch_size, phase_seed, progress,
+                            self.loss_fn or F.cross_entropy, on_step, result)
+            ev = {**self.evaluate(), "sparsity": self.total_sparsity(), "steps": result.steps}
+            result.evaluations.append(ev)
+            if restore == "best" and ev[self.metric_name] > best[0]:
+                best = (ev[self.metric_name], {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+        if schedule == "oneshot":
+            if target_sparsity is not None:
+                self.set_global_sparsity(target_sparsity, allocation=allocation)
+            train(steps, seed)
+        elif schedule == "iterative":
+            for r, s in enumerate(ft.iterative_sparsities(target_sparsity, rounds)):
+                self.set_global_sparsity(s, allocation=allocation)
+                train(steps, seed + r)
+                if result.interrupted:
+                    break
+        elif schedule == "agp":
+            per = max(1, steps // rounds)
+            for r in range(rounds):
+                self.set_global_sparsity(ft.agp_sparsity(r + 1, rounds, target_sparsity), allocation=allocation)
+                train(per, seed + r)
+                if result.interrupted:
+                    break
+        else:  # lottery
+            recorded: dict[str, Tensor] = {}
+            if rewind_step == 0:
+                recorded = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+            def record(step: int, _loss: float) -> None:
+                if step + 1 == rewind_step:
+                    recorded.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+            saved_hook, on_step = on_step, record
+            train(steps, seed)
+            on_step = saved_hook
+            if not result.interrupted:
+                self.set_global_sparsity(target_sparsity, allocation=allocation)
+                self.rewind_to(recorded)
+                train(steps, seed + 1)
+        if restore == "best" and best[1] is not None:
+            with torch.no_grad():
+                for k, t in self.model.state_dict().items():
+                    t.copy_(best[1][k])
+            self._rebase()
+            result.restored = "best"
+        else:
+            result.restored = "last"
+        return result
 
     # ------------------------------------------------------------------ silent writes (sweeps)
     def _write_layer(self, name: str, mask: Optional[Tensor]) -> None:
