@@ -272,3 +272,48 @@ def move_sensitivity_markers(fig: Figure, result: Any, current: dict[str, float]
         xs, ys = zip(*pts)
         s = current.get(layer, 0.0)
         marker.set_data([s], [float(np.interp(s, xs, ys))])
+
+
+def tradeoff(result: Any, x: str = "compression") -> Figure:
+    """Metric against compression (params/nonzeros), sparse file bytes or theoretical speedup
+    (log x): one curve per strategy (mean over seeds, bars = spread), solid before and dashed
+    after fine-tuning, the Pareto front of all measured points in grey, dense as a dotted line."""
+    from .tradeoff import pareto_front
+
+    keys = {"compression": ("compression", "compression (params / nonzeros)"), "bytes": ("sparse_bytes", "sparse file bytes"),
+            "speedup": ("speedup", "theoretical speedup (MACs / effective MACs)")}
+    if x not in keys:
+        raise ValueError(f"x must be one of {', '.join(map(repr, keys))}, got {x!r}")
+    key, label = keys[x]
+    m = result.metric
+    rows = result.summary()
+    fig = new_figure((7.0, 4.2))
+    ax = fig.subplots()
+    xs_all, ys_all = [], []
+    for i, strategy in enumerate(dict.fromkeys(r["strategy"] for r in rows)):
+        rs = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r[key])
+        color = f"C{i}"
+        xs = [r[key] for r in rs]
+        for suffix, style in (("", "-"), ("_finetuned", "--")):
+            ys = [r.get(f"{m}{suffix}") for r in rs]
+            if any(v is None for v in ys):
+                continue
+            err = [r.get(f"{m}{suffix}_std", 0.0) for r in rs]
+            ax.errorbar(xs, ys, yerr=err if any(err) else None, fmt=style, marker="o", markersize=4, color=color,
+                        label=f"{strategy}{' + fine-tune' if suffix else ''}", gid=f"curve:{strategy}{suffix}")
+            xs_all += xs
+            ys_all += ys
+    if key == "sparse_bytes":
+        costs = xs_all
+    else:
+        costs = [-v for v in xs_all]  # more compression / speedup is better
+    front = pareto_front(costs, ys_all)
+    ax.plot([xs_all[i] for i in front], [ys_all[i] for i in front], color="gray", linewidth=3, alpha=0.35, zorder=0, gid="pareto", label="Pareto front")
+    ax.axhline(result.dense[m], color="black", linestyle=":", linewidth=1, gid="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel(m)
+    ax.set_title("Accuracy / size trade-off" + (" (cached)" if result.cached else ""), fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return fig

@@ -653,6 +653,23 @@ class Session:
             result.restored = "last"
         return result
 
+    def tradeoff(
+        self,
+        strategies: Sequence[str] = ("uniform", "global", "erk", "lamp", "random"),
+        compressions: Sequence[float] = (1, 2, 4, 8, 16, 32, 64),
+        finetune: Optional[dict] = None,
+        seeds: int = 1,
+        cache: bool = True,
+        progress: bool = True,
+    ) -> Any:
+        """Every strategy (allocation) at every compression (params / nonzeros), measured; with
+        ``finetune={"train_data": ..., "steps": ..., ...}`` also after masked fine-tuning. Returns
+        a ``TradeoffResult``; cached on disk by (model, data, config). The session is left exactly
+        as it was found."""
+        from .tradeoff import run_tradeoff
+
+        return run_tradeoff(self, strategies, compressions, finetune, seeds, cache, progress)
+
     # ------------------------------------------------------------------ silent writes (sweeps)
     def _write_layer(self, name: str, mask: Optional[Tensor]) -> None:
         """Write a trial mask without recording it (a sweep step); undone by ``_restore_layer``."""

@@ -15,3 +15,188 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
             front.append(i)
             best = scores[i]
     return front
+
+
+# ---------------------------------------------------------------------- strategy x compression runs
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, Optional, Union  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .session import Session
+
+DEFAULT_STRATEGIES = ("uniform", "global", "erk", "lamp", "random")
+DEFAULT_COMPRESSIONS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class TradeoffResult:
+    """One record per (strategy, compression, seed): measured accuracy, loss, compression
+    (params / nonzeros), sparse file bytes, effective MACs, and accuracy after fine-tuning."""
+
+    metric: str
+    dense: dict[str, float]
+    config: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    cached: bool = False
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Mean and spread (population std) over seeds per (strategy, compression)."""
+        groups: dict[tuple, list[dict]] = {}
+        for r in self.records:
+            groups.setdefault((r["strategy"], r["target_compression"]), []).append(r)
+        rows = []
+        for (strategy, target), rs in groups.items():
+            row: dict[str, Any] = {"strategy": strategy, "target_compression": target, "seeds": len(rs)}
+            for key in ("compression", "sparse_bytes", "effective_macs", "speedup", self.metric, "loss", f"{self.metric}_finetuned"):
+                vals = [r[key] for r in rs if r.get(key) is not None]
+                if vals:
+                    row[key] = statistics.fmean(vals)
+                    row[f"{key}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+            rows.append(row)
+        return rows
+
+    def table(self) -> str:
+        m = self.metric
+        ft = any(r.get(f"{m}_finetuned") is not None for r in self.records)
+        head = f"{'strategy':<12}{'target':>8}{'compr.':>9}{'bytes':>11}{'speedup':>9}{m:>12}" + (f"{'fine-tuned':>12}" if ft else "")
+        lines = [head]
+        for r in self.summary():
+            line = (f"{r['strategy']:<12}{r['target_compression']:>7}x{r['compression']:>8.1f}x{r['sparse_bytes']:>11,.0f}"
+                    f"{r['speedup']:>8.2f}x{r[m]:>12.4f}")
+            if ft:
+                line += f"{r.get(f'{m}_finetuned', math.nan):>12.4f}"
+            lines.append(line)
+        lines.append(f"dense {m}: {self.dense[m]:.4f}" + (" (cached result)" if self.cached else ""))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    def to_json(self, path: Union[str, Path, None] = None) -> str:
+        text = json.dumps({k: v for k, v in asdict(self).items() if k != "cached"}, indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: Union[str, Path]) -> "TradeoffResult":
+        text = Path(source).read_text() if isinstance(source, Path) or not str(source).lstrip().startswith("{") else str(source)
+        try:
+            return cls(**json.loads(text))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"not a TradeoffResult JSON: {e}") from None
+
+    def to_csv(self, path: Union[str, Path, None] = None) -> str:
+        import csv
+        import io
+
+        keys = sorted({k for r in self.records for k in r}, key=lambda k: (k != "strategy", k))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.records)
+        if path is not None:
+            Path(path).write_text(buf.getvalue())
+        return buf.getvalue()
+
+    def plot(self, x: str = "compression") -> "Figure":
+        from .plots import tradeoff
+
+        return tradeoff(self, x)
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def run_tradeoff(
+    session: "Session",
+    strategies=DEFAULT_STRATEGIES,
+    compressions=DEFAULT_COMPRESSIONS,
+    finetune: Optional[dict[str, Any]] = None,
+    seeds: int = 1,
+    cache: bool = True,
+    progress: bool = True,
+) -> TradeoffResult:
+    """See :meth:`prune_lab.Session.tradeoff`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ._version import __version__
+    from .models import cache_dir
+
+    finetune = dict(finetune or {})
+    train_data = finetune.pop("train_data", None)
+    if finetune and train_data is None:
+        raise ValueError("finetune={...} needs 'train_data': the data to fine-tune on")
+    for c in compressions:
+        if not (isinstance(c, (int, float)) and c >= 1):
+            raise ValueError(f"compression {c!r} must be a number >= 1 (dense size / nonzeros)")
+    config = {"strategies": list(strategies), "compressions": list(compressions), "finetune": finetune, "seeds": seeds,
+              "version": __version__, "metric": session.metric_name}
+    model_hash = _digest([session._original[k] for k in sorted(session._original)])
+    data_tensors = [session.data.inputs, session.data.targets] if session.data.inputs is not None else []
+    if train_data is not None:
+        data_tensors += list(getattr(train_data, "tensors", train_data if isinstance(train_data, (tuple, list)) else []))
+    key = hashlib.sha256(json.dumps([model_hash, _digest(data_tensors), config], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir() / "tradeoff" / f"{key}.json"
+    if cache and path.exists():
+        try:
+            result = TradeoffResult.from_json(path)
+            result.cached = True
+            return result
+        except ValueError:
+            pass  # a corrupt cache entry is recomputed
+    # keep the session exactly as it was: weights, mask bases and masks
+    saved_state = {k: v.detach().clone() for k, v in session.model.state_dict().items()}
+    saved_base, saved_masks = dict(session._orig), session.state()
+    session.reset()
+    result = TradeoffResult(session.metric_name, session.baseline(), config)
+    bar = tqdm(total=len(strategies) * len(compressions) * seeds, desc="trade-off", disable=not progress, leave=False)
+    try:
+        for seed in range(seeds):
+            for strategy in strategies:
+                for c in compressions:
+                    session.reset()
+                    session.set_global_sparsity(1 - 1 / c, allocation=strategy, seed=seed)
+                    ev, st = session.evaluate(), session.stats().total
+                    record = {
+                        "strategy": strategy, "target_compression": c, "seed": seed,
+                        "sparsity": st["sparsity"], "compression": st["params"] / max(st["nonzeros"], 1),
+                        "sparse_bytes": st["sparse_file_bytes"], "effective_macs": st["effective_macs"],
+                        "speedup": st["speedup"], session.metric_name: ev[session.metric_name], "loss": ev["loss"],
+                    }
+                    if train_data is not None:
+                        ft = session.finetune(train_data, seed=seed, progress=False, **finetune)
+                        record[f"{session.metric_name}_finetuned"] = ft.evaluations[-1][session.metric_name] if ft.evaluations else None
+                        record["compression_finetuned"] = sum(i.n_params for i in session.layers) / max(session.stats().total["nonzeros"], 1)
+                    result.records.append(record)
+                    bar.update(1)
+    except KeyboardInterrupt:
+        result.config["interrupted"] = True
+    finally:
+        bar.close()
+        with torch.no_grad():
+            for k, t in session.model.state_dict().items():
+                t.copy_(saved_state[k])
+        session._orig = saved_base
+        session._masks = {n: None for n in session._masks}
+        session._pruned = {n: 0 for n in session._pruned}
+        session.restore_state(saved_masks)
+    if cache and not result.config.get("interrupted"):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(result.to_json())
+        except OSError:
+            pass
+    return result
