@@ -208,10 +208,73 @@ trade-off panel at the bottom keeps every configuration you tried; the line is t
 lab.reset()"""),
 ]
 
+NB04 = [
+    ("md", """# 4 · Accuracy / size trade-offs
+
+How much accuracy does each pruning strategy keep at each size, and how much comes back with
+fine-tuning? Every point below is **measured**: the model is pruned to that compression
+(dense size / nonzero weights), evaluated, and (where stated) fine-tuned with the masks held.
+
+Strategies (how a total sparsity is split across layers):
+`uniform` (same fraction everywhere), `global` (one magnitude threshold), `erk` (Erdős–Rényi-Kernel,
+as in RigL), `lamp` (layer-adaptive magnitude, Lee et al. 2021) and `random` (the floor).
+Results are cached on disk, so re-running the notebook does not recompute them."""),
+    ("code", """import os
+import prune_lab as pl
+
+FAST = os.environ.get("PRUNE_LAB_FAST") == "1"   # the test suite sets this: fewer training steps
+model, data = pl.demo()
+session = pl.Session(model, data.test)
+result = session.tradeoff(compressions=(1, 2, 4, 8, 16, 32, 64))
+result"""),
+    ("code", """result.plot(x="compression")"""),
+    ("md", """Read the plot: `random` collapses first — it is the floor any real criterion must beat. At high
+compression `global` and `lamp` beat `uniform`: they take more from the big, redundant layers and
+spare the small ones. The x-axis can also be bytes on disk or theoretical speedup (fewer
+multiply-accumulates), where the ranking can change: small conv layers are cheap in bytes but
+expensive in compute."""),
+    ("code", """result.plot(x="speedup")"""),
+    ("md", """## With fine-tuning
+
+Now each pruned model is fine-tuned briefly with its masks held (pruned weights stay exactly zero).
+Dashed lines are after fine-tuning."""),
+    ("code", """steps = 40 if FAST else 200
+tuned = session.tradeoff(strategies=["uniform", "global", "random"], compressions=(2, 8, 32),
+                         finetune={"train_data": data.train, "steps": steps, "lr": 0.02})
+print(tuned.table())
+tuned.plot()"""),
+    ("md", """## MNIST: LeNet-300-100 and LeNet-5, iterative pruning
+
+Iterative magnitude pruning (Han et al. 2015): remove 30% of the remaining weights, fine-tune,
+repeat. We use the MNIST 10k test split (8,000 images to train, 2,000 to test). Set
+`PRUNE_LAB_MNIST` to a folder with the MNIST files, or let the loader download them."""),
+    ("code", """root = os.environ.get("PRUNE_LAB_MNIST", "data/mnist")
+mnist = pl.datasets.mnist(root, download=True, train_from_test=8000)
+rounds, epochs = (4, 1) if FAST else (10, 2)
+
+for name, factory in [("LeNet-300-100", pl.models.mlp), ("LeNet-5", pl.models.lenet5)]:
+    net = factory(mnist)
+    pl.train(net, mnist, epochs=2 if FAST else 8, progress=False)
+    s = pl.Session(net, mnist.test)
+    dense = s.evaluate()["accuracy"]
+    s.set_global_sparsity(1 - 0.7 ** rounds)
+    oneshot = s.evaluate()["accuracy"]
+    s.reset()
+    print(f"{name}: dense {dense:.4f}; one-shot at {1 / 0.7 ** rounds:.1f}x without fine-tuning: {oneshot:.4f}")
+    for r in range(1, rounds + 1):
+        out = s.finetune(mnist.train, epochs=epochs, lr=0.01, target_sparsity=1 - 0.7 ** r, progress=False)
+        st = s.stats().total
+        print(f"  round {r}: {st['compression']:5.1f}x smaller, {st['speedup']:4.1f}x fewer MACs, accuracy {out.evaluations[-1]['accuracy']:.4f}")
+    s.reset()"""),
+    ("md", """Fine-tuning recovers most of what one-shot pruning loses: the same compression that costs many
+points in one shot costs almost nothing when reached gradually with retraining in between."""),
+]
+
 if __name__ == "__main__":
     build("01_weights_and_masks.ipynb", NB01)
     build("02_layer_sensitivity.ipynb", NB02)
     build("03_interactive_lab.ipynb", NB03)
+    build("04_tradeoffs.ipynb", NB04)
     extra = sys.modules[__name__].__dict__.get("EXTRA_NOTEBOOKS", {})
     for name, cells in extra.items():
         build(name, cells)
