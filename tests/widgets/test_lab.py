@@ -172,3 +172,60 @@ def test_widgets_carry_css_classes(lab):
     assert "prune-lab-slider-fc1" in lab.sliders["fc1]".rstrip("]")]._dom_classes
     assert "prune-lab-metric-accuracy" in lab.labels["accuracy"]._dom_classes
     assert "prune-lab" in lab.widget._dom_classes
+
+
+class FakeLoop:
+    """Stands in for the kernel's IO loop: callbacks wait until the test runs them."""
+
+    def __init__(self):
+        self.soon, self.later = [], []
+
+    def add_callback(self, fn):
+        self.soon.append(fn)
+
+    def call_later(self, delay, fn):
+        self.later.append(fn)
+
+    def run(self):
+        while self.soon:
+            self.soon.pop(0)()
+
+
+def test_in_a_kernel_only_the_newest_value_is_evaluated(lab, monkeypatch):
+    loop = FakeLoop()
+    lab._loop = loop
+    evaluations = []
+    real = lab.session.evaluate
+    monkeypatch.setattr(lab.session, "evaluate", lambda limit=None: evaluations.append(limit) or real(limit))
+    for v in (0.1, 0.2, 0.3, 0.4, 0.5):  # a drag: five values arrive before the kernel is free
+        lab.sliders["fc1"].value = v
+    assert len(loop.soon) == 1 and evaluations == []  # nothing stale is queued
+    loop.run()
+    assert len(evaluations) == 1
+    assert value_of(lab.labels["accuracy"]) == f"{real()['accuracy']:.2%}"
+    assert lab.session.pruned_counts["fc1"] == round(0.5 * 7680)
+
+
+def test_slow_model_previews_while_dragging_then_finishes(lab):
+    loop = FakeLoop()
+    lab._loop = loop
+    lab._last_eval_s = 10.0  # as if a full evaluation took longer than the frame budget
+    lab.sliders["fc1"].value = 0.7
+    loop.run()
+    assert lab.evaluation["preview"] and "preview: first 256 samples" in lab.labels["mode"].value
+    assert value_of(lab.labels["accuracy"]) == f"{lab.session.evaluate(limit=256)['accuracy']:.2%}"
+    lab._last_event -= 1.0  # the drag ended
+    for fn in loop.later:
+        fn()
+    assert not lab.evaluation["preview"] and "full eval set" in lab.labels["mode"].value
+    assert value_of(lab.labels["accuracy"]) == f"{lab.session.evaluate()['accuracy']:.2%}"
+
+
+def test_browser_echo_of_an_old_value_is_ignored(lab):
+    s = lab.session
+    lab.global_slider.value = 0.5
+    lab.reset()
+    state = s.state()
+    lab.global_slider.value = 0.5 + 1e-16  # the browser re-sends the earlier value, late, with float noise
+    assert s.state() == state
+    assert lab.global_slider.value == 0.0  # and is put back on the session's value
