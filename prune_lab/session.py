@@ -483,26 +483,19 @@ class Session:
                 )
         if missing:
             raise ValueError(f"recipe has no entry for layer(s) {', '.join(missing)} of this model (another architecture?)")
-        groups: dict[tuple[str, int], dict[str, int]] = {}
-        crits = {}
-        for name, entry in layers.items():
-            crits[entry["criterion"]] = get_criterion(entry["criterion"])  # unknown names fail here, before any change
-            groups.setdefault((entry["criterion"], int(entry.get("seed", data.get("seed", 0)))), {})[name] = entry["pruned"]
-        if any(c.weight_dependent for c in crits.values()) and data.get("weights_sha256") not in (None, self.recipe()["weights_sha256"]):
+        state = {
+            name: (entry["pruned"], entry["criterion"], int(entry.get("seed", data.get("seed", 0))))
+            for name, entry in layers.items()
+        }
+        crits = [get_criterion(entry["criterion"]) for entry in layers.values()]  # unknown names fail here
+        if any(c.weight_dependent for c in crits) and data.get("weights_sha256") not in (None, self.recipe()["weights_sha256"]):
             import warnings
 
             warnings.warn(
                 "the recipe was made on different weights; magnitude masks depend on the weights, so they will differ",
                 stacklevel=2,
             )
-        snapshot = (dict(self._pruned), dict(self._criterion), dict(self._layer_seed), dict(self._masks))
-        try:
-            for (crit_name, seed), counts in groups.items():
-                self._apply_counts(counts, crits[crit_name], seed)
-        except Exception:
-            self._restore(snapshot)
-            raise
-        return self
+        return self.restore_state(state)
 
     # ------------------------------------------------------------------ states (undo/redo)
     def state(self) -> dict[str, tuple[int, str, int]]:
@@ -511,6 +504,7 @@ class Session:
         return {n: (self._pruned[n], self._criterion[n], self._layer_seed[n]) for n in self._info}
 
     def restore_state(self, state: Mapping[str, tuple[int, str, int]]) -> "Session":
+        """Apply a :meth:`state` (or a recipe's per-layer settings); all or nothing."""
         for name in state:
             self.layer(name)
         groups: dict[tuple[str, int], dict[str, int]] = {}

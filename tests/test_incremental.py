@@ -8,14 +8,7 @@ import prune_lab as pl
 from tests import zoo_extra
 from tests.conftest import zoo_model
 
-MODELS = {
-    "mlp": lambda d: zoo_model("mlp", d),
-    "lenet5": lambda d: zoo_model("lenet5", d),
-    "resnet": lambda d: zoo_model("resnet", d),
-    "skip_concat_reuse": lambda d: zoo_extra.SkipConcat(),
-    "depthwise_grouped_inplace": lambda d: zoo_extra.DepthwiseGrouped(),
-    "transformer": lambda d: zoo_extra.TinyTransformer(),
-}
+MODELS = zoo_extra.all_models()
 
 
 def pair(kind, digits, **kw):

@@ -12,14 +12,7 @@ from tests import zoo_extra
 from tests.conftest import snapshot, state_equal, zoo_model
 
 LEVELS = [0.0, 0.25, 0.5, 0.75, 0.95]
-MODELS = {
-    "mlp": lambda d: zoo_model("mlp", d),
-    "lenet5": lambda d: zoo_model("lenet5", d),
-    "resnet": lambda d: zoo_model("resnet", d),
-    "skip_concat_reuse": lambda d: zoo_extra.SkipConcat(),
-    "depthwise_grouped_inplace": lambda d: zoo_extra.DepthwiseGrouped(),
-    "transformer": lambda d: zoo_extra.TinyTransformer(),
-}
+MODELS = zoo_extra.all_models()
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

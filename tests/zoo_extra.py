@@ -98,3 +98,17 @@ class Untraceable(nn.Module):
 def token_data(n: int = 64, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 10, (n, 6), generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def all_models() -> dict:
+    """Every architecture the incremental evaluator and the sweep are checked on."""
+    from tests.conftest import zoo_model
+
+    return {
+        "mlp": lambda d: zoo_model("mlp", d),
+        "lenet5": lambda d: zoo_model("lenet5", d),
+        "resnet": lambda d: zoo_model("resnet", d),
+        "skip_concat_reuse": lambda d: SkipConcat(),
+        "depthwise_grouped_inplace": lambda d: DepthwiseGrouped(),
+        "transformer": lambda d: TinyTransformer(),
+    }
