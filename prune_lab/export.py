@@ -125,23 +125,20 @@ def _raw(t: Tensor) -> bytes:
 
 
 def sparse_bytes(state_dict: Mapping[str, Tensor], sparse_keys: Iterable[str]) -> bytes:
-    """The sparse export of a state_dict: ``sparse_keys`` encoded, everything else dense."""
+    """The sparse export of a state_dict: ``sparse_keys`` encoded (:func:`encode_sparse`),
+    everything else dense."""
     sparse_keys = set(sparse_keys)
     meta, buffers = [], []
     for key, t in state_dict.items():
-        flat = t.detach().reshape(-1).cpu()
-        sparse = key in sparse_keys
-        nonzero = flat != 0
-        nnz = int(nonzero.sum()) if sparse else flat.numel()
-        meta.append((key, tuple(t.shape), t.dtype, nnz, sparse))
-        layout = _layout(flat.numel(), nnz, flat.element_size()) if sparse else "dense"
-        if layout == "dense":
-            buffers.append(_raw(flat))
-        elif layout == "bitmap":
-            buffers += [np.packbits(nonzero.numpy()).tobytes(), _raw(flat[nonzero])]
+        if key in sparse_keys:
+            entry = encode_sparse(t)
+            nnz = t.numel() if entry["layout"] == "dense" else entry["values"].numel()
+            parts = [entry.get("bitmap"), entry.get("indices"), entry["values"]]
+            buffers += [_raw(p) for p in parts if p is not None]
         else:
-            idx = nonzero.nonzero().reshape(-1).to(torch.int32 if index_bytes(flat.numel()) == 4 else torch.int64)
-            buffers += [_raw(idx), _raw(flat[nonzero])]
+            nnz = t.numel()
+            buffers.append(_raw(t))
+        meta.append((key, tuple(t.shape), t.dtype, nnz, key in sparse_keys))
     header = _header(meta)
     return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *buffers])
 
@@ -165,19 +162,14 @@ def read_sparse(data: bytes, source: str = "sparse export") -> dict[str, Tensor]
     out: dict[str, Tensor] = {}
     for e in head["tensors"]:
         dtype, shape, nnz = _DTYPES[e["dtype"]], tuple(e["shape"]), e["nnz"]
-        n, size = math.prod(shape), _itemsize(dtype)
-        if e["layout"] == "dense":
-            out[e["key"]] = take(n * size, dtype).reshape(shape).clone()
-            continue
-        flat = torch.zeros(n, dtype=dtype)
+        n = math.prod(shape)
+        entry: dict[str, Any] = {"shape": list(shape), "layout": e["layout"]}
         if e["layout"] == "bitmap":
-            bits = take(math.ceil(n / 8), torch.uint8)
-            mask = torch.from_numpy(np.unpackbits(bits.numpy(), count=n).astype(bool))
-            flat[mask] = take(nnz * size, dtype)
-        else:
-            idx = take(nnz * index_bytes(n), torch.int32 if index_bytes(n) == 4 else torch.int64)
-            flat[idx.long()] = take(nnz * size, dtype)
-        out[e["key"]] = flat.reshape(shape)
+            entry["bitmap"] = take(math.ceil(n / 8), torch.uint8)
+        elif e["layout"] == "indices":
+            entry["indices"] = take(nnz * index_bytes(n), torch.int32 if index_bytes(n) == 4 else torch.int64)
+        entry["values"] = take((n if e["layout"] == "dense" else nnz) * _itemsize(dtype), dtype)
+        out[e["key"]] = decode_sparse(entry).clone()
     return out
 
 

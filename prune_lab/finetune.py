@@ -7,8 +7,6 @@ Carbin 2019). Progress bar; Ctrl-C stops and keeps what was learned.
 """
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -133,7 +131,3 @@ def iterative_sparsities(final: float, rounds: int) -> list[float]:
     """Sparsity after each round of iterative pruning: the same fraction of the remaining
     weights each round (1 - (1 - s)^(r / R))."""
     return [1 - (1 - final) ** ((r + 1) / rounds) for r in range(rounds)]
-
-
-def snapshot_weights(session: "Session") -> dict[str, Tensor]:
-    return {name: w.detach().clone() for name, w in session._weights.items()}

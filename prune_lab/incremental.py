@@ -13,9 +13,8 @@ incrementally, any other changed parameter or buffer invalidates the cache.
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, fx, nn

@@ -217,7 +217,3 @@ def _positions(module: nn.Module, inputs: tuple, output: Any) -> Optional[int]:
         x = inputs[0]
         return x.numel() // (x.shape[0] * module.in_channels)
     return None
-
-
-def count_nonzero(t: Tensor) -> int:
-    return int(torch.count_nonzero(t))

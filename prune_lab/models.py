@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,6 @@ import math
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import matplotlib
-import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 from matplotlib.axes import Axes
@@ -147,10 +146,6 @@ def weight_histograms(
     if names:
         axes[0].legend(fontsize=8, loc="upper left")
     return fig
-
-
-def close(fig: Figure) -> None:
-    plt.close(fig)
 
 
 def sensitivity(result: Any, key: Optional[str] = None, current: Optional[dict[str, float]] = None) -> Figure:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import export as _export
 from ._version import __version__
-from .allocation import Allocation, as_allocation, get_allocation
+from .allocation import as_allocation, get_allocation
 from .criteria import Criterion, get_criterion
 from .layers import LayerInfo, find_prunable
 from .masks import count_to_prune, k_smallest_masks

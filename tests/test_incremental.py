@@ -6,7 +6,6 @@ import torch
 
 import prune_lab as pl
 from tests import zoo_extra
-from tests.conftest import zoo_model
 
 MODELS = zoo_extra.all_models()
 

@@ -9,7 +9,7 @@ import torch
 import prune_lab as pl
 from prune_lab.sensitivity import SensitivityResult
 from tests import zoo_extra
-from tests.conftest import snapshot, state_equal, zoo_model
+from tests.conftest import snapshot, state_equal
 
 LEVELS = [0.0, 0.25, 0.5, 0.75, 0.95]
 MODELS = zoo_extra.all_models()

@@ -1,7 +1,6 @@
 """Every notebook runs end to end in a real kernel, within its time budget."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
