@@ -15,7 +15,7 @@ def setup_commands() -> list[str]:
 
 def test_two_setup_commands():
     first, second = setup_commands()
-    assert "jupyter lab notebooks/01_weights_and_masks.ipynb" in first
+    assert "jupyter lab --allow-root notebooks/01_weights_and_masks.ipynb" in first
     assert (ROOT / "notebooks" / "01_weights_and_masks.ipynb").exists()
     assert second.endswith("-m pytest")
 
