@@ -257,6 +257,16 @@ class Session:
         locked_counts = {name: self._pruned[name] for name in locked}
         result = as_allocation(fn(self, float(sparsity), criterion=crit, seed=seed, locked=locked_counts), self)
         self._apply_counts(result.counts, result.criterion or crit, seed, result.masks)
+        emptied = [n for n, k in result.counts.items() if k == self._info[n].n_params]
+        if emptied and sparsity < 1:
+            import warnings
+
+            warnings.warn(
+                f"allocation {describe(allocation)!r} at {sparsity:.1%} pruned every weight of {', '.join(emptied)}: "
+                "the network is cut there and fine-tuning cannot recover it (try 'lamp', 'erk' or a lock)",
+                LayerCollapseWarning,
+                stacklevel=2,
+            )
         return self
 
     def _apply_counts(self, counts: Mapping[str, int], crit: Criterion, seed: int, masks: Optional[Mapping[str, Tensor]] = None) -> None:
@@ -752,6 +762,10 @@ class Session:
                 f"{self.sparsity[i.name]:6.1%} {self._criterion[i.name] if self._pruned[i.name] else ''}"
             )
         return "\n".join(lines)
+
+
+class LayerCollapseWarning(UserWarning):
+    """A global allocation pruned a whole layer."""
 
 
 class Stats:

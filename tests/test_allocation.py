@@ -75,3 +75,19 @@ def test_random_allocation_is_the_floor_and_seeded(digits):
     assert s.pruned_counts == a
     s.reset().set_global_sparsity(0.5, allocation="random", seed=2)
     assert s.pruned_counts != a
+
+
+def test_a_layer_pruned_away_is_reported(digits):
+    from prune_lab.session import LayerCollapseWarning
+
+    s = pl.Session(zoo_model("mlp", digits), digits.test, device="cpu")
+    with pytest.warns(LayerCollapseWarning, match="pruned every weight of"):
+        s.set_global_sparsity(0.995, allocation="global")
+    full = [n for n, sp in s.sparsity.items() if sp == 1.0]
+    assert full
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.set_global_sparsity(0.995, allocation="lamp")  # LAMP keeps every layer alive
+    assert all(sp < 1.0 for sp in s.sparsity.values())

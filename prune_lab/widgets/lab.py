@@ -11,6 +11,7 @@ import html
 import io
 import threading
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import ipywidgets as W
@@ -249,7 +250,10 @@ class Lab:
             return
         self._push_undo(coalesce="global")
         locked = [n for n, lock in self.locks.items() if lock.value]
-        self.session.set_global_sparsity(float(change["new"]), allocation=self.allocation.value, criterion=self.criterion.value, locked=locked)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.session.set_global_sparsity(float(change["new"]), allocation=self.allocation.value, criterion=self.criterion.value, locked=locked)
+        self.status.value = "".join(f"<span class='prune-lab-warning' style='color:#b36b00'>{html.escape(str(w.message))}</span>" for w in caught)
         self._sync_controls()
         self._changed()
 

@@ -229,3 +229,17 @@ def test_browser_echo_of_an_old_value_is_ignored(lab):
     lab.global_slider.value = 0.5 + 1e-16  # the browser re-sends the earlier value, late, with float noise
     assert s.state() == state
     assert lab.global_slider.value == 0.0  # and is put back on the session's value
+
+
+def test_layer_collapse_shows_in_the_lab(digits):
+    from tests.conftest import zoo_model
+
+    lab = pl.Lab(pl.Session(zoo_model("mlp", digits), digits.test, device="cpu"))  # untrained: global cuts fc2 at 95%
+    lab.allocation.value = "global"
+    lab.global_slider.value = 0.5
+    assert "prune-lab-warning" not in lab.status.value
+    lab.global_slider.value = 0.95
+    assert "prune-lab-warning" in lab.status.value and "pruned every weight of fc2" in lab.status.value
+    lab.allocation.value = "lamp"
+    lab.global_slider.value = 0.96
+    assert "prune-lab-warning" not in lab.status.value
