@@ -287,17 +287,12 @@ class Session:
                 new_masks[name] = k_smallest_masks(keys, k, [self._info[name].shape])[0]
         if not changed:
             return
-        with torch.no_grad():
-            for name, mask in new_masks.items():
-                w, orig = self._weights[name], self._orig[name]
-                if mask is None:
-                    w.copy_(orig)
-                else:
-                    torch.mul(orig, mask, out=w)
-                self._masks[name] = mask
-                self._pruned[name] = changed[name]
-                self._criterion[name] = crit.name
-                self._layer_seed[name] = seed
+        for name, mask in new_masks.items():
+            self._write_layer(name, mask)
+            self._masks[name] = mask
+            self._pruned[name] = changed[name]
+            self._criterion[name] = crit.name
+            self._layer_seed[name] = seed
         self._notify("masks")
 
     def reset(self) -> "Session":
@@ -318,17 +313,14 @@ class Session:
     @contextlib.contextmanager
     def dense(self) -> Iterator["Session"]:
         """Temporarily put the original weights back (for baselines); masks return on exit."""
-        with torch.no_grad():
-            for name in self._info:
-                if self._masks[name] is not None:
-                    self._weights[name].copy_(self._orig[name])
+        masked = [name for name, mask in self._masks.items() if mask is not None]
+        for name in masked:
+            self._write_layer(name, None)
         try:
             yield self
         finally:
-            with torch.no_grad():
-                for name, mask in self._masks.items():
-                    if mask is not None:
-                        torch.mul(self._orig[name], mask, out=self._weights[name])
+            for name in masked:
+                self._restore_layer(name)
 
     # ------------------------------------------------------------------ measuring
     def evaluate(self, limit: Optional[int] = None) -> dict[str, float]:
@@ -550,10 +542,9 @@ class Session:
         with torch.no_grad():
             for key, t in current.items():
                 t.copy_(state[key].to(t.device))
-            for name, w in self._weights.items():
-                self._orig[name] = state[_weight_key(name)].to(self.device).detach().clone()
-                if self._masks[name] is not None:
-                    torch.mul(self._orig[name], self._masks[name], out=w)
+        for name in self._weights:
+            self._orig[name] = state[_weight_key(name)].to(self.device).detach().clone()
+            self._restore_layer(name)
         self._notify("rewind")
         return self
 
@@ -676,7 +667,8 @@ class Session:
 
     # ------------------------------------------------------------------ silent writes (sweeps)
     def _write_layer(self, name: str, mask: Optional[Tensor]) -> None:
-        """Write a trial mask without recording it (a sweep step); undone by ``_restore_layer``."""
+        """The one place a layer's weight is written: base weights times ``mask`` (None: the base
+        itself). Records nothing, so a sweep's trial mask is undone by ``_restore_layer``."""
         with torch.no_grad():
             if mask is None:
                 self._weights[name].copy_(self._orig[name])
@@ -716,12 +708,8 @@ class Session:
 
     def _restore(self, snapshot: tuple) -> None:
         pruned, criterion, seeds, masks = snapshot
-        with torch.no_grad():
-            for name, mask in masks.items():
-                if mask is None:
-                    self._weights[name].copy_(self._orig[name])
-                else:
-                    torch.mul(self._orig[name], mask, out=self._weights[name])
+        for name, mask in masks.items():
+            self._write_layer(name, mask)
         self._pruned, self._criterion, self._layer_seed, self._masks = pruned, criterion, seeds, masks
         self._notify("masks")
 

@@ -1,7 +1,21 @@
-"""Accuracy/size trade-offs: Pareto fronts over measured configurations."""
+"""Accuracy/size trade-offs: Pareto fronts over measured configurations, and strategy x
+compression runs (``Session.tradeoff``)."""
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+from .export import weights_digest
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .session import Session
 
 
 def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
@@ -18,19 +32,6 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
 
 
 # ---------------------------------------------------------------------- strategy x compression runs
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any, Optional, Union  # noqa: E402
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-    from .session import Session
-
 DEFAULT_STRATEGIES = ("uniform", "global", "erk", "lamp", "random")
 DEFAULT_COMPRESSIONS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -112,13 +113,6 @@ class TradeoffResult:
         return tradeoff(self, x)
 
 
-def _digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
 def run_tradeoff(
     session: "Session",
     strategies=DEFAULT_STRATEGIES,
@@ -144,11 +138,11 @@ def run_tradeoff(
             raise ValueError(f"compression {c!r} must be a number >= 1 (dense size / nonzeros)")
     config = {"strategies": list(strategies), "compressions": list(compressions), "finetune": finetune, "seeds": seeds,
               "version": __version__, "metric": session.metric_name}
-    model_hash = _digest([session._original[k] for k in sorted(session._original)])
+    model_hash = weights_digest([session._original[k] for k in sorted(session._original)])
     data_tensors = [session.data.inputs, session.data.targets] if session.data.inputs is not None else []
     if train_data is not None:
         data_tensors += list(getattr(train_data, "tensors", train_data if isinstance(train_data, (tuple, list)) else []))
-    key = hashlib.sha256(json.dumps([model_hash, _digest(data_tensors), config], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([model_hash, weights_digest(data_tensors), config], sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir() / "tradeoff" / f"{key}.json"
     if cache and path.exists():
         try:

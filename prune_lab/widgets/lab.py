@@ -50,8 +50,7 @@ def _guard(fn: Callable) -> Callable:
         try:
             return fn(self, *args, **kwargs)
         except Exception as e:  # shown to the user, kept for tests
-            self.last_error = e
-            self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>"
+            self._show_error(e)
             self._sync_controls()
 
     return wrapper
@@ -174,7 +173,7 @@ class Lab:
         self.layer_select = W.Dropdown(options=[i.name for i in self.session.layers], description="histogram", layout=W.Layout(width="260px"))
         self.layer_select.observe(lambda _c: self._guarded_plots(), names="value")
         self.log_counts = W.Checkbox(value=False, description="log counts", indent=False)
-        self.log_counts.observe(lambda _c: self._guarded_plots(force_hist=True), names="value")
+        self.log_counts.observe(lambda _c: self._guarded_plots(), names="value")  # the log flag is part of the figure key
         # displayed at their rendered size (figure inches x dpi), never stretched
         sizes = {"histogram": (4.6, 3.0), "sensitivity": (7.0, 4.2), "tradeoff": (7.0, 3.0)}
         self.images = {k: W.Image(format="png", layout=W.Layout(width=f"{w * self.dpi:.0f}px", height=f"{h * self.dpi:.0f}px")) for k, (w, h) in sizes.items()}
@@ -270,8 +269,7 @@ class Lab:
         if self._syncing:
             return
         self.session.to(change["new"])
-        self._drawn_hist = None
-        self.refresh()
+        self.refresh()  # the device is part of the histogram's figure key: it is redrawn
 
     # ------------------------------------------------------------------ actions (buttons call these)
     @_guard
@@ -323,12 +321,10 @@ class Lab:
                 total = len(result.layers) * len(result.levels)
                 self.status.value = "sensitivity: complete" if result.complete else f"sensitivity: stopped, {done}/{total} points kept (run again to resume)"
             except Exception as e:
-                self.last_error = e
-                self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>"
+                self._show_error(e)
             finally:
                 self.stop_button.disabled = True
                 self._set_controls_disabled(False)
-                self._drawn_hist = None
                 self.refresh()
 
         if self._loop is not None:
@@ -460,16 +456,17 @@ class Lab:
         L["macs"].value = f"MACs: {fmt_count(t['macs'])} dense &rarr; <span class='prune-lab-value'>{fmt_count(t['effective_macs'])}</span> effective"
         L["speedup"].value = f"theoretical speedup: <span class='prune-lab-value'>{t['speedup']:.2f}x</span>"
 
-    def _guarded_plots(self, force_hist: bool = False) -> None:
+    def _show_error(self, e: BaseException) -> None:
+        self.last_error = e
+        self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>"
+
+    def _guarded_plots(self) -> None:
         if self._syncing:
             return
-        if force_hist:
-            self._drawn_hist = None
         try:
             self._update_plots()
         except Exception as e:
-            self.last_error = e
-            self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(str(e))}</span>"
+            self._show_error(e)
 
     def _update_plots(self) -> None:
         """Each panel redraws only what changed: static parts are drawn once and cached, the
