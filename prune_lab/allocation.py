@@ -1,23 +1,25 @@
 """Allocations: a target total sparsity -> exact per-layer pruned counts.
 
-An allocation is a callable ``(session, sparsity, *, criterion, seed, locked) -> Allocation``
-(or a plain ``{layer: sparsity}`` dict). Built-ins return exact counts whose sum is
+An allocation is a callable ``(state, sparsity, *, criterion, seed, locked) -> Allocation``
+(or a plain ``{layer: sparsity}`` dict); ``state`` is the session's ``PruningState`` (``.layers``,
+``.layer(name)``, ``.base(name)``, ``.keys(names, criterion, seed)``). With a criterion other than
+magnitude, ``global`` thresholds that criterion's scores across layers, ``uniform``, ``erk`` and
+``random`` choose counts from shapes alone and rank within each layer by the criterion, and
+``lamp`` chooses counts from magnitudes (its definition) while the criterion picks the weights. Built-ins return exact counts whose sum is
 ``round(sparsity * total_params)`` minus what locked layers already prune.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from torch import Tensor
 
 from .criteria import Criterion
-from .masks import count_to_prune, k_smallest_masks
+from .masks import check_fraction, count_to_prune, k_smallest_masks
 from .registry import Registry
-
-if TYPE_CHECKING:
-    from .session import Session
+from .state import PruningState as Session  # allocations read the pruning state (layers, base weights, keys)
 
 
 @dataclass
@@ -111,25 +113,29 @@ def as_allocation(result: Any, session: "Session") -> Allocation:
     if isinstance(result, Mapping):
         counts = {}
         for name, s in result.items():
-            session.check_sparsity(name, s)
-            counts[name] = count_to_prune(float(s), session.layer(name).n_params)
+            v = check_fraction(s, f"layer {name!r}: sparsity")
+            counts[name] = count_to_prune(v, session.layer(name).n_params)
         return Allocation(counts)
     raise TypeError(f"an allocation must return an Allocation or a {{layer: sparsity}} dict, got {type(result).__name__}")
 
 
 @register_allocation("sensitivity")
-def sensitivity_plan(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def sensitivity_plan(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int],
+                     sensitivity: Any = None) -> Allocation:
     """The greedy plan from the session's last sensitivity sweep (``session.sensitivity()``)."""
-    result = getattr(session, "last_sensitivity", None)
+    result = sensitivity
     if result is None:
         raise ValueError("allocation 'sensitivity' needs a sweep first: run session.sensitivity()")
     held = dict(locked)
     for info in session.layers:  # layers the sweep did not cover stay as they are
         if info.name not in result.layers:
-            held[info.name] = session.pruned_counts[info.name]
+            held[info.name] = session.counts[info.name]
     plan = result.allocate(target_sparsity=sparsity, locked={n: k for n, k in held.items() if n in result.layers})
     counts = {n: round(s * session.layer(n).n_params) for n, s in plan.items() if n not in held}
     return Allocation(counts)
+
+
+sensitivity_plan.needs_sensitivity = True  # type: ignore[attr-defined]
 
 
 @register_allocation("erk")
@@ -196,3 +202,45 @@ def random_allocation(session: "Session", sparsity: float, *, criterion: Criteri
     rng = np.random.default_rng(seed)
     draw = rng.multivariate_hypergeometric([session.layer(name).n_params for name in free], k) if free else []
     return Allocation({name: int(c) for name, c in zip(free, draw)}, criterion=get_criterion("random"))
+
+
+class LayerCollapseWarning(UserWarning):
+    """A global allocation pruned a whole layer."""
+
+
+def allocate(state: "Session", sparsity: float, allocation: Union[str, AllocationFn] = "global", criterion: Any = "magnitude",
+             seed: Optional[int] = None, locked: Any = (), sensitivity: Any = None) -> tuple[Allocation, Criterion, int]:
+    """Validate and run an allocation: ``(Allocation, criterion used, seed)``; writes nothing.
+
+    ``locked`` layers keep their current counts, which count toward the total."""
+    from .criteria import get_criterion
+    from .registry import describe
+
+    check_fraction(sparsity, "global sparsity")
+    locked = list(locked)
+    for name in locked:
+        state.layer(name)
+    crit = get_criterion(criterion)
+    seed = state.seed if seed is None else int(seed)
+    fn = get_allocation(allocation)
+    locked_counts = {name: state.counts[name] for name in locked}
+    extra = {"sensitivity": sensitivity} if getattr(fn, "needs_sensitivity", False) else {}
+    result = as_allocation(fn(state, float(sparsity), criterion=crit, seed=seed, locked=locked_counts, **extra), state)
+    emptied = [n for n, k in result.counts.items() if k == state.layer(n).n_params]
+    if emptied and sparsity < 1:
+        import warnings
+
+        warnings.warn(
+            f"allocation {describe(allocation)!r} at {sparsity:.1%} pruned every weight of {', '.join(emptied)}: "
+            "the network is cut there and fine-tuning cannot recover it (try 'lamp', 'erk' or a lock)",
+            LayerCollapseWarning,
+            stacklevel=3,
+        )
+    return result, result.criterion or crit, seed
+
+
+def apply_global(state: "Session", sparsity: float, allocation: Union[str, AllocationFn] = "global", criterion: Any = "magnitude",
+                 seed: Optional[int] = None, locked: Any = (), sensitivity: Any = None) -> list[str]:
+    """Prune the state to a total sparsity split by ``allocation``; returns the changed layers."""
+    result, crit, seed = allocate(state, sparsity, allocation, criterion, seed, locked, sensitivity)
+    return state.set_counts(result.counts, crit, seed, result.masks)

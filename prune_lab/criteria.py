@@ -25,12 +25,14 @@ class Criterion:
     """``keys(weight, layer=..., seed=...)`` gives the flat ordered keys; ``name`` goes in recipes.
 
     ``weight_dependent`` is False for criteria whose masks do not depend on weight values (random),
-    so a recipe reproduces them on any weights.
+    so a recipe reproduces them on any weights. ``reproducible`` is False for a criterion that is
+    not in the registry (a callable passed directly): a recipe then stores its masks.
     """
 
     name: str
     keys_fn: Callable[..., Tensor]
     weight_dependent: bool = True
+    reproducible: bool = True
 
     def keys(self, weight: Tensor, *, layer: str, seed: int) -> Tensor:
         return self.keys_fn(weight, layer=layer, seed=seed)
@@ -68,7 +70,7 @@ def get_criterion(criterion: Union[str, ScoreFn, Criterion]) -> Criterion:
     if isinstance(criterion, Criterion):
         return criterion
     if callable(criterion):
-        return Criterion(describe(criterion), _scores_to_keys(criterion))
+        return Criterion(describe(criterion), _scores_to_keys(criterion), reproducible=False)
     return CRITERIA.get(criterion)
 
 

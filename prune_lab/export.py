@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 
-RECIPE_FORMAT = 1
+RECIPE_FORMAT = 2  # 2: 'pattern' and optional packed 'mask' per layer; 1 is read too
 SPARSE_FORMAT = 1
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -199,6 +199,27 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
 
 
 # ---------------------------------------------------------------- recipes
+def pack_mask(mask: Tensor) -> str:
+    """A keep-mask as base64 of its packed bits (flat, row-major)."""
+    import base64
+
+    return base64.b64encode(np.packbits(mask.detach().reshape(-1).cpu().numpy()).tobytes()).decode()
+
+
+def unpack_mask(text: str, shape: tuple[int, ...]) -> Tensor:
+    import base64
+    import binascii
+
+    n = math.prod(shape)
+    try:
+        raw = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8)
+    except (binascii.Error, ValueError):
+        raise ValueError("recipe mask is not base64") from None
+    if raw.size != math.ceil(n / 8):
+        raise ValueError(f"recipe mask holds {raw.size * 8} bits, the layer needs {n}")
+    return torch.from_numpy(np.unpackbits(raw, count=n).astype(bool)).reshape(shape)
+
+
 def weights_digest(tensors: list[Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -252,28 +273,37 @@ def load_recipe(recipe: Union[PathLike, Mapping[str, Any]]) -> dict[str, Any]:
         n = math.prod(entry["shape"])
         if not 0 <= entry["pruned"] <= n:
             raise ValueError(f"{source}: layer {name!r} prunes {entry['pruned']} of {n} weights; valid: 0..{n}")
+        if "mask" in entry:
+            try:
+                mask = unpack_mask(entry["mask"], tuple(entry["shape"]))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{source}: layer {name!r}: {e}") from None
+            if int(mask.numel() - mask.sum()) != entry["pruned"]:
+                raise ValueError(f"{source}: layer {name!r}: its mask zeroes {int(mask.numel() - mask.sum())} weights, not {entry['pruned']}")
     if not isinstance(data.get("seed", 0), int):
         raise ValueError(f"{source}: 'seed' must be an integer, got {data.get('seed')!r}")
     return data
 
 
-def to_torch_prune(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
-    """Install masks as ``torch.nn.utils.prune`` buffers (``weight_orig`` + ``weight_mask``).
+def to_torch_prune(model: nn.Module, masks: Mapping[str, Tensor], params: Mapping[str, str] = {}) -> nn.Module:
+    """Install masks as ``torch.nn.utils.prune`` buffers (``<param>_orig`` + ``<param>_mask``).
 
-    Every module sharing a tied weight gets the mask, so the tie survives on ``weight_orig``.
+    ``params`` maps a layer name to its qualified parameter name (default ``<layer>.weight``).
     """
     from torch.nn.utils import prune
 
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, mask in masks.items():
-        if name not in modules:
-            raise ValueError(f"to_torch_prune: the model has no module {name!r}; is it the same architecture?")
-        module = modules[name]
-        weight = getattr(module, "weight", None)
+        qualified = params.get(name, f"{name}.weight" if name else "weight")
+        mname, _, pname = qualified.rpartition(".")
+        if mname not in modules:
+            raise ValueError(f"to_torch_prune: the model has no module {mname!r}; is it the same architecture?")
+        module = modules[mname]
+        weight = getattr(module, pname, None)
         if weight is None or tuple(weight.shape) != tuple(mask.shape):
             raise ValueError(
                 f"to_torch_prune: layer {name!r} has weight shape {tuple(getattr(weight, 'shape', ()))}, "
                 f"mask shape is {tuple(mask.shape)}"
             )
-        prune.custom_from_mask(module, "weight", mask.to(weight.device))
+        prune.custom_from_mask(module, pname, mask.to(weight.device))
     return model

@@ -1,25 +1,30 @@
 """Incremental evaluation: after some layers change, recompute only what depends on them.
 
-The model is traced once with ``torch.fx``. Every graph node gets the set of prunable layers it
-depends on. After a full forward, the values that sit on the boundary between "depends on layer
-L" and "does not" are cached (for every L), along with the outputs. When layers C change, only the
-nodes that depend on C are recomputed, fed from the cache. Residual adds, concatenations, layers
-used twice and tied weights fall out of the dependency sets; BatchNorm runs in eval mode.
+The model is traced once with ``torch.fx`` (optional ``forward`` arguments fixed at their
+defaults). Every graph node gets the set of prunable layers it depends on, by parameter
+identity: a module call depends on every prunable tensor among its parameters (so an embedding
+tied to the output head depends on the head's layer), a ``get_attr`` on the tensor it reads.
+After a full forward, the values on the boundary between "depends on layer L" and "does not"
+are cached (for every L), along with the outputs. When layers C change, only the nodes that
+depend on C are recomputed, fed from the cache.
 
-Changes are detected from the tensors' in-place version counters, so a weight written by anyone
-(the Session, an optimizer, the user) is noticed: a prunable weight that changed is recomputed
-incrementally, any other changed parameter or buffer invalidates the cache.
+The cache is valid only for the values it was computed from: each layer's value token (see
+``PruningState.token``) and the identity and version counter of every other parameter and
+buffer. Anything else changed, through the state or behind its back, means a full pass. New
+values are committed to the cache only after every chunk has been computed, so an interrupted
+or failed evaluation leaves the cache as it was.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Hashable, Mapping, Optional
 
 import torch
 from torch import Tensor, fx, nn
 
-from .measure import EvalData, eval_mode
+from .measure import EvalData, eval_mode, model_logits
 
 #: default cache budget: this fraction of the free memory of the session's device
 DEFAULT_BUDGET_FRACTION = 0.25
@@ -39,142 +44,140 @@ def free_memory_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
+class TraceError(RuntimeError):
+    """The traced path cannot be used; callers fall back to full forward passes."""
+
+
 @dataclass
 class _Chunk:
     inputs: Tensor
     targets: Tensor
     cache: dict[str, Any] = field(default_factory=dict)  # node name -> value
-    outputs: Optional[Tensor] = None
+    outputs: Any = None
 
 
-class IncrementalEvaluator:
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``fx.symbolic_trace`` with every ``forward`` argument after the first fixed at its
+    default (the evaluator calls ``model(inputs)``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    concrete = {
+        p.name: p.default for p in params[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+    }
+    required = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty]
+    if required:
+        raise TraceError(f"forward needs more than one argument ({', '.join(required)})")
+    try:
+        with eval_mode(model):
+            return fx.symbolic_trace(model, concrete_args=concrete or None)
+    except Exception as e:  # fx raises many kinds of errors for untraceable code
+        raise TraceError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+class IncrementalEngine:
     """Outputs of ``model`` on eval data, recomputing only nodes downstream of changed layers.
 
-    ``layer_modules``: layer name -> qualified names of the modules using its weight.
-    Construction raises ``TraceError`` when the model cannot be traced by torch.fx.
+    ``layer_params``: layer name -> its weight Parameter. Construction raises ``TraceError``
+    when the model cannot be traced.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        data: EvalData,
-        layer_modules: dict[str, list[str]],
-        layer_weights: dict[str, Tensor],
-        budget_bytes: Optional[int] = None,
-        chunk_size: int = 1024,
-    ):
+    def __init__(self, model: nn.Module, data: EvalData, layer_params: Mapping[str, Tensor],
+                 budget_bytes: Optional[int] = None, chunk_size: int = 1024):
         if data.inputs is None:
             raise TraceError("incremental evaluation needs eval data that fits in memory")
-        try:
-            with eval_mode(model):
-                self.graph_module = fx.symbolic_trace(model)
-        except Exception as e:  # fx raises many kinds of errors for untraceable code
-            raise TraceError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        self.graph_module = trace(model)
         self.model = model
         self.data = data
-        self.layer_weights = layer_weights
+        self.layer_params = dict(layer_params)
         self.nodes = list(self.graph_module.graph.nodes)
-        self.modules = dict(self.graph_module.named_modules())
-        module_to_layer = {m: layer for layer, mods in layer_modules.items() for m in mods}
-        weight_to_layer = {id(w): layer for layer, w in layer_weights.items()}
+        modules = dict(self.graph_module.named_modules(remove_duplicate=False))
+        layer_of = {id(w): name for name, w in self.layer_params.items()}
+        module_layers: dict[str, frozenset[str]] = {}
+        for mname, m in modules.items():
+            module_layers[mname] = frozenset(layer_of[id(p)] for p in m.parameters(recurse=True) if id(p) in layer_of)
         self.deps: dict[fx.Node, frozenset[str]] = {}
         for node in self.nodes:
             d: set[str] = set()
             for arg in node.all_input_nodes:
                 d |= self.deps[arg]
             if node.op == "call_module":
-                # the called module, or any prunable module inside it (a leaf like MultiheadAttention)
-                prefix = f"{node.target}."
-                d |= {layer for m, layer in module_to_layer.items() if m == node.target or m.startswith(prefix)}
+                d |= module_layers.get(str(node.target), frozenset())
             elif node.op == "get_attr":
                 attr = _fetch_attr(self.graph_module, str(node.target))
-                if isinstance(attr, Tensor) and id(attr) in weight_to_layer:
-                    d.add(weight_to_layer[id(attr)])
+                if isinstance(attr, Tensor) and id(attr) in layer_of:
+                    d.add(layer_of[id(attr)])
+                elif isinstance(attr, nn.Module):
+                    d |= module_layers.get(str(node.target), frozenset())
             self.deps[node] = frozenset(d)
         # boundary values: independent of layer L but used by a node that depends on L
-        self.boundary: list[fx.Node] = []
-        for node in self.nodes:
-            if node.op == "output":
-                continue
-            if any(self.deps[user] - self.deps[node] for user in node.users):
-                self.boundary.append(node)
+        self.boundary = [n for n in self.nodes if n.op != "output" and any(self.deps[u] - self.deps[n] for u in n.users)]
         self._boundary_set = set(self.boundary)
         self._programs: dict[Any, tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]] = {}
         self.output_node = self.nodes[-1]
-        self.inplace = {n for n in self.nodes if _is_inplace(n, self.modules)}
+        self.inplace = {n for n in self.nodes if _is_inplace(n, modules)}
         self.budget_bytes = budget_bytes if budget_bytes is not None else int(DEFAULT_BUDGET_FRACTION * free_memory_bytes(data.device))
         self.chunk_size = chunk_size
         self.chunks: list[_Chunk] = []
         self.cached_chunks = 0
-        self._versions: dict[str, int] = {}
-        self._layer_versions: dict[str, int] = {}
+        self._tokens: Optional[dict[str, Hashable]] = None
+        self._others: Any = None
+        self._validated = False
         self.stats = {"full": 0, "incremental": 0, "cached": 0}
 
     # ------------------------------------------------------------------ change detection
-    def _state_versions(self) -> tuple[dict[str, int], dict[str, int]]:
-        layer_ids = {id(w) for w in self.layer_weights.values()}
-        others = {
-            name: t._version
+    def others_signature(self) -> tuple:
+        """Identity, storage and version of every parameter and buffer that is not a layer."""
+        layer_ids = {id(w) for w in self.layer_params.values()}
+        return tuple(
+            (name, id(t), t.data_ptr(), t._version)
             for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
             if id(t) not in layer_ids
-        }
-        layers = {name: w._version for name, w in self.layer_weights.items()}
-        return others, layers
+        )
 
-    def changed_layers(self) -> Optional[set[str]]:
-        """Layers whose weight changed since the cache was filled; ``None``: the cache is stale."""
-        if not self.chunks:
-            return None
-        others, layers = self._state_versions()
-        if others != self._versions:
-            return None
-        return {name for name, v in layers.items() if self._layer_versions.get(name) != v}
+    def invalidate(self) -> None:
+        self.chunks, self.cached_chunks, self._tokens, self._others = [], 0, None, None
 
-    def mark_clean(self, layers: Iterable[str]) -> None:
-        """Declare layers written back to exactly the values the cache was filled with (a sweep
-        restoring a layer), so their version bump does not trigger recomputation."""
-        if not self.chunks:
-            return
-        for name in layers:
-            self._layer_versions[name] = self.layer_weights[name]._version
+    def changed_layers(self, tokens: Mapping[str, Hashable]) -> Optional[frozenset[str]]:
+        """Layers whose value differs from the cached one; ``None`` when the cache is unusable."""
+        if self._tokens is None or self._others != self.others_signature():
+            return None
+        return frozenset(n for n, t in tokens.items() if self._tokens.get(n) != t)
 
     # ------------------------------------------------------------------ running
-    def outputs(self, changed: Optional[Iterable[str]] = None, update_cache: bool = True) -> Iterable[tuple[Tensor, Tensor]]:
-        """Yield ``(outputs, targets)`` per chunk for the model's current weights.
-
-        ``changed``: layers that differ from the cached state (default: detected). With
-        ``update_cache=False`` the cache keeps the old state (a sweep that restores the layer).
-        """
-        detected = self.changed_layers()
-        if detected is None:
-            yield from self._full_pass()
-            return
-        changed_set = frozenset(detected if changed is None else set(changed) | detected)
-        if not changed_set:
-            self.stats["cached"] += 1
-            for chunk in self.chunks:
-                yield chunk.outputs, chunk.targets
-            yield from self._uncached_tail()
-            return
-        self.stats["incremental"] += 1
-        program, inputs, updates = self._program(changed_set, update_cache)
-        for chunk in self.chunks[: self.cached_chunks]:
-            with torch.inference_mode():
+    def outputs(self, tokens: Mapping[str, Hashable], commit: bool = True) -> list[tuple[Any, Tensor]]:
+        """``(outputs, targets)`` per chunk for the current weights, whose value tokens are
+        ``tokens``. ``commit=False`` leaves the cache as it is (a trial that will be undone)."""
+        changed = self.changed_layers(tokens)
+        with torch.inference_mode():
+            if changed is None:
+                return self._full_pass(tokens, commit)
+            if not changed:
+                self.stats["cached"] += 1
+                return [(c.outputs, c.targets) for c in self.chunks[: self.cached_chunks]] + self._uncached_tail()
+            self.stats["incremental"] += 1
+            program, inputs, updates = self._program(changed, commit)
+            results = []
+            for chunk in self.chunks[: self.cached_chunks]:
                 out, new_values = program(*[chunk.cache[n.name] for n in inputs])
-            if update_cache:
+                results.append((chunk, out, new_values))
+            tail = self._uncached_tail()
+        if commit:  # only once every chunk is computed
+            for chunk, out, new_values in results:
                 for node, value in zip(updates, new_values):
                     chunk.cache[node.name] = value
                 chunk.outputs = out
-            yield out, chunk.targets
-        if update_cache:
-            self._record_versions()
-        yield from self._uncached_tail()
+                chunk.cache[self.output_node.name] = out
+            self._tokens = dict(tokens)
+        return [(out, chunk.targets) for chunk, out, _ in results] + tail
 
-    def _program(self, changed: Optional[frozenset], update_cache: bool) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+    def _program(self, changed: Optional[frozenset], commit: bool) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
         """A compiled graph that recomputes the nodes depending on ``changed`` (all nodes when
         None) from cached inputs, returning ``(outputs, [updated boundary values])``. fx's code
         generation frees each intermediate after its last use, like an ordinary forward."""
-        key = (changed, update_cache)
+        key = (changed, commit)
         if key in self._programs:
             return self._programs[key]
         if changed is None:
@@ -185,7 +188,7 @@ class IncrementalEvaluator:
             recompute = [n for n in self.nodes if self.deps[n] & changed]
             rset = set(recompute)
             inputs = [n for n in self.boundary if n not in rset and any(u in rset for u in n.users)]
-            updates = [n for n in self.boundary if n in rset] if update_cache else []
+            updates = [n for n in self.boundary if n in rset] if commit else []
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         for n in inputs:
@@ -210,46 +213,52 @@ class IncrementalEvaluator:
         self._programs[key] = (program, inputs, updates)
         return self._programs[key]
 
-    def _uncached_tail(self) -> Iterable[tuple[Tensor, Tensor]]:
-        """Chunks beyond the memory budget: plain forward passes."""
+    def _uncached_tail(self) -> list[tuple[Any, Tensor]]:
+        """Chunks beyond the memory budget: plain forward passes of the traced graph."""
         inputs, targets = self.data.inputs, self.data.targets
         start = self.cached_chunks * self.chunk_size
-        with torch.inference_mode():
-            for s in range(start, len(inputs), self.chunk_size):
-                yield self.graph_module(inputs[s : s + self.chunk_size]), targets[s : s + self.chunk_size]
+        return [(self.graph_module(inputs[s : s + self.chunk_size]), targets[s : s + self.chunk_size])
+                for s in range(start, len(inputs), self.chunk_size)]
 
-    def _full_pass(self) -> Iterable[tuple[Tensor, Tensor]]:
+    def _full_pass(self, tokens: Mapping[str, Hashable], commit: bool) -> list[tuple[Any, Tensor]]:
         self.stats["full"] += 1
+        others = self.others_signature()
         inputs, targets = self.data.inputs, self.data.targets
-        self.chunks, self.cached_chunks = [], 0
         program, _, updates = self._program(None, True)
+        chunks: list[_Chunk] = []
+        results: list[tuple[Any, Tensor]] = []
         used = 0
         for s in range(0, len(inputs), self.chunk_size):
             x, y = inputs[s : s + self.chunk_size], targets[s : s + self.chunk_size]
-            with torch.inference_mode():
-                if used > self.budget_bytes:
-                    yield self.graph_module(x), y
-                    continue
-                out, values = program(x)
+            if not commit or used > self.budget_bytes:
+                out = self.graph_module(x)
+                results.append((out, y))
+                continue
+            out, values = program(x)
+            if not self._validated:
+                self._validate(x, out)
             cache = {n.name: v for n, v in zip(updates, values)}
             cache[self.output_node.name] = out
             used += sum(_nbytes(v) for v in values if v is not x) + _nbytes(out)
             if used <= self.budget_bytes:
-                self.chunks.append(_Chunk(x, y, cache, out))
-                self.cached_chunks += 1
-            yield out, y
-        self._record_versions()
+                chunks.append(_Chunk(x, y, cache, out))
+            results.append((out, y))
+        if commit:
+            self.chunks, self.cached_chunks = chunks, len(chunks)
+            self._tokens, self._others = dict(tokens), others
+        return results
 
-    def _record_versions(self) -> None:
-        self._versions, self._layer_versions = self._state_versions()
+    def _validate(self, x: Tensor, traced: Any) -> None:
+        """The traced graph must compute exactly what the model computes (first chunk)."""
+        with eval_mode(self.model):
+            plain = self.model(x)
+        if not torch.equal(model_logits(plain), model_logits(traced)):
+            raise TraceError("the traced graph's outputs differ from the model's forward")
+        self._validated = True
 
     def cache_bytes(self) -> int:
         """Bytes held by cached activations (the eval inputs themselves not counted)."""
-        return sum(_nbytes(v) for c in self.chunks for k, v in c.cache.items() if v is not c.inputs)
-
-
-class TraceError(RuntimeError):
-    """The model cannot be traced; callers fall back to full forward passes."""
+        return sum(_nbytes(v) for c in self.chunks for v in c.cache.values() if v is not c.inputs)
 
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
@@ -277,4 +286,6 @@ def _nbytes(v: Any) -> int:
         return v.numel() * v.element_size()
     if isinstance(v, (tuple, list)):
         return sum(_nbytes(x) for x in v)
+    if isinstance(v, dict):
+        return sum(_nbytes(x) for x in v.values())
     return 0

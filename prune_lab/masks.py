@@ -158,6 +158,20 @@ def k_smallest_mask(scores: Tensor, k: int, method: str = "auto") -> Tensor:
     return k_smallest_masks([ordered_keys(scores)], k, [scores.shape], method)[0]
 
 
+def check_fraction(value: object, what: str) -> float:
+    """The one validator for sparsities: a real number in [0, 1], else a ValueError/TypeError
+    naming ``what`` (e.g. "layer 'fc1': sparsity") and the valid range."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number in [0, 1], got {value!r}")
+    v = float(value)
+    if math.isnan(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{what} {value!r} is outside [0, 1] (a fraction: 0.9 zeroes 90% of the weights)")
+    return v
+
+
 def count_to_prune(sparsity: float, n: int) -> int:
     """Zeros for a sparsity fraction: ``round(sparsity * n)``, as ``torch.nn.utils.prune`` rounds."""
     return int(round(sparsity * n))

@@ -1,4 +1,4 @@
-"""Measured numbers: accuracy/loss, nonzeros, MACs (forward hooks). Nothing here is estimated."""
+"""Measured numbers: eval data, metric and loss sums, nonzeros, MACs. Nothing here is estimated."""
 from __future__ import annotations
 
 import contextlib
@@ -80,11 +80,25 @@ class EvalData:
             return len(self.inputs)
         return len(self.loader.dataset)  # type: ignore[arg-type, union-attr]
 
-    def sample(self, n: int = 1) -> Tensor:
-        """The first ``n`` inputs, on the device (for shape checks and MAC counting)."""
+    def sample(self, n: int = 1) -> tuple[Tensor, Tensor]:
+        """The first ``n`` (inputs, targets), on the device (for shape checks and MAC counting)."""
         if self.inputs is not None:
-            return self.inputs[:n]
-        return next(iter(self.loader))[0][:n].to(self.device)  # type: ignore[arg-type]
+            return self.inputs[:n], self.targets[:n]  # type: ignore[index]
+        x, y, *_ = next(iter(self.loader))  # type: ignore[arg-type]
+        return x[:n].to(self.device), y[:n].to(self.device)
+
+    def fingerprint(self) -> str:
+        """sha256 of the materialised inputs and targets (streamed data: its length only)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        if self.inputs is None:
+            h.update(f"stream:{len(self)}".encode())
+            return h.hexdigest()
+        for t in (self.inputs, self.targets):
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def batches(self, limit: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
         """``(inputs, targets)`` batches on the device; ``limit`` caps the number of samples."""
@@ -113,6 +127,111 @@ def _loader_small(loader: DataLoader) -> bool:
         return False
 
 
+# ---------------------------------------------------------------------- metric and loss
+IGNORE_INDEX = -100  # targets equal to this are not counted (Hugging Face's convention)
+LossFn = Callable[[Tensor, Tensor], Tensor]
+AUTO = "auto"
+
+
+def model_logits(outputs: Any) -> Tensor:
+    """The tensor a metric reads: the output itself, or its ``.logits`` / ``["logits"]`` field."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, dict):
+        logits = outputs.get("logits")
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(_describe(outputs))
+
+
+def _describe(outputs: Any) -> str:
+    if isinstance(outputs, (tuple, list)):
+        inner = ", ".join(tuple(o.shape).__repr__() if isinstance(o, Tensor) else type(o).__name__ for o in outputs)
+        what = f"a {type(outputs).__name__} ({inner})"
+    elif isinstance(outputs, dict):
+        what = f"a dict with keys {list(outputs)} and no 'logits'"
+    else:
+        what = f"a {type(outputs).__name__}"
+    return (f"the model returns {what}; prune_lab reads a tensor of logits, or an output with a "
+            "'.logits' field. Wrap the model so it returns the logits tensor, or pass metric= and "
+            "loss_fn= that take (outputs, targets)")
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Sums of a metric and a loss over batches, so a mean over many batches is exact.
+
+    With ``metric=None`` the metric is accuracy along the class dimension, counted per target
+    (per token for sequence logits ``(B, T, V)`` with targets ``(B, T)``, per pixel for dense
+    logits ``(B, C, H, W)`` with targets ``(B, H, W)``), ignoring targets equal to -100. With
+    ``loss_fn="auto"`` the loss is the matching cross-entropy. A user's metric or loss returns a
+    batch mean, weighted by the batch size.
+    """
+
+    metric: Optional[Metric] = None
+    loss_fn: Any = AUTO
+    class_dim: int = -1
+
+    def batch(self, outputs: Any, targets: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        """``(metric_sum, metric_count, loss_sum or None, loss_count)`` for one batch."""
+        out = model_logits(outputs)
+        b = torch.tensor(float(len(targets)), dtype=torch.float64, device=out.device)
+        if self.metric is None:
+            valid = targets != IGNORE_INDEX
+            correct = (out.argmax(dim=self.class_dim) == targets) & valid
+            m_sum, m_n = correct.sum(dtype=torch.float64), valid.sum(dtype=torch.float64)
+        else:
+            m_sum, m_n = torch.as_tensor(self.metric(out, targets)).double() * b, b
+        if self.loss_fn is None:
+            return m_sum, m_n, None, b
+        if self.loss_fn == AUTO:
+            logits = out.movedim(self.class_dim, -1).reshape(-1, out.shape[self.class_dim])
+            flat = targets.reshape(-1)
+            l_sum = F.cross_entropy(logits.float(), flat, reduction="sum", ignore_index=IGNORE_INDEX).double()
+            return m_sum, m_n, l_sum, (flat != IGNORE_INDEX).sum(dtype=torch.float64)
+        return m_sum, m_n, torch.as_tensor(self.loss_fn(out, targets)).double() * b, b
+
+    def check(self, outputs: Any, targets: Tensor) -> "Scorer":
+        """This scorer fitted to the model's output layout, or a ValueError that says what to pass."""
+        try:
+            out = model_logits(outputs)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+        shape, tshape = tuple(out.shape), tuple(targets.shape)
+        scorer = self
+        if self.metric is None or self.loss_fn == AUTO:
+            dim = _class_dim(out, targets)
+            if dim is None:
+                raise ValueError(
+                    f"the default accuracy and cross-entropy need logits (batch, classes) with integer "
+                    f"targets (batch,), or (batch, tokens, classes) with (batch, tokens); the model "
+                    f"returns {shape} for targets {tshape} ({targets.dtype}). Pass metric=(outputs, targets) "
+                    f"-> batch mean and loss_fn=(outputs, targets) -> loss (or loss_fn=None)"
+                )
+            scorer = Scorer(self.metric, self.loss_fn, dim)
+        try:
+            with torch.no_grad():
+                scorer.batch(outputs, targets)
+        except Exception as e:
+            raise ValueError(
+                f"the metric or loss fails on the model's outputs {shape} and targets {tshape}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass metric= and "
+                "loss_fn= that take (outputs, targets), or loss_fn=None"
+            ) from None
+        return scorer
+
+
+def _class_dim(out: Tensor, targets: Tensor) -> Optional[int]:
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or out.dim() != targets.dim() + 1:
+        return None
+    if tuple(out.shape[:-1]) == tuple(targets.shape):
+        return -1
+    if out.dim() >= 3 and out.shape[0] == targets.shape[0] and tuple(out.shape[2:]) == tuple(targets.shape[1:]):
+        return 1
+    return None
+
+
 @dataclass
 class Evaluation:
     metric: float
@@ -120,100 +239,170 @@ class Evaluation:
     n: int
 
 
-def score_outputs(
-    pairs: Iterable[tuple[Tensor, Tensor]],
-    metric: Metric = accuracy,
-    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = F.cross_entropy,
-) -> Evaluation:
-    """Sample-weighted mean metric and loss over ``(outputs, targets)`` batches, one host sync."""
-    metric_sum = loss_sum = None
-    n = 0
-    with torch.inference_mode():
-        for out, y in pairs:
-            b = len(y)
-            m = metric(out, y).double() * b
-            metric_sum = m if metric_sum is None else metric_sum + m
-            if loss_fn is not None:
-                l = loss_fn(out, y).double() * b
-                loss_sum = l if loss_sum is None else loss_sum + l
-            n += b
-    total_metric = float(metric_sum) if metric_sum is not None else math.nan
-    total_loss = float(loss_sum) if loss_sum is not None else math.nan
-    return Evaluation(total_metric / max(n, 1), total_loss / max(n, 1) if loss_fn is not None else None, n)
+class Totals:
+    """Running sums of :meth:`Scorer.batch` results; ``result()`` syncs with the host once."""
+
+    def __init__(self) -> None:
+        self.m_sum: Any = 0.0
+        self.m_n: Any = 0.0
+        self.l_sum: Any = None
+        self.l_n: Any = 0.0
+        self.n = 0
+
+    def add(self, parts: tuple[Tensor, Tensor, Optional[Tensor], Tensor], batch: int) -> None:
+        m_sum, m_n, l_sum, l_n = parts
+        self.m_sum, self.m_n, self.n = self.m_sum + m_sum, self.m_n + m_n, self.n + batch
+        if l_sum is not None:
+            self.l_sum = l_sum if self.l_sum is None else self.l_sum + l_sum
+            self.l_n = self.l_n + l_n
+
+    def result(self) -> Evaluation:
+        m_n = float(self.m_n)
+        metric = float(self.m_sum) / m_n if m_n else math.nan
+        loss = None if self.l_sum is None else float(self.l_sum) / max(float(self.l_n), 1.0)
+        return Evaluation(metric, loss, self.n)
+
+
+def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Top-1 accuracy of a batch along the last dimension, a fraction in [0, 1]."""
+    return (outputs.argmax(dim=-1) == targets).sum(dtype=torch.float64) / targets.numel()
 
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.eval()`` for the block, the previous train/eval mode restored afterwards."""
-    was_training = model.training
+    """``model.eval()`` for the block, the previous train/eval mode of every module restored."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
-def forward_batches(model: nn.Module, data: EvalData, limit: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
-    with torch.inference_mode():
+def full_pass(model: nn.Module, data: EvalData, scorer: Scorer, limit: Optional[int] = None) -> Evaluation:
+    """Plain forward passes over the eval data: the oracle every faster path must equal.
+
+    Grad mode and train/eval mode are restored whatever happens (no generator holds a mode)."""
+    totals = Totals()
+    with eval_mode(model), torch.inference_mode():
         for x, y in data.batches(limit):
-            yield model(x), y
+            totals.add(scorer.batch(model(x), y), len(y))
+    return totals.result()
 
 
-def evaluate(
-    model: nn.Module,
-    data: EvalData,
-    metric: Metric = accuracy,
-    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = F.cross_entropy,
-    limit: Optional[int] = None,
-) -> Evaluation:
-    """Full forward passes under ``inference_mode``, train/eval mode kept."""
-    with eval_mode(model):
-        return score_outputs(forward_batches(model, data, limit), metric, loss_fn)
+# ---------------------------------------------------------------------- MACs
+@dataclass(frozen=True)
+class WeightUse:
+    """One use of (part of) a prunable weight in a matrix product or convolution, per input
+    sample: the region used (``weight.as_strided(size, stride, offset)``) and the MACs of that
+    use. Every entry of the region takes part in ``macs / region entries`` multiply-adds."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    macs: int
+
+    @property
+    def entries(self) -> int:
+        return math.prod(self.size)
+
+    def region(self, weight: Tensor) -> Tensor:
+        return weight.detach().as_strided(self.size, self.stride, self.offset)
 
 
-def mac_positions(model: nn.Module, users: dict[str, list[nn.Module]], sample: Tensor) -> dict[str, Optional[int]]:
-    """Per layer, how many times each weight entry is multiplied per input sample.
+def _mm_macs(func: Any, args: tuple, out: Any) -> Optional[tuple[int, list[Tensor]]]:
+    """MACs of a matrix product or convolution and the operands that may be weights."""
+    from torch.ops import aten
 
-    MACs of a layer = weight.numel() * positions; effective MACs = nonzeros * positions. Linear:
-    output rows (tokens); Conv: output positions; ConvTranspose: input positions. Summed over
-    every call and every module sharing the weight. ``None`` for modules of other kinds.
-    """
-    counts: dict[str, Optional[int]] = {}
-    handles = []
-
-    def hook_for(layer: str):
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            pos = _positions(module, inputs, output)
-            if pos is None or counts.get(layer, 0) is None:
-                counts[layer] = None
-            else:
-                counts[layer] = (counts.get(layer) or 0) + pos
-
-        return hook
-
-    for layer, modules in users.items():
-        counts[layer] = 0
-        for m in modules:
-            handles.append(m.register_forward_hook(hook_for(layer)))
-    try:
-        with eval_mode(model), torch.inference_mode():
-            model(sample)
-    finally:
-        for h in handles:
-            h.remove()
-    return counts
-
-
-def _positions(module: nn.Module, inputs: tuple, output: Any) -> Optional[int]:
-    if not isinstance(output, Tensor):
+    packet = getattr(func, "overloadpacket", None)
+    if packet in (aten.mm, aten.bmm):
+        a, b = args[0], args[1]
+    elif packet in (aten.addmm, aten.baddbmm, aten.addbmm):
+        a, b = args[1], args[2]
+    elif packet is aten.mv:
+        a, b = args[0], args[1]
+        return a.shape[0] * a.shape[1], [a, b]
+    elif packet is aten.addmv:
+        a, b = args[1], args[2]
+        return a.shape[0] * a.shape[1], [a, b]
+    elif packet in (aten.dot, aten.vdot):
+        return args[0].numel(), [args[0], args[1]]
+    elif packet is aten.convolution:
+        x, w, transposed = args[0], args[1], args[6]
+        spatial = x.shape[2:] if transposed else out.shape[2:]
+        batch = x.shape[0] if x.dim() == w.dim() else 1
+        return w.numel() * batch * math.prod(spatial), [w]
+    else:
         return None
-    if isinstance(module, nn.Linear):
-        if output.dim() == 1:
-            return 1
-        return output.numel() // (output.shape[0] * module.out_features)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return output.numel() // (output.shape[0] * module.out_channels)
-    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        x = inputs[0]
-        return x.numel() // (x.shape[0] * module.in_channels)
-    return None
+    if packet is aten.addbmm:
+        return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], [a, b]
+    batch = a.shape[0] if a.dim() == 3 else 1
+    return batch * a.shape[-2] * a.shape[-1] * b.shape[-1], [a, b]
+
+
+def weight_uses(model: nn.Module, weights: dict[str, Tensor], sample: Tensor) -> tuple[dict[str, list[WeightUse]], Any]:
+    """Every use of each weight in one forward pass of ``sample``, and the outputs.
+
+    Uses are recorded at the ATen level (``TorchDispatchMode``), so weights used through
+    functional calls, shared modules, tied parameters or slices (attention's packed q/k/v
+    projection) are all counted. Fused kernels that hide the products (PyTorch's fast attention
+    path, oneDNN/cuDNN RNNs) are switched off for this one pass.
+    """
+    import warnings
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    by_storage: dict[int, list[tuple[str, Tensor]]] = {}
+    for name, w in weights.items():
+        by_storage.setdefault(w.untyped_storage().data_ptr(), []).append((name, w))
+    uses: dict[str, list[WeightUse]] = {name: [] for name in weights}
+
+    def owner(t: Any) -> Optional[str]:
+        if not isinstance(t, Tensor) or t.is_meta or t.layout != torch.strided:
+            return None
+        for name, w in by_storage.get(t.untyped_storage().data_ptr(), ()):
+            start = t.storage_offset() - w.storage_offset()
+            if 0 <= start < w.numel() and t.dtype == w.dtype:
+                return name
+        return None
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            found = _mm_macs(func, args, out)
+            if found is not None:
+                macs, operands = found
+                for t in operands:
+                    name = owner(t)
+                    if name is None:
+                        continue
+                    size = tuple(1 if st == 0 else sz for sz, st in zip(t.shape, t.stride()))
+                    uses[name].append(WeightUse(size, tuple(t.stride()), t.storage_offset(), int(macs)))
+            return out
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), \
+                    eval_mode(model), torch.no_grad(), Recorder():
+                out = model(sample)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    return uses, out
+
+
+def count_macs(weight: Tensor, uses: list[WeightUse], nonzeros: Optional[int] = None) -> tuple[int, int]:
+    """``(MACs, effective MACs)`` of one weight's uses; effective counts only nonzero entries.
+
+    ``nonzeros`` of the whole tensor short-cuts uses that cover it entirely."""
+    macs = effective = 0
+    for u in uses:
+        macs += u.macs
+        per_entry = u.macs // u.entries if u.entries else 0
+        whole = u.size == tuple(weight.shape) and u.stride == tuple(weight.stride()) and u.offset == weight.storage_offset()
+        nnz = nonzeros if whole and nonzeros is not None else int(torch.count_nonzero(u.region(weight)))
+        effective += per_entry * nnz
+    return macs, effective

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import cache_dir
 from .datasets import DataBundle, digits
 
 
@@ -119,7 +118,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from .session import resolve_device
+    from .devices import resolve_device
 
     dev = resolve_device(device)
     model.to(dev)
@@ -154,24 +153,15 @@ def train(
 
 
 def test_accuracy(model: nn.Module, data: DataBundle, device: Union[str, torch.device, None] = None) -> float:
-    from .measure import EvalData, evaluate
+    from .measure import EvalData, Scorer, full_pass
 
     dev = next(model.parameters()).device if device is None else torch.device(device)
-    return evaluate(model, EvalData(data.test.tensors, dev)).metric
+    return full_pass(model, EvalData(data.test.tensors, dev), Scorer()).metric
 
 
 # ---------------------------------------------------------------- demo
 DEMO_EPOCHS = 30
 DEMO_CHANNELS = (8, 16)
-
-
-def cache_dir() -> Path:
-    """``$PRUNE_LAB_CACHE``, else ``$XDG_CACHE_HOME/prune_lab``, else ``~/.cache/prune_lab``."""
-    env = os.environ.get("PRUNE_LAB_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "prune_lab"
 
 
 def _demo_key(model: nn.Module) -> str:

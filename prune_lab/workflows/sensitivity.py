@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .criteria import Criterion, get_criterion
-from .masks import count_to_prune, k_smallest_masks
-from .measure import eval_mode, score_outputs
+from ..criteria import Criterion, get_criterion
+from ..evaluate import Evaluator
+from ..masks import check_fraction, count_to_prune, k_smallest_masks
+from ..state import PruningState
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from .session import Session
 
 DEFAULT_LEVELS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0 .. 0.95
 
@@ -109,12 +108,12 @@ class SensitivityResult:
 
     # ------------------------------------------------------------------ reading the curves
     def plot(self, key: Optional[str] = None) -> "Figure":
-        from .plots import sensitivity
+        from ..plots import sensitivity
 
         return sensitivity(self, key)
 
     def heatmap(self, key: Optional[str] = None) -> "Figure":
-        from .plots import sensitivity_heatmap
+        from ..plots import sensitivity_heatmap
 
         return sensitivity_heatmap(self, key)
 
@@ -219,7 +218,8 @@ class SensitivityResult:
 
 # ---------------------------------------------------------------------- the sweep
 def sweep(
-    session: "Session",
+    state: PruningState,
+    evaluator: Evaluator,
     levels: Optional[Sequence[float]] = None,
     criterion: Union[str, Callable, Criterion] = "magnitude",
     layers: Optional[Sequence[str]] = None,
@@ -230,71 +230,62 @@ def sweep(
     should_stop: Optional[Callable[[], bool]] = None,
     seed: Optional[int] = None,
 ) -> SensitivityResult:
-    """See :meth:`prune_lab.Session.sensitivity`."""
+    """Prune each layer alone to each level (the others as they are), evaluate, put it back.
+
+    Every trial mask lives inside ``state.trial``, so the model is restored exactly whatever
+    happens; Ctrl-C or ``should_stop()`` returns the partial result (``complete=False``)."""
     from tqdm.auto import tqdm
 
     crit = get_criterion(criterion)
-    seed = session.seed if seed is None else int(seed)
+    seed = state.seed if seed is None else int(seed)
     levels = list(DEFAULT_LEVELS if levels is None else levels)
+    if not levels:
+        raise ValueError("levels is empty; give sparsities in [0, 1], e.g. (0.0, 0.5, 0.9)")
     for lv in levels:
-        session.check_sparsity(session.layers[0].name, lv)
-    names = [i.name for i in session.layers] if layers is None else list(layers)
+        check_fraction(lv, "sensitivity level")
+    names = [i.name for i in state.layers] if layers is None else list(layers)
     for n in names:
-        session.layer(n)
+        state.layer(n)
     if resume is not None:
         if resume.levels != levels and levels != list(DEFAULT_LEVELS):
             raise ValueError("resume: levels differ from the interrupted sweep's")
         levels, names = resume.levels, resume.layers
         if resume.criterion != crit.name:
             raise ValueError(f"resume: the interrupted sweep used criterion {resume.criterion!r}, not {crit.name!r}")
-    reference = session.evaluate()
+    reference = evaluator.evaluate()
     result = resume or SensitivityResult(
         layers=names,
         levels=levels,
-        n_params={n: session.layer(n).n_params for n in names},
-        current=session.sparsity,
+        n_params={n: state.layer(n).n_params for n in names},
+        current=state.sparsity,
         criterion=crit.name,
-        metric=session.metric_name,
+        metric=evaluator.metric_name,
         reference=reference,
-        dense=session.baseline(),
+        dense=evaluator.baseline(),
     )
     result.complete = False
     done = result.done()
     todo = [(n, lv) for n in names for lv in levels if (n, lv) not in done]
-    ev = session.evaluator() if incremental else None
-    bar = tqdm(total=len(names) * len(levels), initial=len(names) * len(levels) - len(todo), desc="sensitivity", disable=not progress, leave=False)
+    total = len(names) * len(levels)
+    bar = tqdm(total=total, initial=total - len(todo), desc="sensitivity", disable=not progress, leave=False)
     try:
-        current_layer = None
-        for name, level in todo:
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt
-            if name != current_layer:
-                if current_layer is not None:
-                    session._restore_layer(current_layer)
-                    if ev is not None:
-                        ev.mark_clean([current_layer])  # bit-identical to the cached reference
-                current_layer = name
-            k = count_to_prune(level, session.layer(name).n_params)
-            session._write_layer(name, k_smallest_masks(session.lazy_keys([name], crit, seed), k, [session.layer(name).shape])[0] if k else None)
-            with eval_mode(session.model):
-                if ev is not None:
-                    r = score_outputs(ev.outputs(changed={name}, update_cache=False), session.metric, session.loss_fn)
-                else:
-                    from .measure import evaluate as full_evaluate
-
-                    r = full_evaluate(session.model, session.data, session.metric, session.loss_fn)
-            record = {"layer": name, "level": level, session.metric_name: r.metric, "loss": r.loss if r.loss is not None else math.nan}
-            result.records.append(record)
-            bar.update(1)
-            if on_step is not None:
-                on_step(record)
+        with state.trial():  # listeners see one sweep, not every point
+            for name, level in todo:
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
+                info = state.layer(name)
+                k = count_to_prune(level, info.n_params)
+                mask = k_smallest_masks(state.keys([name], crit, seed), k, [info.shape])[0] if k else None
+                with state.trial({name: mask}):
+                    r = evaluator.evaluate(commit=False, incremental=incremental)
+                record = {"layer": name, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
+                result.records.append(record)
+                bar.update(1)
+                if on_step is not None:
+                    on_step(record)
         result.complete = True
     except KeyboardInterrupt:
         pass  # the partial result is returned, marked incomplete
     finally:
         bar.close()
-        session._restore_all_layers()
-        if ev is not None and ev is session.evaluator():
-            ev.mark_clean(names)  # every layer is back to the reference state the cache holds
-        session.last_sensitivity = result
     return result

@@ -8,14 +8,16 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
-from .export import weights_digest
+from ..allocation import apply_global
+from ..evaluate import Evaluator
+from ..export import weights_digest
+from ..state import PruningState
+from .finetune import finetune as run_finetune
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from .session import Session
 
 
 def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
@@ -108,86 +110,79 @@ class TradeoffResult:
         return buf.getvalue()
 
     def plot(self, x: str = "compression") -> "Figure":
-        from .plots import tradeoff
+        from ..plots import tradeoff
 
         return tradeoff(self, x)
 
 
 def run_tradeoff(
-    session: "Session",
-    strategies=DEFAULT_STRATEGIES,
-    compressions=DEFAULT_COMPRESSIONS,
+    state: PruningState,
+    evaluator: Evaluator,
+    stats: Callable[[], Any],
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    compressions: Sequence[float] = DEFAULT_COMPRESSIONS,
     finetune: Optional[dict[str, Any]] = None,
     seeds: int = 1,
     cache: bool = True,
     progress: bool = True,
+    cache_dir: Optional[Path] = None,
+    loss_fn: Any = None,
 ) -> TradeoffResult:
-    """See :meth:`prune_lab.Session.tradeoff`."""
-    import torch
+    """See :meth:`prune_lab.Session.tradeoff`. ``stats()`` gives the current stats table."""
     from tqdm.auto import tqdm
 
-    from ._version import __version__
-    from .models import cache_dir
+    from .._version import __version__
 
     finetune = dict(finetune or {})
     train_data = finetune.pop("train_data", None)
     if finetune and train_data is None:
         raise ValueError("finetune={...} needs 'train_data': the data to fine-tune on")
     for c in compressions:
-        if not (isinstance(c, (int, float)) and c >= 1):
+        if isinstance(c, bool) or not (isinstance(c, (int, float)) and c >= 1):
             raise ValueError(f"compression {c!r} must be a number >= 1 (dense size / nonzeros)")
     config = {"strategies": list(strategies), "compressions": list(compressions), "finetune": finetune, "seeds": seeds,
-              "version": __version__, "metric": session.metric_name}
-    model_hash = weights_digest([session._original[k] for k in sorted(session._original)])
-    data_tensors = [session.data.inputs, session.data.targets] if session.data.inputs is not None else []
+              "version": __version__, "metric": evaluator.metric_name}
+    data_digest = evaluator.data.fingerprint()
     if train_data is not None:
-        data_tensors += list(getattr(train_data, "tensors", train_data if isinstance(train_data, (tuple, list)) else []))
-    key = hashlib.sha256(json.dumps([model_hash, weights_digest(data_tensors), config], sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = cache_dir() / "tradeoff" / f"{key}.json"
-    if cache and path.exists():
+        data_digest += weights_digest(list(getattr(train_data, "tensors", train_data if isinstance(train_data, (tuple, list)) else [])))
+    key = hashlib.sha256(json.dumps([state.original_digest(), data_digest, config], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = (cache_dir / "tradeoff" / f"{key}.json") if cache_dir is not None else None
+    if cache and path is not None and path.exists():
         try:
             result = TradeoffResult.from_json(path)
             result.cached = True
             return result
         except ValueError:
             pass  # a corrupt cache entry is recomputed
-    # keep the session exactly as it was: weights, mask bases and masks
-    saved_state = {k: v.detach().clone() for k, v in session.model.state_dict().items()}
-    saved_base, saved_masks = dict(session._orig), session.state()
-    session.reset()
-    result = TradeoffResult(session.metric_name, session.baseline(), config)
+    saved = state.snapshot()  # the session is left exactly as it was found
+    metric = evaluator.metric_name
     bar = tqdm(total=len(strategies) * len(compressions) * seeds, desc="trade-off", disable=not progress, leave=False)
+    result = TradeoffResult(metric, evaluator.baseline(), config)
     try:
         for seed in range(seeds):
             for strategy in strategies:
                 for c in compressions:
-                    session.reset()
-                    session.set_global_sparsity(1 - 1 / c, allocation=strategy, seed=seed)
-                    ev, st = session.evaluate(), session.stats().total
+                    state.reset()
+                    apply_global(state, 1 - 1 / c, allocation=strategy, seed=seed)
+                    ev, st = evaluator.evaluate(), stats().total
                     record = {
                         "strategy": strategy, "target_compression": c, "seed": seed,
                         "sparsity": st["sparsity"], "compression": st["params"] / max(st["nonzeros"], 1),
                         "sparse_bytes": st["sparse_file_bytes"], "effective_macs": st["effective_macs"],
-                        "speedup": st["speedup"], session.metric_name: ev[session.metric_name], "loss": ev["loss"],
+                        "speedup": st["speedup"], metric: ev[metric], "loss": ev["loss"],
                     }
                     if train_data is not None:
-                        ft = session.finetune(train_data, seed=seed, progress=False, **finetune)
-                        record[f"{session.metric_name}_finetuned"] = ft.evaluations[-1][session.metric_name] if ft.evaluations else None
-                        record["compression_finetuned"] = sum(i.n_params for i in session.layers) / max(session.stats().total["nonzeros"], 1)
+                        ft = run_finetune(state, evaluator, train_data, seed=seed, progress=False, loss_fn=loss_fn, **finetune)
+                        record[f"{metric}_finetuned"] = ft.evaluations[-1][metric] if ft.evaluations else None
+                        record["compression_finetuned"] = sum(i.n_params for i in state.layers) / max(stats().total["nonzeros"], 1)
                     result.records.append(record)
                     bar.update(1)
     except KeyboardInterrupt:
         result.config["interrupted"] = True
     finally:
         bar.close()
-        with torch.no_grad():
-            for k, t in session.model.state_dict().items():
-                t.copy_(saved_state[k])
-        session._orig = saved_base
-        session._masks = {n: None for n in session._masks}
-        session._pruned = {n: 0 for n in session._pruned}
-        session.restore_state(saved_masks)
-    if cache and not result.config.get("interrupted"):
+        state.restore(saved)
+    if cache and path is not None and not result.config.get("interrupted"):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(result.to_json())

@@ -1,0 +1,460 @@
+"""The pruning state: base weights, one record per prunable tensor, and exact writes.
+
+Invariants:
+- every live prunable weight equals ``base * mask`` of its record (the base itself when dense),
+  unless someone wrote it behind the state's back, which :meth:`PruningState.token` detects;
+- base tensors are never written in place (fine-tuning installs new ones), so a
+  :class:`Snapshot` holds them by reference and restores them exactly;
+- :meth:`PruningState.apply` computes everything before it writes anything (all or nothing);
+- :meth:`PruningState.trial` writes masks that are not recorded and restores the recorded ones
+  on exit, exceptions and Ctrl-C included;
+- listeners receive an :class:`Event` naming the tensors changed after every recorded change.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .criteria import Criterion
+from .layers import LayerInfo
+from .masks import k_smallest_masks
+from .registry import close_names
+
+UNSTRUCTURED = "unstructured"
+_serials = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Record:
+    """How one tensor is pruned: ``count`` entries zeroed by ``criterion`` (seeded) in
+    ``pattern``. ``mask`` is the keep-mask (True = kept; None = dense). ``token`` identifies the
+    value ``base * mask`` this record writes; ``reproducible`` is False when the mask cannot be
+    recomputed from the settings alone (a callable criterion, a mask given from outside)."""
+
+    pattern: str = UNSTRUCTURED
+    count: int = 0
+    criterion: str = "magnitude"
+    seed: int = 0
+    mask: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    token: int = field(default=0, repr=False, compare=False)
+    reproducible: bool = field(default=True, repr=False, compare=False)
+
+    @property
+    def settings(self) -> tuple[str, int, str, int]:
+        return (self.pattern, self.count, self.criterion, self.seed)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What changed: ``kind`` is one of 'masks', 'reset', 'restore', 'finetune', 'rewind',
+    'device', 'trial-start', 'trial-end'; ``tensors`` names the layers whose weights changed."""
+
+    kind: str
+    tensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """A pruning state that :meth:`PruningState.restore` brings back exactly: the records, the
+    base weights (by reference) and, across fine-tuning, the other parameters and buffers."""
+
+    records: Mapping[str, Record]
+    bases: Mapping[str, Tensor] = field(repr=False)
+    generation: int = 0
+    others: Optional[Mapping[str, Tensor]] = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> dict[str, tuple[str, int, str, int]]:
+        return {n: r.settings for n, r in self.records.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Snapshot):
+            return NotImplemented
+        return (self.generation == other.generation and
+                {n: r.token for n, r in self.records.items()} == {n: r.token for n, r in other.records.items()})
+
+    def __hash__(self) -> int:
+        return hash((self.generation, tuple(sorted((n, r.token) for n, r in self.records.items()))))
+
+    def __repr__(self) -> str:
+        pruned = {n: r.count for n, r in self.records.items() if r.count}
+        return f"Snapshot(generation {self.generation}, {len(pruned)} pruned layers: {pruned})"
+
+
+Listener = Callable[[Event], None]
+
+
+class PruningState:
+    """Base weights and per-layer :class:`Record` s of a model's prunable tensors."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[LayerInfo], seed: int = 0):
+        self.model = model
+        self.layers = list(layers)
+        self.seed = int(seed)
+        self._info = {i.name: i for i in self.layers}
+        self._original = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        self._bind()
+        self._bases: dict[str, Tensor] = {i.name: self._original_of(i) for i in self.layers}
+        self.generation = 0
+        self._others_copy: tuple[int, Optional[dict[str, Tensor]]] = (0, None)  # generation 0: the originals
+        self._records: dict[str, Record] = {}
+        self._written: dict[str, tuple[Any, int, int]] = {}
+        for i in self.layers:
+            self._records[i.name] = Record(seed=self.seed, token=next(_serials))
+            self._mark_written(i.name, self._records[i.name].token)
+        self._listeners: list[Listener] = []
+        self._trial_depth = 0
+        self.lock = threading.RLock()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _bind(self) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        self.weights: dict[str, Tensor] = {i.name: params[i.param] for i in self.layers}
+        layer_ids = {id(w) for w in self.weights.values()}
+        state = self.model.state_dict(keep_vars=True)
+        self._other_keys = [k for k, t in state.items() if id(t) not in layer_ids]
+
+    def _original_of(self, info: LayerInfo) -> Tensor:
+        return self._original[info.param]
+
+    def _mark_written(self, name: str, token: Any) -> None:
+        w = self.weights[name]
+        self._written[name] = (token, w._version, w.data_ptr())
+
+    def token(self, name: str) -> Any:
+        """Identifies the live value of a layer's weight: equal tokens mean bit-equal values.
+        A write from outside the state (an optimizer, the user) gives a token never seen before."""
+        token, version, ptr = self._written[name]
+        w = self.weights[name]
+        if w._version == version and w.data_ptr() == ptr:
+            return token
+        return ("external", name, w.data_ptr(), w._version)
+
+    def tokens(self) -> dict[str, Any]:
+        return {n: self.token(n) for n in self._info}
+
+    def other_tensors(self) -> dict[str, Tensor]:
+        """Parameters and buffers that are not prunable layers (biases, norms, embeddings...)."""
+        state = self.model.state_dict(keep_vars=True)
+        return {k: state[k] for k in self._other_keys}
+
+    # ------------------------------------------------------------------ reading
+    def info(self, name: str) -> LayerInfo:
+        try:
+            return self._info[name]
+        except (KeyError, TypeError):
+            names = list(self._info)
+            raise ValueError(
+                f"no prunable layer named {name!r}.{close_names(str(name), names)} Prunable layers: {', '.join(names)}"
+            ) from None
+
+    layer = info  # the name allocations and criteria use
+
+    @property
+    def records(self) -> dict[str, Record]:
+        return dict(self._records)
+
+    def record(self, name: str) -> Record:
+        self.info(name)
+        return self._records[name]
+
+    def base(self, name: str) -> Tensor:
+        """The weights masks are computed from: the original weights, or the trained ones after
+        fine-tuning (pruned entries keep their previous base). Read-only."""
+        self.info(name)
+        return self._bases[name]
+
+    original_weight = base
+
+    def mask(self, name: str) -> Tensor:
+        """Keep-mask of a layer (True = kept), on the weight's device."""
+        r = self.record(name)
+        w = self.weights[name]
+        return torch.ones(w.shape, dtype=torch.bool, device=w.device) if r.mask is None else r.mask
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {n: r.count for n, r in self._records.items()}
+
+    @property
+    def sparsity(self) -> dict[str, float]:
+        return {n: r.count / self._info[n].n_params for n, r in self._records.items()}
+
+    def total_sparsity(self) -> float:
+        return sum(r.count for r in self._records.values()) / sum(i.n_params for i in self.layers)
+
+    def original_state(self) -> dict[str, Tensor]:
+        """A copy of the model's state_dict as it was when the state was made (CPU tensors)."""
+        return {k: v.detach().cpu().clone() for k, v in self._original.items()}
+
+    def original_digest(self) -> str:
+        """sha256 of every original parameter and buffer (names, shapes and bits)."""
+        from .export import weights_digest
+
+        keys = sorted(self._original)
+        return weights_digest([self._original[k] for k in keys]) + str([(k, tuple(self._original[k].shape)) for k in keys])
+
+    @property
+    def in_trial(self) -> bool:
+        return self._trial_depth > 0
+
+    def keys(self, names: Sequence[str], criterion: Criterion, seed: int) -> Sequence[Tensor]:
+        """Criterion keys per layer on the base weights, computed on access (one at a time)."""
+        return _LazyKeys(self, list(names), criterion, seed)
+
+    lazy_keys = keys
+
+    # ------------------------------------------------------------------ events
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event)`` after every change; returns the unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _notify(self, kind: str, tensors: Sequence[str] = ()) -> None:
+        event = Event(kind, tuple(tensors))
+        for listener in list(self._listeners):
+            listener(event)
+
+    def _check_not_in_trial(self, action: str) -> None:
+        if self._trial_depth:
+            raise RuntimeError(f"cannot {action} while a sweep holds trial masks in the model; stop the sweep first")
+
+    # ------------------------------------------------------------------ writing
+    def _write(self, name: str, mask: Optional[Tensor], token: Any) -> None:
+        """The one place a layer's weight is written: ``base * mask`` (the base when dense)."""
+        with torch.no_grad():
+            w = self.weights[name]
+            if mask is None:
+                w.copy_(self._bases[name])
+            else:
+                torch.mul(self._bases[name], mask, out=w)
+        self._mark_written(name, token)
+
+    def compute(self, counts: Mapping[str, int], criterion: Criterion, seed: int,
+                masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED) -> dict[str, Record]:
+        """New records for ``counts`` (exact k-smallest masks by ``criterion`` on the base
+        weights, or the given ``masks``); layers whose settings are unchanged keep their record.
+        Writes nothing."""
+        out: dict[str, Record] = {}
+        for name, k in counts.items():
+            info = self.info(name)
+            if not 0 <= k <= info.n_params:
+                raise ValueError(f"layer {name!r}: cannot prune {k} of {info.n_params} weights")
+            old = self._records[name]
+            new_settings = (pattern, k, criterion.name, seed)
+            given = masks is not None and name in masks
+            if old.settings == new_settings and old.reproducible and not given:
+                out[name] = old
+                continue
+            if k == 0:
+                out[name] = Record(pattern, 0, criterion.name, seed, None, next(_serials))
+                continue
+            if given:
+                mask = masks[name]  # type: ignore[index]
+                if tuple(mask.shape) != info.shape or mask.dtype != torch.bool:
+                    raise ValueError(f"layer {name!r}: a mask must be bool of shape {info.shape}, got {mask.dtype} {tuple(mask.shape)}")
+                if int(mask.numel() - mask.sum()) != k:
+                    raise ValueError(f"layer {name!r}: the mask zeroes {int(mask.numel() - mask.sum())} entries, not {k}")
+            else:
+                mask = k_smallest_masks(self.keys([name], criterion, seed), k, [info.shape])[0]
+            mask = mask.to(self.weights[name].device)
+            out[name] = Record(pattern, k, criterion.name, seed, mask, next(_serials), criterion.reproducible and not given)
+        return out
+
+    def apply(self, records: Mapping[str, Record], kind: str = "masks") -> list[str]:
+        """Install computed records and write their weights; returns the layers that changed."""
+        with self.lock:
+            self._check_not_in_trial("change the masks")
+            for name in records:
+                self.info(name)
+            changed = [n for n, r in records.items() if r.token != self._records[n].token]
+            for name in changed:
+                self._write(name, records[name].mask, records[name].token)
+                self._records[name] = records[name]
+            if changed:
+                self._notify(kind, changed)
+            return changed
+
+    def set_counts(self, counts: Mapping[str, int], criterion: Criterion, seed: int,
+                   masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED) -> list[str]:
+        return self.apply(self.compute(counts, criterion, seed, masks, pattern))
+
+    @contextlib.contextmanager
+    def trial(self, masks: Mapping[str, Optional[Tensor]] = {}) -> Iterator["PruningState"]:
+        """Write ``masks`` (None: the dense base) without recording them; on exit every layer
+        written is put back exactly as recorded, whatever happened inside."""
+        with self.lock:
+            for name, m in masks.items():
+                info = self.info(name)
+                if m is not None and (tuple(m.shape) != info.shape or m.dtype != torch.bool):
+                    raise ValueError(f"layer {name!r}: a trial mask must be bool of shape {info.shape}")
+            self._trial_depth += 1
+            touched: list[str] = []
+            try:
+                if self._trial_depth == 1:
+                    self._notify("trial-start")
+                for name, m in masks.items():
+                    touched.append(name)
+                    self._write(name, m, ("trial", next(_serials)))
+                yield self
+            finally:
+                for name in touched:
+                    r = self._records[name]
+                    self._write(name, r.mask, r.token)
+                self._trial_depth -= 1
+                if self._trial_depth == 0:
+                    self._notify("trial-end")
+
+    @contextlib.contextmanager
+    def original_weights(self) -> Iterator["PruningState"]:
+        """Every parameter and buffer as it was when the state was made, for the block; the
+        current values come back exactly afterwards (a trial of the original model)."""
+        with self.lock:
+            state = self.model.state_dict(keep_vars=True)
+            saved = {k: t.detach().clone() for k, t in state.items()}
+            self._trial_depth += 1
+            try:
+                with torch.no_grad():
+                    for k, t in state.items():
+                        t.copy_(self._original[k])
+                for name in self._info:
+                    self._mark_written(name, ("original", self._original_token))
+                yield self
+            finally:
+                with torch.no_grad():
+                    for k, t in state.items():
+                        t.copy_(saved[k])
+                for name, r in self._records.items():
+                    self._mark_written(name, r.token)
+                self._trial_depth -= 1
+
+    _original_token = next(_serials)
+
+    def snapshot(self) -> Snapshot:
+        """The current state, restorable exactly (cheap: bases and masks are held by reference;
+        the other parameters are copied once per fine-tuning generation)."""
+        gen, others = self._others_copy
+        if gen != self.generation:
+            others = {k: t.detach().clone() for k, t in self.other_tensors().items()}
+            self._others_copy = (self.generation, others)
+        return Snapshot(dict(self._records), dict(self._bases), self.generation, others)
+
+    def restore(self, snapshot: Snapshot) -> list[str]:
+        """Bring back a :meth:`snapshot` exactly (all or nothing: it is validated first)."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"restore takes a Snapshot from snapshot(), got {type(snapshot).__name__}")
+        with self.lock:
+            self._check_not_in_trial("restore a snapshot")
+            if set(snapshot.records) != set(self._info):
+                raise ValueError("this snapshot belongs to another model (its layers differ)")
+            if snapshot.generation != self.generation:
+                others = snapshot.others if snapshot.others is not None else {k: self._original[k] for k in self._other_keys}
+                current = self.other_tensors()
+                with torch.no_grad():
+                    for k, t in current.items():
+                        t.copy_(others[k])
+                self._bases = dict(snapshot.bases)
+                self.generation = snapshot.generation
+                changed = list(self._info)
+            else:
+                changed = [n for n, r in snapshot.records.items() if r.token != self._records[n].token]
+            for name in changed:
+                r = snapshot.records[name]
+                self._write(name, r.mask, r.token)
+                self._records[name] = r
+            if changed:
+                self._notify("restore", changed)
+            return changed
+
+    def reset(self) -> None:
+        """Every parameter and buffer back to construction time, bit for bit; no masks."""
+        with self.lock:
+            self._check_not_in_trial("reset")
+            with torch.no_grad():
+                for key, t in self.model.state_dict(keep_vars=True).items():
+                    t.copy_(self._original[key])
+            self._bases = {i.name: self._original_of(i) for i in self.layers}
+            self.generation = 0
+            for i in self.layers:
+                self._records[i.name] = Record(seed=self.seed, token=next(_serials))
+                self._mark_written(i.name, self._records[i.name].token)
+            self._notify("reset", list(self._info))
+
+    def rebase(self, kind: str = "finetune") -> None:
+        """After training changed the live weights: they become the new base (pruned entries
+        keep their previous base value, which is what un-pruning brings back)."""
+        with self.lock:
+            self.generation = max(self.generation, self._max_generation()) + 1
+            self._max_gen = self.generation
+            for name, w in self.weights.items():
+                r = self._records[name]
+                trained = w.detach().clone()
+                self._bases[name] = trained if r.mask is None else torch.where(r.mask, trained, self._bases[name])
+                self._records[name] = replace(r, token=next(_serials))
+                self._write(name, r.mask, self._records[name].token)
+            self._notify(kind, list(self._info))
+
+    def _max_generation(self) -> int:
+        return getattr(self, "_max_gen", 0)
+
+    def rewind_to(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Every tensor back to ``state_dict`` (recorded earlier), the masks kept: surviving
+        weights take the recorded values, pruned ones stay zero (lottery-ticket rewinding)."""
+        with self.lock:
+            self._check_not_in_trial("rewind")
+            current = self.model.state_dict(keep_vars=True)
+            missing = [k for k in current if k not in state_dict]
+            if missing:
+                raise ValueError(f"rewind_to: the state lacks {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
+            for k, t in current.items():
+                if tuple(state_dict[k].shape) != tuple(t.shape):
+                    raise ValueError(f"rewind_to: {k!r} has shape {tuple(state_dict[k].shape)}, the model's is {tuple(t.shape)}")
+            with torch.no_grad():
+                for k, t in current.items():
+                    t.copy_(state_dict[k].to(t.device))
+            for name in self._info:
+                self.weights[name]._version  # noqa: B018 (the copy above bumped it)
+            self.rebase("rewind")
+
+    def to(self, device: torch.device) -> None:
+        """Move the model, the originals, bases and masks to ``device``."""
+        with self.lock:
+            self._check_not_in_trial("move the model")
+            moved: dict[int, Tensor] = {}
+
+            def mv(t: Optional[Tensor]) -> Optional[Tensor]:
+                if t is None:
+                    return None
+                if id(t) not in moved:
+                    moved[id(t)] = t.to(device)
+                return moved[id(t)]
+
+            self.model.to(device)
+            self._original = {k: mv(v) for k, v in self._original.items()}  # type: ignore[misc]
+            self._bases = {n: mv(b) for n, b in self._bases.items()}  # type: ignore[misc]
+            self._records = {n: replace(r, mask=mv(r.mask)) for n, r in self._records.items()}
+            gen, others = self._others_copy
+            if others is not None:
+                self._others_copy = (gen, {k: mv(v) for k, v in others.items()})  # type: ignore[misc]
+            self._bind()
+            for name, r in self._records.items():
+                self._mark_written(name, r.token)
+            self._notify("device", list(self._info))
+
+
+class _LazyKeys(Sequence):
+    def __init__(self, state: PruningState, names: list[str], criterion: Criterion, seed: int):
+        self._s, self._names, self._c, self._seed = state, names, criterion, seed
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        name = self._names[i]
+        return self._c.keys(self._s.base(name), layer=name, seed=self._seed)

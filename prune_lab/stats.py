@@ -1,0 +1,100 @@
+"""The stats table: per layer and total counts, bytes and MACs, all counted in live tensors."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from . import export as _export
+from .measure import WeightUse, count_macs
+
+
+class NonzeroCounter:
+    """``count_nonzero`` per tensor, cached until the tensor is written (version counter)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[Tensor, int, int]] = {}
+
+    def __call__(self, t: Tensor) -> int:
+        key = id(t)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is t and hit[1] == t._version:
+            return hit[2]
+        nnz = int(torch.count_nonzero(t.detach()))
+        self._cache[key] = (t, t._version, nnz)
+        return nnz
+
+
+class Stats:
+    """``stats.layers[name][key]`` and ``stats.total[key]``; prints as a table."""
+
+    def __init__(self, layers: dict[str, dict[str, Any]], total: dict[str, Any]):
+        self.layers = layers
+        self.total = total
+
+    def __getitem__(self, key: str) -> Any:
+        return self.total if key == "total" else self.layers[key]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "total": self.total}
+
+    def __repr__(self) -> str:
+        width = max([20] + [len(n) + 2 for n in self.layers])
+        head = f"{'layer':<{width}}{'params':>10}{'nonzeros':>10}{'sparsity':>9}{'bytes':>10}{'sparse B':>10}{'MACs':>13}{'eff. MACs':>13}"
+        lines = [head]
+        for name, r in list(self.layers.items()) + [("total", self.total)]:
+            lines.append(
+                f"{name or '(model)':<{width}}{r['params']:>10,}{r['nonzeros']:>10,}{r['sparsity']:>9.1%}"
+                f"{r['dense_bytes']:>10,}{r['sparse_bytes']:>10,}{r['macs']:>13,}{r['effective_macs']:>13,}"
+            )
+        t = self.total
+        lines.append(
+            f"files: dense {t['dense_file_bytes']:,} B, sparse {t['sparse_file_bytes']:,} B "
+            f"({t['file_compression']:.2f}x); compression {t['compression']:.2f}x; speedup {t['speedup']:.2f}x (theoretical)"
+        )
+        return "\n".join(lines)
+
+
+def compute_stats(model: torch.nn.Module, layers: list, weights: Mapping[str, Tensor], uses: Mapping[str, list[WeightUse]],
+                  nonzeros: NonzeroCounter, dense_file_bytes: int) -> Stats:
+    """Per layer: params, nonzeros, sparsity, dense/sparse payload bytes, MACs and effective MACs
+    per input sample; totals add the file sizes of the dense and sparse exports (exact)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for info in layers:
+        w = weights[info.name]
+        nnz = nonzeros(w)
+        macs, effective = count_macs(w, uses.get(info.name, []), nnz)
+        rows[info.name] = {
+            "params": info.n_params,
+            "nonzeros": nnz,
+            "sparsity": 1 - nnz / info.n_params,
+            "dense_bytes": info.n_params * w.element_size(),
+            "sparse_bytes": _export.sparse_payload_bytes(info.n_params, nnz, w.element_size()),
+            "macs": macs,
+            "effective_macs": effective,
+        }
+    total: dict[str, Any] = {
+        key: sum(r[key] for r in rows.values())
+        for key in ("params", "nonzeros", "dense_bytes", "sparse_bytes", "macs", "effective_macs")
+    }
+    total["sparsity"] = 1 - total["nonzeros"] / total["params"]
+    all_params = {id(p): p for p in model.parameters()}.values()
+    total["model_params"] = sum(p.numel() for p in all_params)
+    total["model_nonzeros"] = sum(nonzeros(p) for p in all_params)
+    total["dense_file_bytes"] = dense_file_bytes
+    total["sparse_file_bytes"] = sparse_file_bytes(model, {i.param for i in layers}, nonzeros)
+    total["compression"] = total["params"] / max(total["nonzeros"], 1)
+    total["file_compression"] = total["dense_file_bytes"] / total["sparse_file_bytes"]
+    total["speedup"] = total["macs"] / max(total["effective_macs"], 1)
+    return Stats(rows, total)
+
+
+def sparse_file_bytes(model: torch.nn.Module, sparse_keys: set, nonzeros: Optional[NonzeroCounter] = None) -> int:
+    """Exact length of the sparse export's file for the model's current weights."""
+    nonzeros = nonzeros or NonzeroCounter()
+    meta = [
+        (key, tuple(t.shape), t.dtype, nonzeros(t) if key in sparse_keys else t.numel(), key in sparse_keys)
+        for key, t in model.state_dict(keep_vars=True).items()
+    ]
+    return _export.sparse_file_size(meta)

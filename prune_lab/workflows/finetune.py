@@ -1,0 +1,245 @@
+"""Masked training: recover accuracy with the pruned weights held at exactly zero.
+
+After every optimizer step the masks are re-applied, and pruned weights get zero gradient before
+it, so optimizer state (momentum, Adam moments) for them stays zero too. Schedules: one-shot,
+iterative magnitude pruning, AGP (Zhu & Gupta 2017) and lottery-ticket rewinding (Frankle &
+Carbin 2019). Progress bar; Ctrl-C stops and keeps what was learned.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..allocation import apply_global
+from ..evaluate import Evaluator
+from ..measure import model_logits
+from ..state import PruningState
+
+SCHEDULES = ("oneshot", "iterative", "agp", "lottery")
+
+
+@dataclass
+class FinetuneResult:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list, repr=False)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # per epoch / round
+    interrupted: bool = False
+    restored: Optional[str] = None
+
+    def __repr__(self) -> str:
+        last = self.evaluations[-1] if self.evaluations else {}
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items())
+        loss = f", last loss {self.losses[-1]:.4f}" if self.losses else ""
+        stop = ", interrupted" if self.interrupted else ""
+        return f"FinetuneResult({self.steps} steps{loss}{stop}; after: {shown or 'not evaluated'})"
+
+
+def _batches(data: Any, batch_size: int, seed: int, device: torch.device):
+    """Endless shuffled (inputs, targets) batches from a Dataset, DataLoader or tensor pair."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        data = TensorDataset(*data)
+    if isinstance(data, TensorDataset):
+        x, y = (t.to(device) for t in data.tensors[:2])
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(len(x), generator=g).to(device)
+            for start in range(0, len(x), batch_size):
+                idx = order[start : start + batch_size]
+                yield x[idx], y[idx]
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    if not isinstance(data, (DataLoader, Dataset)):
+        raise TypeError(f"train_data must be a Dataset, DataLoader or (inputs, targets) tensors, got {type(data).__name__}")
+    while True:
+        for x, y, *_ in loader:
+            yield x.to(device), y.to(device)
+
+
+def make_optimizer(name: Union[str, Callable], params, lr: float, momentum: float, weight_decay: float):
+    if callable(name):
+        return name(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable(params) -> Optimizer, got {name!r}")
+
+
+def masked_train(
+    state: PruningState,
+    train_data: Any,
+    steps: int,
+    lr: float = 0.01,
+    optimizer: Union[str, Callable] = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    on_step: Optional[Callable[[int, float], None]] = None,
+    result: Optional[FinetuneResult] = None,
+) -> FinetuneResult:
+    """``steps`` optimizer steps on the session's model with its current masks held."""
+    from tqdm.auto import tqdm
+
+    result = result or FinetuneResult()
+    model = state.model
+    masks = {name: state.mask(name) for name, k in state.counts.items() if k}
+    weights = {name: state.weights[name] for name in masks}
+    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
+    was_training = model.training
+    device = next(iter(state.weights.values())).device
+    batches = _batches(train_data, batch_size, seed, device)
+    model.train()
+    bar = tqdm(range(steps), desc="fine-tune", disable=not progress, leave=False)
+    try:
+        for step in bar:
+            x, y = next(batches)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model_logits(model(x)), y)
+            loss.backward()
+            with torch.no_grad():
+                for name, m in masks.items():
+                    if weights[name].grad is not None:
+                        weights[name].grad.mul_(m)
+            opt.step()
+            with torch.no_grad():
+                for name, m in masks.items():
+                    weights[name].mul_(m)
+            value = loss.item()
+            result.losses.append(value)
+            result.steps += 1
+            if on_step is not None:
+                on_step(step, value)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{value:.3f}")
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        bar.close()
+        model.train(was_training)
+        state.rebase()
+    return result
+
+
+def agp_sparsity(step: int, total_steps: int, final: float, initial: float = 0.0, start: int = 0, end: Optional[int] = None) -> float:
+    """Zhu & Gupta's cubic schedule: s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3."""
+    end = total_steps if end is None else end
+    if step <= start:
+        return initial
+    if step >= end:
+        return final
+    frac = (step - start) / (end - start)
+    return final + (initial - final) * (1 - frac) ** 3
+
+
+def iterative_sparsities(final: float, rounds: int) -> list[float]:
+    """Sparsity after each round of iterative pruning: the same fraction of the remaining
+    weights each round (1 - (1 - s)^(r / R))."""
+    return [1 - (1 - final) ** ((r + 1) / rounds) for r in range(rounds)]
+
+
+def token_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy over the class dimension for (B, C) or (B, T, V) logits, -100 ignored."""
+    if outputs.dim() == targets.dim() + 1 and tuple(outputs.shape[:-1]) == tuple(targets.shape):
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(outputs, targets, ignore_index=-100)
+
+
+def finetune(
+    state: PruningState,
+    evaluator: Evaluator,
+    train_data: Any,
+    epochs: Optional[float] = None,
+    steps: Optional[int] = None,
+    lr: float = 0.01,
+    schedule: str = "oneshot",
+    target_sparsity: Optional[float] = None,
+    allocation: Any = "global",
+    rounds: int = 3,
+    rewind_step: int = 0,
+    restore: str = "last",
+    optimizer: Union[str, Callable] = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    on_step: Optional[Callable[[int, float], None]] = None,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+) -> FinetuneResult:
+    """See :meth:`prune_lab.Session.finetune`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+    if restore not in ("last", "best"):
+        raise ValueError(f"restore must be 'last' or 'best', got {restore!r}")
+    if target_sparsity is not None and (isinstance(target_sparsity, bool) or not 0 <= target_sparsity <= 1):
+        raise ValueError(f"target_sparsity {target_sparsity!r} is outside [0, 1]")
+    if schedule != "oneshot" and target_sparsity is None:
+        raise ValueError(f"schedule {schedule!r} needs target_sparsity=...")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    n_train = len(train_data[0]) if isinstance(train_data, (tuple, list)) else len(getattr(train_data, "dataset", train_data))
+    if steps is None:
+        if epochs is None:
+            raise ValueError("finetune needs steps=... or epochs=...")
+        steps = max(1, int(math.ceil(epochs * n_train / batch_size)))
+    loss_fn = loss_fn or token_cross_entropy
+    evaluator.baseline()  # the dense reference is measured before any weight changes
+    result = FinetuneResult()
+    best: tuple[float, Any] = (-math.inf, None)
+    metric = evaluator.metric_name
+
+    def train(n: int, phase_seed: int, hook: Optional[Callable[[int, float], None]] = on_step) -> None:
+        nonlocal best
+        masked_train(state, train_data, n, lr, optimizer, momentum, weight_decay, batch_size, phase_seed, progress,
+                     loss_fn, hook, result)
+        ev = {**evaluator.evaluate(), "sparsity": state.total_sparsity(), "steps": result.steps}
+        result.evaluations.append(ev)
+        if restore == "best" and ev[metric] > best[0]:
+            best = (ev[metric], state.snapshot())
+
+    if schedule == "oneshot":
+        if target_sparsity is not None:
+            apply_global(state, target_sparsity, allocation)
+        train(steps, seed)
+    elif schedule == "iterative":
+        for r, s in enumerate(iterative_sparsities(target_sparsity, rounds)):  # type: ignore[arg-type]
+            apply_global(state, s, allocation)
+            train(steps, seed + r)
+            if result.interrupted:
+                break
+    elif schedule == "agp":
+        per = max(1, steps // rounds)
+        for r in range(rounds):
+            apply_global(state, agp_sparsity(r + 1, rounds, target_sparsity), allocation)  # type: ignore[arg-type]
+            train(per, seed + r)
+            if result.interrupted:
+                break
+    else:  # lottery
+        recorded: dict[str, Tensor] = {}
+        if rewind_step == 0:
+            recorded = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+        def record(step: int, _loss: float) -> None:
+            if step + 1 == rewind_step:
+                recorded.update({k: v.detach().clone() for k, v in state.model.state_dict().items()})
+
+        train(steps, seed, record)
+        if not result.interrupted:
+            apply_global(state, target_sparsity, allocation)  # type: ignore[arg-type]
+            state.rewind_to(recorded)
+            train(steps, seed + 1)
+    if restore == "best" and best[1] is not None:
+        state.restore(best[1])
+        result.restored = "best"
+    else:
+        result.restored = "last"
+    return result
