@@ -74,7 +74,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         with eval_mode(model):
             return fx.symbolic_trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises many kinds of errors for untraceable code
-        raise TraceError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise TraceError(f"the model cannot be traced by torch.fx: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 class IncrementalEngine:

@@ -123,8 +123,7 @@ def find_prunable(model: nn.Module, extra_layers: Iterable[str] = ()) -> tuple[l
             )
         if not params[pid].dtype.is_floating_point:
             raise TypeError(f"extra_layers: {name!r} has dtype {params[pid].dtype}; only floating-point tensors can be pruned")
-        if pid not in chosen:
-            chosen[pid] = name if name in by_qualified else f"{name}.weight" if name else "weight"
+        chosen[pid] = name if name in by_qualified else f"{name}.weight" if name else "weight"  # the user's name wins
     infos: list[LayerInfo] = []
     order = list(uses)  # module order of first use
     for pid in order:

@@ -223,7 +223,7 @@ def update_tradeoff_points(
 
     ``grow_only`` widens limits (with margin) only when a point falls outside them, so a live
     view rarely needs a full redraw."""
-    from .tradeoff import pareto_front
+    from .workflows.tradeoff import pareto_front
 
     scores = [p[metric] for p in points]
     changed = False
@@ -273,7 +273,7 @@ def tradeoff(result: Any, x: str = "compression") -> Figure:
     """Metric against compression (params/nonzeros), sparse file bytes or theoretical speedup
     (log x): one curve per strategy (mean over seeds, bars = spread), solid before and dashed
     after fine-tuning, the Pareto front of all measured points in grey, dense as a dotted line."""
-    from .tradeoff import pareto_front
+    from .workflows.tradeoff import pareto_front
 
     keys = {"compression": ("compression", "compression (params / nonzeros)"), "bytes": ("sparse_bytes", "sparse file bytes"),
             "speedup": ("speedup", "theoretical speedup (MACs / effective MACs)")}

@@ -9,6 +9,10 @@ from hypothesis import settings
 
 import prune_lab as pl
 
+# Checking mode for the whole suite: every Session.evaluate() is also computed by a plain full
+# forward pass and compared (metric exactly, loss to 1e-5); a difference raises CheckError.
+os.environ.setdefault("PRUNE_LAB_CHECK", "1")
+
 settings.register_profile("prune_lab", deadline=None, max_examples=60)
 settings.load_profile("prune_lab")
 

@@ -21,7 +21,7 @@ def test_pruned_weights_stay_exactly_zero(optimizer, digits):
     checks = []
 
     def check(step, loss):
-        checks.append(all(int((s._weights[n][~m] != 0).sum()) == 0 for n, m in masks.items()))
+        checks.append(all(int((s.state.weights[n][~m] != 0).sum()) == 0 for n, m in masks.items()))
 
     s.finetune(digits.train, steps=30, lr=0.05 if optimizer == "sgd" else 1e-3, optimizer=optimizer, momentum=0.9, weight_decay=1e-4, progress=False, on_step=check)
     assert len(checks) == 30 and all(checks)

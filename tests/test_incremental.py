@@ -32,7 +32,7 @@ def steps(session, seed=0):
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_incremental_equals_full(kind, digits):
     inc, ref = pair(kind, digits)
-    assert inc.evaluator() is not None, "these models must trace"
+    assert inc.evaluator.engine() is not None, "these models must trace"
     assert inc.evaluate() == ref.evaluate()
     for spec in steps(inc):
         inc.set_sparsity(spec)
@@ -40,7 +40,7 @@ def test_incremental_equals_full(kind, digits):
         a, b = inc.evaluate(), ref.evaluate()
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    assert inc.evaluator().stats["incremental"] >= 10
+    assert inc.evaluator.engine().stats["incremental"] >= 10
     inc.reset()
     ref.reset()
     assert inc.evaluate()["loss"] == pytest.approx(ref.evaluate()["loss"], abs=1e-6)
@@ -76,7 +76,7 @@ def test_outside_changes_are_noticed(digits):
 def test_cache_budget_chunks_beyond_it(digits):
     inc, ref = pair("lenet5", digits, cache_budget_bytes=300_000)
     inc.evaluate()
-    ev = inc.evaluator()
+    ev = inc.evaluator.engine()
     assert 0 < ev.cached_chunks < len(range(0, len(digits.test), 128))
     assert ev.cache_bytes() <= 300_000
     for spec in steps(inc, seed=1):
@@ -88,7 +88,7 @@ def test_cache_budget_chunks_beyond_it(digits):
 def test_untraceable_model_falls_back_with_notice(digits, capsys):
     s = pl.Session(zoo_extra.Untraceable(), digits.test)
     r = s.evaluate()
-    assert s.evaluator() is None
+    assert s.evaluator.engine() is None
     out = capsys.readouterr().out
     assert out.count("cannot be traced") == 1 and "full forward passes" in out
     assert 0 <= r["accuracy"] <= 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import prune_lab as pl
-from prune_lab.sensitivity import SensitivityResult
+from prune_lab.workflows.sensitivity import SensitivityResult
 from tests import zoo_extra
 from tests.conftest import snapshot, state_equal
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import prune_lab as pl
-from prune_lab.tradeoff import TradeoffResult, pareto_front
+from prune_lab.workflows.tradeoff import TradeoffResult, pareto_front
 from tests.conftest import snapshot, state_equal
 
 
@@ -17,9 +17,9 @@ def test_pareto_front():
 
 def test_records_are_measured_and_session_is_left_as_found(demo_session):
     demo_session.set_sparsity({"fc1": 0.3})
-    before, state = snapshot(demo_session.model), demo_session.state()
+    before, state = snapshot(demo_session.model), demo_session.snapshot()
     r = demo_session.tradeoff(strategies=["global", "random"], compressions=(1, 4, 16), cache=False, progress=False)
-    assert state_equal(snapshot(demo_session.model), before) and demo_session.state() == state
+    assert state_equal(snapshot(demo_session.model), before) and demo_session.snapshot() == state
     assert len(r.records) == 6
     rec = next(x for x in r.records if x["strategy"] == "global" and x["target_compression"] == 4)
     demo_session.reset().set_global_sparsity(0.75, allocation="global")
@@ -46,13 +46,15 @@ def test_json_roundtrip_csv_and_plot(demo_session, tmp_path):
 def test_cache_reused_and_invalidated(demo, digits, monkeypatch):
     model, data = demo
     calls = {"n": 0}
-    real = pl.Session.evaluate
+    from prune_lab.evaluate import Evaluator
+
+    real = Evaluator.evaluate
 
     def counting(self, *a, **k):
         calls["n"] += 1
         return real(self, *a, **k)
 
-    monkeypatch.setattr(pl.Session, "evaluate", counting)
+    monkeypatch.setattr(Evaluator, "evaluate", counting)
     s = pl.Session(model, data.test, device="cpu")
     first = s.tradeoff(strategies=["global"], compressions=(1, 2), progress=False)
     n = calls["n"]

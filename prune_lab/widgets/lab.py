@@ -1,17 +1,14 @@
-"""The Lab: one slider per layer wired to a Session, every number re-measured as you drag.
+"""The Lab view: ipywidgets wired to a headless ``LabModel``; it draws what the model holds.
 
-The Lab holds controls and what they show; every computation is a Session call or a plot
-function. State flows one way: a control changes the Session, then ``refresh`` reads the Session
-and updates labels and plots.
+Controls call ``LabModel`` actions; the view listens to the model (``observe``) and, on every
+change, wherever it came from (a control, another cell, a script), moves the controls to the
+session's true state and re-measures. Nothing here computes a number.
 """
 from __future__ import annotations
 
 import functools
-import html
 import io
-import threading
 import time
-import warnings
 from typing import Any, Callable, Optional
 
 import ipywidgets as W
@@ -20,6 +17,9 @@ import torch
 from .. import plots
 from ..allocation import list_allocations
 from ..criteria import list_criteria
+from ..devices import device_name as _device_name
+from ..formats import fmt_bytes, fmt_count, fmt_delta as _fmt_delta, fmt_metric as _fmt_metric
+from ..lab_model import LabModel
 from ..session import Session
 
 SLIDER_MAX = 0.99
@@ -30,18 +30,6 @@ def css_name(layer: str) -> str:
     return (layer or "model").replace(".", "-")
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n}"
-
-
-def fmt_count(n: float) -> str:
-    return f"{n:,.0f}"
-
-
 def _guard(fn: Callable) -> Callable:
     """Run a callback; show any error in the Lab's status line instead of losing it."""
 
@@ -50,23 +38,23 @@ def _guard(fn: Callable) -> Callable:
         try:
             return fn(self, *args, **kwargs)
         except Exception as e:  # shown to the user, kept for tests
-            self._show_error(e)
+            self.model.show_error(e)
             self._sync_controls()
 
     return wrapper
 
 
 class Lab:
-    """An ipywidgets dashboard over a :class:`~prune_lab.Session`.
+    """An ipywidgets dashboard over a :class:`~prune_lab.Session` (through a ``LabModel``).
 
-    ``lab.sliders[name]`` (fraction 0-0.99, shown as percent), ``lab.global_slider``,
-    ``lab.allocation``, ``lab.criterion``, ``lab.locks[name]``, buttons ``lab.reset_button`` ...
-    ``lab.labels[key]`` show exactly ``Session.evaluate()``/``stats()`` numbers.
+    ``lab.sliders[name]`` (fraction 0-0.99, shown as percent), ``lab.global_slider`` (shows the
+    total sparsity), ``lab.allocation``, ``lab.criterion``, ``lab.locks[name]``, buttons
+    ``lab.reset_button`` ... ``lab.labels[key]`` show exactly ``Session.evaluate()``/``stats()``.
 
-    In a running kernel, slider events are coalesced: only the newest value is evaluated. While a
-    drag is in progress on a model whose evaluation exceeds ``frame_budget_s``, the first
-    ``preview_samples`` samples are evaluated (labelled "preview"), and the full eval set when
-    the drag ends. Outside a kernel (scripts, tests) every change is evaluated in full at once.
+    In a running kernel, slider events are coalesced: only the newest value is evaluated; while
+    dragging, ``preview`` ("auto", "never", "always") decides whether the first
+    ``preview_samples`` samples stand in (labelled "preview") until the drag ends. Outside a
+    kernel (scripts, tests) every change is evaluated in full at once.
     """
 
     def __init__(
@@ -77,25 +65,14 @@ class Lab:
         frame_budget_s: float = 0.05,
         dpi: int = 72,
         defer: Optional[bool] = None,
+        preview: str = "auto",
     ):
         if not isinstance(session, Session):
             raise TypeError(f"Lab needs a prune_lab.Session, got {type(session).__name__}")
+        self.model = LabModel(session, sensitivity, preview, frame_budget_s, preview_samples)
         self.session = session
-        if sensitivity is not None:
-            session.last_sensitivity = sensitivity
-        self.preview_samples = preview_samples
-        self.frame_budget_s = frame_budget_s
         self.dpi = dpi
-        self.last_error: Optional[BaseException] = None
-        self.points: list[dict[str, Any]] = []
-        self.timings: dict[str, float] = {}
-        self.evaluation: dict[str, Any] = {}
-        self._undo: list[dict] = []
-        self._redo: list[dict] = []
         self._syncing = False
-        self._stop_requested = False
-        self._sweep_thread: Optional[threading.Thread] = None
-        self._last_eval_s = 0.0
         self._drawn_hist: Any = None
         self._loop = _kernel_loop() if defer is None or defer else None
         self._pending = False
@@ -103,7 +80,25 @@ class Lab:
         self._last_event = 0.0
         self._set_by_lab: dict[int, list[float]] = {}
         self._build()
+        self.model.observe(self._on_model)
         self.refresh()
+
+    # the model's state, read through the view for convenience
+    @property
+    def points(self) -> list:
+        return self.model.points
+
+    @property
+    def evaluation(self) -> dict:
+        return self.model.evaluation
+
+    @property
+    def last_error(self) -> Optional[BaseException]:
+        return self.model.last_error
+
+    @property
+    def timings(self) -> dict:
+        return self.model.timings
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -124,6 +119,7 @@ class Lab:
             slider.observe(functools.partial(self._on_layer_slider, name), names="value")
             lock = W.ToggleButton(value=False, icon="lock", tooltip=f"keep {name} fixed while the global slider moves", layout=W.Layout(width="40px"))
             lock.add_class("prune-lab-lock")
+            lock.observe(functools.partial(self._on_lock, name), names="value")
             shape = "x".join(map(str, info.shape))
             meta = W.HTML(f"<span style='font-size:11px;color:#555'>{info.kind} {shape} &middot; {info.n_params:,} params</span>", layout=W.Layout(width="210px"))
             bar = W.HTML("", layout=W.Layout(width="120px"))
@@ -137,6 +133,7 @@ class Lab:
         self.global_slider.observe(self._on_global, names="value")
         self.allocation = W.Dropdown(options=list_allocations(), value="global", description="allocation", layout=W.Layout(width="220px"))
         self.allocation.add_class("prune-lab-allocation")
+        self.allocation.observe(self._on_allocation, names="value")
         self.criterion = W.Dropdown(options=list_criteria(), value="magnitude", description="criterion", layout=W.Layout(width="220px"))
         self.criterion.add_class("prune-lab-criterion")
         self.criterion.observe(self._on_criterion, names="value")
@@ -204,6 +201,24 @@ class Lab:
 
         display(self.widget)
 
+    # ------------------------------------------------------------------ the model speaks
+    def _on_model(self, kind: str) -> None:
+        if kind == "state":
+            self._sync_controls()
+            self._changed()
+        elif kind == "busy":
+            busy = self.model.busy
+            self._set_controls_disabled(busy)
+            self.stop_button.disabled = not busy
+            self.progress.max = max(self.model.job.total, 1)
+            self.progress.value = self.model.job.done
+            self.progress.layout.visibility = "visible" if busy or self.model.job.total else "hidden"
+        elif kind == "progress":
+            self.progress.max = max(self.model.job.total, 1)
+            self.progress.value = self.model.job.done
+        elif kind == "status":
+            self.status.value = self.model.status
+
     # ------------------------------------------------------------------ control callbacks
     def _is_echo(self, widget: Any, value: float) -> bool:
         """A browser re-sends values the kernel set on a slider (and may deliver them late); a
@@ -234,146 +249,69 @@ class Lab:
     def _on_layer_slider(self, name: str, change: dict) -> None:
         if self._syncing or self._is_echo(self.sliders[name], change["new"]):
             return
-        self._push_undo(coalesce=f"slider:{name}")
-        self.session.set_sparsity({name: float(change["new"])}, criterion=self.criterion.value)
         self._syncing = True
         try:
             self.layer_select.value = name
         finally:
             self._syncing = False
-        self._changed()
+        self.model.set_layer(name, float(change["new"]), coalesce=self._loop is not None)
 
     @_guard
     def _on_global(self, change: dict) -> None:
         if self._syncing or self._is_echo(self.global_slider, change["new"]):
             return
-        self._push_undo(coalesce="global")
-        locked = [n for n, lock in self.locks.items() if lock.value]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            self.session.set_global_sparsity(float(change["new"]), allocation=self.allocation.value, criterion=self.criterion.value, locked=locked)
-        self.status.value = "".join(f"<span class='prune-lab-warning' style='color:#b36b00'>{html.escape(str(w.message))}</span>" for w in caught)
-        self._sync_controls()
-        self._changed()
+        self.model.set_global(float(change["new"]), coalesce=self._loop is not None)
+
+    @_guard
+    def _on_allocation(self, change: dict) -> None:
+        if not self._syncing:
+            self.model.set_allocation(change["new"])
 
     @_guard
     def _on_criterion(self, change: dict) -> None:
-        if self._syncing:
-            return
-        self._push_undo()
-        self.session.set_sparsity(self.session.sparsity, criterion=change["new"])
-        self._changed()
+        if not self._syncing:
+            self.model.set_criterion(change["new"])
+
+    @_guard
+    def _on_lock(self, name: str, change: dict) -> None:
+        if not self._syncing:
+            self.model.set_locked(name, bool(change["new"]))
 
     @_guard
     def _on_device(self, change: dict) -> None:
-        if self._syncing:
-            return
-        self.session.to(change["new"])
-        self.refresh()  # the device is part of the histogram's figure key: it is redrawn
+        if not self._syncing:
+            self.model.move_to(change["new"])
 
     # ------------------------------------------------------------------ actions (buttons call these)
     @_guard
     def reset(self) -> None:
-        self._push_undo()
-        self.session.reset()
-        self._sync_controls()
-        self.refresh()
+        self.model.reset()
 
     @_guard
     def undo(self) -> None:
-        if not self._undo:
-            return
-        self._redo.append(self.session.state())
-        self.session.restore_state(self._undo.pop())
-        self._sync_controls()
-        self.refresh()
+        self.model.undo()
 
     @_guard
     def redo(self) -> None:
-        if not self._redo:
-            return
-        self._undo.append(self.session.state())
-        self.session.restore_state(self._redo.pop())
-        self._sync_controls()
-        self.refresh()
+        self.model.redo()
 
     @_guard
     def run_sensitivity(self, levels: Any = None) -> None:
         """Sweep with a progress bar; in a kernel it runs in a thread so Stop stays clickable."""
-        self._stop_requested = False
-        n_levels = len(levels) if levels is not None else 20
-        self.progress.max = len(self.session.layers) * n_levels
-        self.progress.value = 0
-        self.progress.layout.visibility = "visible"
-        self.stop_button.disabled = False
-        self._set_controls_disabled(True)
-        previous = self.session.last_sensitivity
-        resume = previous if previous is not None and not previous.complete and previous.criterion == self.criterion.value else None
-
-        def work() -> None:
-            try:
-                result = self.session.sensitivity(
-                    levels=levels, criterion=self.criterion.value, resume=resume, progress=False,
-                    on_step=lambda _r: setattr(self.progress, "value", self.progress.value + 1),
-                    should_stop=lambda: self._stop_requested,
-                )
-                done = len(result.records)
-                total = len(result.layers) * len(result.levels)
-                self.status.value = "sensitivity: complete" if result.complete else f"sensitivity: stopped, {done}/{total} points kept (run again to resume)"
-            except Exception as e:
-                self._show_error(e)
-            finally:
-                self.stop_button.disabled = True
-                self._set_controls_disabled(False)
-                self.refresh()
-
-        if self._loop is not None:
-            self._sweep_thread = threading.Thread(target=work, daemon=True)
-            self._sweep_thread.start()
-        else:
-            work()
+        self.model.run_sweep(levels, background=self._loop is not None)
 
     def stop(self) -> None:
         """Stop a running sweep after the current point; its partial result is kept."""
-        self._stop_requested = True
+        self.model.stop()
 
     @_guard
     def apply_plan(self, target: Optional[float] = None) -> None:
-        """Apply the sensitivity plan for the global slider's sparsity; show predicted and measured."""
-        result = self.session.last_sensitivity
-        if result is None:
-            raise ValueError("no sensitivity result yet: click 'run sensitivity' first")
-        target = self.global_slider.value if target is None else target
-        self._push_undo()
-        locked = {n: self.session.pruned_counts[n] for n, lock in self.locks.items() if lock.value}
-        plan = result.allocate(target_sparsity=target, locked=locked)
-        self.session.set_sparsity(plan, criterion=self.criterion.value)
-        self._sync_controls()
-        self.refresh()
-        measured = self.evaluation[self.session.metric_name]
-        self.status.value = (
-            f"plan for {plan.total_sparsity:.1%}: predicted {self.session.metric_name} {plan.predicted:.4f} "
-            f"(from the curves) &middot; <b>measured {measured:.4f}</b>"
-        )
+        """Apply the sensitivity plan for the current total sparsity (or ``target``)."""
+        self.model.apply_plan(self.global_slider.value if target is None else target)
 
     @_guard
     def export(self, path: Optional[str] = None) -> dict:
-        paths = self.session.export(path or self.export_path.value, sparse=True)
-        sizes = ", ".join(f"{p.name} ({fmt_bytes(p.stat().st_size)})" for p in paths.values())
-        self.status.value = f"exported {html.escape(sizes)}"
-        return paths
-
-    # ------------------------------------------------------------------ undo bookkeeping
-    def _push_undo(self, coalesce: Optional[str] = None) -> None:
-        now = time.monotonic()
-        if self._loop is not None and coalesce is not None and getattr(self, "_last_push", (None, 0.0))[0] == coalesce and now - self._last_push[1] < DRAG_END_S:
-            self._last_push = (coalesce, now)
-            return  # one drag is one undo step
-        self._last_push = (coalesce, now)
-        state = self.session.state()
-        if not self._undo or self._undo[-1] != state:
-            self._undo.append(state)
-        self._redo.clear()
+        return self.model.export(path or self.export_path.value)
 
     def _sync_controls(self) -> None:
         """Move every control to what the session holds, without firing callbacks."""
@@ -383,17 +321,22 @@ class Lab:
                 self._set_slider(slider, self.session.sparsity[name])
             self._set_slider(self.global_slider, self.session.total_sparsity())
             self.device.value = _device_name(self.session.device)
+            self.criterion.value = self.model.criterion
+            self.allocation.value = self.model.allocation
+            for name, lock in self.locks.items():
+                lock.value = name in self.model.locked
         finally:
             self._syncing = False
 
     def _set_controls_disabled(self, disabled: bool) -> None:
-        for w in [*self.sliders.values(), self.global_slider, self.allocation, self.criterion, self.reset_button,
-                  self.undo_button, self.redo_button, self.sensitivity_button, self.plan_button, self.device]:
+        for w in [*self.sliders.values(), *self.locks.values(), self.global_slider, self.allocation, self.criterion,
+                  self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.plan_button,
+                  self.device, self.export_button, self.export_path, self.layer_select]:
             w.disabled = disabled
 
     # ------------------------------------------------------------------ refreshing
     def _changed(self) -> None:
-        """A control changed the session: refresh now (scripts) or coalesced on the kernel loop."""
+        """The session changed: refresh now (scripts) or coalesced on the kernel loop."""
         if self._loop is None:
             self.refresh()
             return
@@ -406,8 +349,7 @@ class Lab:
 
     def _flush(self) -> None:
         self._pending = False
-        preview = self._dragging and self._last_eval_s > self.frame_budget_s
-        self.refresh(preview=preview)
+        self.refresh(preview=self.model.policy.use_preview(self._dragging))
 
     def _drag_end(self) -> None:
         if time.monotonic() - self._last_event >= DRAG_END_S - 1e-3 and self._dragging:
@@ -418,26 +360,16 @@ class Lab:
     @_guard
     def refresh(self, preview: bool = False) -> None:
         """Measure the session and update every label and plot (``preview``: a subset only)."""
+        if self.model.busy:
+            return  # trial masks are in the model; the sweep's end refreshes
         t0 = time.perf_counter()
-        s = self.session
-        limit = min(self.preview_samples, len(s.data)) if preview else None
-        result = s.evaluate(limit=limit)
-        if not preview:
-            self._last_eval_s = time.perf_counter() - t0
-        stats = s.stats()
-        dense = s.baseline() if not preview else _preview_baseline(self, limit)
-        self.evaluation = {**result, "preview": preview, "samples": limit or len(s.data)}
-        self._update_labels(result, dense, stats, preview, limit or len(s.data))
+        numbers = self.model.measure(preview)
+        ev, stats, dense = numbers["evaluation"], numbers["stats"], numbers["dense"]
+        self._update_labels(ev, dense, stats, preview, ev["samples"])
         t1 = time.perf_counter()
-        if not preview:
-            self.points.append({
-                s.metric_name: result[s.metric_name], "loss": result["loss"],
-                "sparse_bytes": stats.total["sparse_file_bytes"], "effective_macs": stats.total["effective_macs"] or 1,
-                "sparsity": stats.total["sparsity"], "state": s.state(),
-            })
         self._update_plots()
         t2 = time.perf_counter()
-        self.timings = {"numbers_ms": (t1 - t0) * 1000, "plots_ms": (t2 - t1) * 1000, "all_ms": (t2 - t0) * 1000}
+        self.model.timings.update({"numbers_ms": (t1 - t0) * 1000, "plots_ms": (t2 - t1) * 1000, "all_ms": (t2 - t0) * 1000})
 
     def _update_labels(self, result: dict, dense: dict, stats: Any, preview: bool, samples: int) -> None:
         key = self.session.metric_name
@@ -456,17 +388,13 @@ class Lab:
         L["macs"].value = f"MACs: {fmt_count(t['macs'])} dense &rarr; <span class='prune-lab-value'>{fmt_count(t['effective_macs'])}</span> effective"
         L["speedup"].value = f"theoretical speedup: <span class='prune-lab-value'>{t['speedup']:.2f}x</span>"
 
-    def _show_error(self, e: BaseException) -> None:
-        self.last_error = e
-        self.status.value = f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>"
-
     def _guarded_plots(self) -> None:
         if self._syncing:
             return
         try:
             self._update_plots()
         except Exception as e:
-            self._show_error(e)
+            self.model.show_error(e)
 
     def _update_plots(self) -> None:
         """Each panel redraws only what changed: static parts are drawn once and cached, the
@@ -477,15 +405,16 @@ class Lab:
         title = f"{name} ({'x'.join(map(str, info.shape))}) - {s.sparsity[name]:.1%} pruned"
         keep = s.mask(name).cpu().numpy()
         hist = self.panels["histogram"]
-        figure_key = (name, self.log_counts.value, s.device)
-        mask_key = (figure_key, s.state()[name])
+        base = s.original_weight(name)
+        figure_key = (name, self.log_counts.value, s.device, id(base))
+        mask_key = (figure_key, s.state.record(name).token)
         if figure_key != getattr(hist, "key", None):
             fig = hist.fig
             if fig is None:
                 fig = plots.new_figure((4.6, 3.0))
                 fig.subplots()
             ax = fig.axes[0]  # another layer: same figure and layout, new contents
-            plots.draw_layer_histogram(ax, s.original_weight(name).detach().float().cpu().numpy(), keep, title, log=self.log_counts.value)
+            plots.draw_layer_histogram(ax, base.detach().float().cpu().numpy(), keep, title, log=self.log_counts.value)
             hist.show(fig, plots.update_layer_histogram(ax, keep, title))
             hist.key = figure_key
         elif mask_key != self._drawn_hist:
@@ -501,11 +430,11 @@ class Lab:
                 fig = plots.sensitivity(result, current=s.sparsity)
                 panel.show(fig, [l for l in fig.axes[0].lines if str(l.get_gid()).startswith("current:")])
                 panel.key = result
-                self._update_sensitivity_bars(result)
             else:
                 plots.move_sensitivity_markers(panel.fig, result, s.sparsity)
                 panel.blit()
             self._figures["sensitivity"] = panel.fig
+        self._update_sensitivity_bars(result)
 
         if self.points:
             panel = self.panels["tradeoff"]
@@ -521,8 +450,16 @@ class Lab:
             self._figures["tradeoff"] = panel.fig
 
     def _update_sensitivity_bars(self, result: Any) -> None:
+        if result is None:
+            for bar in self.sensitivity_bars.values():
+                bar.value = ""
+            return
         ranking = result.ranking(max_drop=0.01)
+        unmeasured = set(self.model.unmeasured_layers())
         for name, bar in self.sensitivity_bars.items():
+            if name in unmeasured:
+                bar.value = "<div style='font-size:10px;color:#999' title='the sweep has no point for this layer'>not measured</div>"
+                continue
             if name not in ranking:
                 bar.value = ""
                 continue
@@ -585,30 +522,6 @@ def _on_step(sparsity: float) -> float:
     """A value on the sliders' 0.01 grid. The browser snaps off-grid values and sends the snapped
     value back, which would arrive later as a stale user move; on-grid values are never echoed."""
     return min(round(sparsity, 2), SLIDER_MAX)
-
-
-def _preview_baseline(lab: Lab, limit: Optional[int]) -> dict:
-    """Dense metric on the preview subset (cached), so preview deltas compare like with like."""
-    cache = getattr(lab, "_preview_dense", None)
-    if cache is None or cache[0] != limit:
-        with lab.session.dense():
-            cache = (limit, lab.session.evaluate(limit=limit))
-        lab._preview_dense = cache
-    return cache[1]
-
-
-def _fmt_metric(key: str, value: float) -> str:
-    return f"{value:.2%}" if key == "accuracy" else f"{value:.4f}"
-
-
-def _fmt_delta(key: str, value: float) -> str:
-    return f"{value * 100:+.2f} points" if key == "accuracy" else f"{value:+.4f}"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{device.index or 0}"
-    return "cpu"
 
 
 def _kernel_loop() -> Any:

@@ -73,10 +73,10 @@ def test_undo_redo_reset_restore_exact_states(lab):
     states, weights = [], []
     for v in (0.2, 0.5, 0.9):
         lab.sliders["fc2"].value = v
-        states.append(s.state())
+        states.append(s.snapshot())
         weights.append(snapshot(s.model))
     lab.undo()
-    assert s.state() == states[1] and state_equal(snapshot(s.model), weights[1])
+    assert s.snapshot() == states[1] and state_equal(snapshot(s.model), weights[1])
     assert lab.sliders["fc2"].value == pytest.approx(0.5)
     lab.undo()
     assert state_equal(snapshot(s.model), weights[0])
@@ -194,6 +194,7 @@ class FakeLoop:
 def test_in_a_kernel_only_the_newest_value_is_evaluated(lab, monkeypatch):
     loop = FakeLoop()
     lab._loop = loop
+    lab.model.policy.mode = "never"  # no wall-clock decides this test: full evaluations only
     evaluations = []
     real = lab.session.evaluate
     monkeypatch.setattr(lab.session, "evaluate", lambda limit=None: evaluations.append(limit) or real(limit))
@@ -209,7 +210,7 @@ def test_in_a_kernel_only_the_newest_value_is_evaluated(lab, monkeypatch):
 def test_slow_model_previews_while_dragging_then_finishes(lab):
     loop = FakeLoop()
     lab._loop = loop
-    lab._last_eval_s = 10.0  # as if a full evaluation took longer than the frame budget
+    lab.model.policy.mode = "always"  # as if a full evaluation took longer than the frame budget
     lab.sliders["fc1"].value = 0.7
     loop.run()
     assert lab.evaluation["preview"] and "preview: first 256 samples" in lab.labels["mode"].value
@@ -225,9 +226,9 @@ def test_browser_echo_of_an_old_value_is_ignored(lab):
     s = lab.session
     lab.global_slider.value = 0.5
     lab.reset()
-    state = s.state()
+    state = s.snapshot()
     lab.global_slider.value = 0.5 + 1e-16  # the browser re-sends the earlier value, late, with float noise
-    assert s.state() == state
+    assert s.snapshot() == state
     assert lab.global_slider.value == 0.0  # and is put back on the session's value
 
 

@@ -1,0 +1,386 @@
+"""The headless Lab: what the dashboard does, without widgets, usable and testable from a script.
+
+``LabModel`` holds the undo/redo history (snapshots), the measured points, the sweep job, the
+preview policy and the choices the controls make (criterion, allocation, locks). It subscribes
+to the session's events, so a change made anywhere (another cell, a script) reaches the view.
+The ipywidgets view (``widgets/lab.py``) only forwards control changes here and draws what
+``LabModel`` holds; it listens through :meth:`LabModel.observe`.
+"""
+from __future__ import annotations
+
+import html
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .allocation import LayerCollapseWarning, list_allocations
+from .criteria import list_criteria
+from .formats import fmt_bytes
+from .session import Session
+from .state import Event, Snapshot
+from .workflows.sensitivity import DEFAULT_LEVELS
+
+
+@dataclass
+class PreviewPolicy:
+    """When a slider move is measured on the first ``samples`` samples only (labelled preview).
+
+    ``mode``: "never", "always" (while dragging) or "auto": while dragging, when the last full
+    evaluation took longer than ``frame_budget_s``. The decision reads a recorded duration, so a
+    test sets ``mode`` and never depends on the machine's speed.
+    """
+
+    mode: str = "auto"
+    frame_budget_s: float = 0.05
+    samples: int = 256
+    last_full_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "never", "always"):
+            raise ValueError(f"preview must be 'auto', 'never' or 'always', got {self.mode!r}")
+
+    def use_preview(self, dragging: bool) -> bool:
+        if not dragging or self.mode == "never":
+            return False
+        return self.mode == "always" or self.last_full_s > self.frame_budget_s
+
+
+class History:
+    """Undo/redo stacks of snapshots; consecutive equal states are stored once."""
+
+    def __init__(self, limit: int = 200):
+        self.undo_stack: list[Snapshot] = []
+        self.redo_stack: list[Snapshot] = []
+        self.limit = limit
+
+    def push(self, snapshot: Snapshot) -> None:
+        if not self.undo_stack or self.undo_stack[-1] != snapshot:
+            self.undo_stack.append(snapshot)
+            del self.undo_stack[: -self.limit]
+        self.redo_stack.clear()
+
+    def undo(self, current: Snapshot) -> Optional[Snapshot]:
+        if not self.undo_stack:
+            return None
+        self.redo_stack.append(current)
+        return self.undo_stack.pop()
+
+    def redo(self, current: Snapshot) -> Optional[Snapshot]:
+        if not self.redo_stack:
+            return None
+        self.undo_stack.append(current)
+        return self.redo_stack.pop()
+
+
+@dataclass
+class SweepJob:
+    """A sensitivity sweep: progress as measured points over the points it will measure."""
+
+    total: int = 0
+    done: int = 0
+    running: bool = False
+    stop_requested: bool = False
+    thread: Optional[threading.Thread] = field(default=None, repr=False)
+    result: Any = None
+
+
+Listener = Callable[[str], None]
+
+
+class LabModel:
+    """The Lab's state and actions. Every number it shows is a Session measurement."""
+
+    def __init__(self, session: Session, sensitivity: Any = None, preview: str = "auto", frame_budget_s: float = 0.05,
+                 preview_samples: int = 256):
+        if not isinstance(session, Session):
+            raise TypeError(f"Lab needs a prune_lab.Session, got {type(session).__name__}")
+        self.session = session
+        if sensitivity is not None:
+            session.last_sensitivity = sensitivity
+        self.policy = PreviewPolicy(preview, frame_budget_s, preview_samples)
+        self.history = History()
+        self.points: list[dict[str, Any]] = []
+        self.job = SweepJob()
+        self.criterion = "magnitude"
+        self.allocation = "global"
+        self.locked: set[str] = set()
+        self.status = ""
+        self.last_error: Optional[BaseException] = None
+        self.evaluation: dict[str, Any] = {}
+        self.numbers: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self._listeners: list[Listener] = []
+        self._acting = 0
+        self._last_push: tuple[Optional[str], float] = (None, 0.0)
+        self.coalesce_s = 0.35  # moves of one control closer than this are one undo step
+        self.unsubscribe = session.subscribe(self._on_session_event)
+
+    # ------------------------------------------------------------------ observing
+    def observe(self, listener: Listener) -> Callable[[], None]:
+        """``listener(kind)`` after changes: 'state' (masks changed: controls and numbers),
+        'busy' (a sweep started or ended), 'progress', 'status'."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _emit(self, kind: str) -> None:
+        for listener in list(self._listeners):
+            listener(kind)
+
+    def _on_session_event(self, event: Event) -> None:
+        if event.kind in ("trial-start", "trial-end"):
+            self._emit("busy")
+        elif not self._acting:  # a change made elsewhere: the view follows
+            self._emit("state")
+
+    @property
+    def busy(self) -> bool:
+        """True while trial masks are in the model (a sweep): pruning, export and locks wait."""
+        return self.session.state.in_trial or self.job.running
+
+    def _act(self) -> "_Acting":
+        return _Acting(self)
+
+    def _check_idle(self, what: str) -> None:
+        if self.busy:
+            raise RuntimeError(f"cannot {what} while the sensitivity sweep runs; stop it first")
+
+    # ------------------------------------------------------------------ history
+    def push_undo(self, coalesce: Optional[str] = None, now: Optional[float] = None) -> None:
+        """Record the current state for undo; moves of one control in quick succession
+        (``coalesce`` key, within ``coalesce_s``) are one step."""
+        now = time.monotonic() if now is None else now
+        key, when = self._last_push
+        self._last_push = (coalesce, now)
+        if coalesce is not None and key == coalesce and now - when < self.coalesce_s:
+            return
+        self.history.push(self.session.snapshot())
+
+    def undo(self) -> bool:
+        self._check_idle("undo")
+        snap = self.history.undo(self.session.snapshot())
+        if snap is None:
+            return False
+        with self._act():
+            self.session.restore(snap)
+        return True
+
+    def redo(self) -> bool:
+        self._check_idle("redo")
+        snap = self.history.redo(self.session.snapshot())
+        if snap is None:
+            return False
+        with self._act():
+            self.session.restore(snap)
+        return True
+
+    def reset(self) -> None:
+        self._check_idle("reset")
+        self.push_undo()
+        with self._act():
+            self.session.reset()
+
+    # ------------------------------------------------------------------ pruning
+    def set_layer(self, name: str, sparsity: float, coalesce: bool = False) -> None:
+        self._check_idle("prune")
+        self.session.check_sparsity(name, sparsity)
+        self.push_undo(coalesce=f"layer:{name}" if coalesce else None)
+        with self._act():
+            self.session.set_sparsity({name: float(sparsity)}, criterion=self.criterion)
+
+    def set_global(self, sparsity: float, coalesce: bool = False) -> None:
+        """Prune to a total sparsity with the current allocation, criterion and locks; an
+        allocation that removes a whole layer is reported in ``status``."""
+        self._check_idle("prune")
+        self.push_undo(coalesce="global" if coalesce else None)
+        with warnings.catch_warnings(record=True) as caught, self._act():
+            warnings.simplefilter("always", LayerCollapseWarning)
+            self.session.set_global_sparsity(float(sparsity), allocation=self.allocation, criterion=self.criterion,
+                                             locked=sorted(self.locked))
+        collapse = [w for w in caught if issubclass(w.category, LayerCollapseWarning)]
+        for w in caught:
+            if w not in collapse:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self.set_status("".join(f"<span class='prune-lab-warning' style='color:#b36b00'>{html.escape(str(w.message))}</span>"
+                                for w in collapse))
+
+    def set_criterion(self, criterion: str) -> None:
+        """Switch criterion: every pruned layer is re-masked by it at its current sparsity."""
+        self._check_idle("change the criterion")
+        if criterion not in list_criteria():
+            from .criteria import get_criterion
+
+            get_criterion(criterion)  # raises with the valid names
+        self.push_undo()
+        self.criterion = criterion
+        pruned = {n: s for n, s in self.session.sparsity.items() if s > 0}
+        with self._act():
+            self.session.set_sparsity(pruned, criterion=criterion)
+
+    def set_allocation(self, allocation: str) -> None:
+        """Switch allocation: the current total sparsity is re-split by it."""
+        if allocation not in list_allocations():
+            raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(list_allocations())}")
+        self._check_idle("change the allocation")
+        self.allocation = allocation
+        total = self.session.total_sparsity()
+        if total > 0:
+            self.set_global(total)
+
+    def set_locked(self, name: str, locked: bool) -> None:
+        self._check_idle("lock layers")
+        self.session.layer(name)
+        (self.locked.add if locked else self.locked.discard)(name)
+
+    def apply_plan(self, target: Optional[float] = None) -> Any:
+        """Apply the sensitivity plan for ``target`` total sparsity (default: the current
+        total); ``status`` shows the curves' prediction next to the measured value."""
+        self._check_idle("apply a plan")
+        result = self.session.last_sensitivity
+        if result is None:
+            raise ValueError("no sensitivity result yet: click 'run sensitivity' first")
+        target = self.session.total_sparsity() if target is None else target
+        locked = {n: self.session.pruned_counts[n] for n in self.locked}
+        plan = result.allocate(target_sparsity=target, locked=locked)
+        self.push_undo()
+        with self._act():
+            self.session.set_sparsity(plan, criterion=self.criterion)
+        measured = self.session.evaluate()[self.session.metric_name]
+        self.set_status(
+            f"plan for {plan.total_sparsity:.1%}: predicted {self.session.metric_name} {plan.predicted:.4f} "
+            f"(from the curves) &middot; <b>measured {measured:.4f}</b>"
+        )
+        return plan
+
+    def export(self, path: str) -> dict:
+        self._check_idle("export")
+        target = Path(path).expanduser()
+        if not target.parent.is_dir():
+            raise ValueError(f"cannot export to {str(target)!r}: the folder {str(target.parent)!r} does not exist; create it or pick another path")
+        paths = self.session.export(target.resolve(), sparse=True)
+        sizes = ", ".join(f"{p} ({fmt_bytes(p.stat().st_size)})" for p in paths.values())
+        self.set_status(f"exported {html.escape(sizes)}")
+        return paths
+
+    def move_to(self, device: str) -> None:
+        self._check_idle("move the model")
+        with self._act():
+            self.session.to(device)
+
+    # ------------------------------------------------------------------ sweeps
+    def sweep_total(self, levels: Optional[Sequence[float]]) -> int:
+        previous = self.session.last_sensitivity
+        resume = self._resumable(levels)
+        if resume is not None:
+            return len(resume.layers) * len(resume.levels)
+        n_levels = len(DEFAULT_LEVELS if levels is None else levels)
+        return len(self.session.layers) * n_levels if previous is None or resume is None else 0
+
+    def _resumable(self, levels: Optional[Sequence[float]]) -> Any:
+        previous = self.session.last_sensitivity
+        if previous is None or previous.complete or previous.criterion != self.criterion:
+            return None
+        if levels is not None and list(levels) != previous.levels:
+            return None
+        return previous
+
+    def run_sweep(self, levels: Optional[Sequence[float]] = None, background: bool = False) -> None:
+        """Sensitivity sweep with the current criterion; an interrupted one of the same
+        criterion is resumed. ``background=True`` runs it in a thread (Stop stays usable)."""
+        self._check_idle("start a sweep")
+        resume = self._resumable(levels)
+        job = SweepJob(total=self.sweep_total(levels), running=True)
+        job.done = len(resume.records) if resume is not None else 0
+        self.job = job
+
+        def on_step(_record: dict) -> None:
+            job.done += 1
+            self._emit("progress")
+
+        def work() -> None:
+            try:
+                job.result = self.session.sensitivity(
+                    levels=levels, criterion=self.criterion, resume=resume, progress=False,
+                    on_step=on_step, should_stop=lambda: job.stop_requested,
+                )
+                r = job.result
+                total = len(r.layers) * len(r.levels)
+                self.set_status("sensitivity: complete" if r.complete else
+                                f"sensitivity: stopped, {len(r.records)}/{total} points kept (run again to resume)")
+            except Exception as e:
+                self.show_error(e)
+            finally:
+                job.running = False
+                self._emit("busy")
+                self._emit("state")
+
+        self._emit("busy")
+        if background:
+            job.thread = threading.Thread(target=work, daemon=True)
+            job.thread.start()
+        else:
+            work()
+
+    def stop(self) -> None:
+        """Stop a running sweep after the current point; its partial result is kept."""
+        self.job.stop_requested = True
+
+    # ------------------------------------------------------------------ measuring
+    def measure(self, preview: bool = False) -> dict[str, Any]:
+        """Evaluate (the preview subset or everything) and count; full measurements add a point."""
+        s = self.session
+        t0 = time.perf_counter()
+        limit = min(self.policy.samples, len(s.data)) if preview else None
+        result = s.evaluate(limit=limit)
+        if not preview:
+            self.policy.last_full_s = time.perf_counter() - t0
+        stats = s.stats()
+        dense = s.baseline(limit)
+        self.evaluation = {**result, "preview": preview, "samples": limit or len(s.data)}
+        self.numbers = {"evaluation": self.evaluation, "stats": stats, "dense": dense}
+        if not preview:
+            self.points.append({
+                s.metric_name: result[s.metric_name], "loss": result["loss"],
+                "sparse_bytes": stats.total["sparse_file_bytes"], "effective_macs": stats.total["effective_macs"] or 1,
+                "sparsity": stats.total["sparsity"], "snapshot": s.snapshot(),
+            })
+        self.timings["numbers_ms"] = (time.perf_counter() - t0) * 1000
+        return self.numbers
+
+    def unmeasured_layers(self) -> list[str]:
+        """Layers the last sweep has no point for (a stopped sweep): shown as 'not measured'."""
+        r = self.session.last_sensitivity
+        if r is None:
+            return [i.name for i in self.session.layers]
+        measured = {rec["layer"] for rec in r.records}
+        return [i.name for i in self.session.layers if i.name not in measured]
+
+    # ------------------------------------------------------------------ status
+    def set_status(self, text: str) -> None:
+        self.status = text
+        self._emit("status")
+
+    def show_error(self, e: BaseException) -> None:
+        self.last_error = e
+        self.set_status(f"<span class='prune-lab-error' style='color:#b00020'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
+
+    def __repr__(self) -> str:
+        return (f"LabModel({type(self.session.model).__name__}, {self.session.total_sparsity():.1%} sparse, "
+                f"{len(self.history.undo_stack)} undo steps, {len(self.points)} points, preview {self.policy.mode})")
+
+
+class _Acting:
+    """Marks the Lab's own changes, so its session listener does not treat them as external."""
+
+    def __init__(self, model: LabModel):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.model._acting += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model._acting -= 1
+        if exc[0] is None:
+            self.model._emit("state")
