@@ -181,8 +181,9 @@ class IncrementalEngine:
         if key in self._programs:
             return self._programs[key]
         if changed is None:
-            recompute = [n for n in self.nodes if n.op != "placeholder"]
-            inputs = [n for n in self.nodes if n.op == "placeholder"]
+            placeholders = [n for n in self.nodes if n.op == "placeholder"]
+            inputs = placeholders[:1]  # the eval inputs; the others keep their defaults
+            recompute = placeholders[1:] + [n for n in self.nodes if n.op != "placeholder"]
             updates = list(self.boundary)
         else:
             recompute = [n for n in self.nodes if self.deps[n] & changed]
@@ -197,6 +198,9 @@ class IncrementalEngine:
         for n in recompute:
             if n.op == "output":
                 output_args = fx.node.map_arg(n.args[0], lambda a: env[a])
+                continue
+            if n.op == "placeholder":
+                env[n] = g.placeholder(f"in_{n.name}", default_value=n.args[0] if n.args else None)
                 continue
             if n in self.inplace and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in self._boundary_set:
                 # never write into a value the cache holds

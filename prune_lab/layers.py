@@ -98,9 +98,11 @@ def find_prunable(model: nn.Module, extra_layers: Iterable[str] = ()) -> tuple[l
         raise TypeError(f"extra_layers must be a list of names, got the string {extra_layers!r}")
     uses: dict[int, list[tuple[str, str, nn.Module, str]]] = {}  # id -> [(qualified, module name, module, pname)]
     params: dict[int, nn.Parameter] = {}
+    position: dict[str, int] = {}  # module order of every qualified name
     for mname, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False):
             q = f"{mname}.{pname}" if mname else pname
+            position.setdefault(q, len(position))
             uses.setdefault(id(p), []).append((q, mname, module, pname))
             params[id(p)] = p
     by_qualified = {q: pid for pid, us in uses.items() for q, *_ in us}
@@ -126,9 +128,7 @@ def find_prunable(model: nn.Module, extra_layers: Iterable[str] = ()) -> tuple[l
         chosen[pid] = name if name in by_qualified else f"{name}.weight" if name else "weight"  # the user's name wins
     infos: list[LayerInfo] = []
     order = list(uses)  # module order of first use
-    for pid in order:
-        if pid not in chosen:
-            continue
+    for pid in sorted(chosen, key=lambda pid: position[chosen[pid]]):
         p = params[pid]
         q = chosen[pid]
         _, mname, module, pname = next(u for u in uses[pid] if u[0] == q)

@@ -203,8 +203,10 @@ class Scorer:
         if self.metric is None or self.loss_fn == AUTO:
             dim = _class_dim(out, targets)
             if dim is None:
+                what = ("the default accuracy and cross-entropy need" if self.metric is None else
+                        "the default loss (cross-entropy) needs")
                 raise ValueError(
-                    f"the default accuracy and cross-entropy need logits (batch, classes) with integer "
+                    f"{what} logits (batch, classes) with integer "
                     f"targets (batch,), or (batch, tokens, classes) with (batch, tokens); the model "
                     f"returns {shape} for targets {tshape} ({targets.dtype}). Pass metric=(outputs, targets) "
                     f"-> batch mean and loss_fn=(outputs, targets) -> loss (or loss_fn=None)"

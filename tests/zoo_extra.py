@@ -112,3 +112,107 @@ def all_models() -> dict:
         "depthwise_grouped_inplace": lambda d: DepthwiseGrouped(),
         "transformer": lambda d: TinyTransformer(),
     }
+
+
+# ---------------------------------------------------------------------- the shapes of real models
+class OptionalArg(nn.Module):
+    """``forward(x, mask=None)`` as in timm's ViT blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x, mask=None):
+        h = F.relu(self.fc1(x.flatten(1)))
+        if mask is not None:
+            h = h * mask
+        return self.fc2(h)
+
+
+class TiedHeadLM(nn.Module):
+    """GPT-2 style: the token embedding is the output head's weight; per-token logits."""
+
+    def __init__(self, vocab: int = 12, dim: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mix(self.emb(tokens)))
+        return self.head(h)  # (B, T, vocab)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: weight (in, out), y = x @ W + b."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        size = x.size()[:-1] + (self.weight.size(-1),)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.c_fc = Conv1D(4 * dim, dim)
+        self.c_proj = Conv1D(dim, 4 * dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x.flatten(1, 2))  # (B, 8 rows, dim)
+        t = t + self.c_proj(F.gelu(self.c_fc(t)))
+        return self.head(t.mean(1))
+
+
+class RawParam(nn.Module):
+    """A weight used through F.linear, not through a Linear module."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 64) * 0.1)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.out(F.relu(F.linear(x.flatten(1), self.w)))
+
+
+class LSTMClassifier(nn.Module):
+    """Reads an 8x8 image row by row."""
+
+    def __init__(self, hidden: int = 12):
+        super().__init__()
+        self.lstm = nn.LSTM(8, hidden, batch_first=True)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        h, _ = self.lstm(x.flatten(1, 2))
+        h, _ = self.gru(h)
+        return self.head(h[:, -1])
+
+
+class LogitsOutput(nn.Module):
+    """Returns a dict with 'logits', as Hugging Face models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return {"logits": self.fc(x.flatten(1)), "hidden": x}
+
+
+def lm_data(n: int = 48, t: int = 5, vocab: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, t), generator=g)
+    y = torch.roll(x, -1, dims=1)
+    y[:, -1] = -100  # ignored, as Hugging Face pads labels
+    return x, y
