@@ -1,0 +1,121 @@
+"""Arrows point one way: widgets -> plots -> lab model -> session -> workflows -> evaluator ->
+state -> tensor math. Every import counts: module level, inside functions and type-only. The
+only upward imports allowed are a result's ``.plot()`` reaching the plots and ``Session.lab()``
+reaching the widgets, both inside functions."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "prune_lab"
+
+RANKS = {
+    "_version": 0, "registry": 0, "formats": 0, "cache": 0, "devices": 0,
+    "masks": 1, "datasets": 1,
+    "criteria": 2, "layers": 2, "export": 2,
+    "measure": 3, "state": 3,
+    "allocation": 4, "incremental": 4, "stats": 4,
+    "evaluate": 5,
+    "workflows": 6.9, "workflows.sensitivity": 6, "workflows.finetune": 6, "workflows.tradeoff": 6.5,
+    "session": 7, "models": 7,
+    "lab_model": 8,
+    "plots": 9,
+    "widgets": 10.5, "widgets.lab": 10,
+    "__init__": 11,
+}
+# (importer, imported): presentation reached lazily from a result or the Session
+SANCTIONED = {("workflows.sensitivity", "plots"), ("workflows.tradeoff", "plots"), ("session", "widgets")}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported prune_lab module, inside a function) for every import in the file."""
+    tree = ast.parse(path.read_text())
+    me = module_name(path)
+    package = me.split(".")[:-1] if path.name != "__init__.py" else me.split(".") if me != "__init__" else []
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package[: len(package) - (child.level - 1)] if child.level > 1 else list(package)
+                    target = ".".join(base + ([child.module] if child.module else []))
+                    if child.module is None:  # from . import a, b
+                        for alias in child.names:
+                            found.append((".".join(base + [alias.name]), inside))
+                        continue
+                elif child.module and child.module.startswith("prune_lab"):
+                    target = child.module.removeprefix("prune_lab").lstrip(".")
+                else:
+                    continue
+                found.append((target or "__init__", inside))
+            elif isinstance(child, ast.Import):
+                for alias in child.names:
+                    if alias.name.startswith("prune_lab"):
+                        found.append((alias.name.removeprefix("prune_lab").lstrip(".") or "__init__", inside))
+            visit(child, inside)
+
+    visit(tree, False)
+    return [(t, f) for t, f in found if t != me]
+
+
+FILES = sorted(PKG.rglob("*.py"))
+
+
+def test_every_module_has_a_rank():
+    assert sorted(module_name(p) for p in FILES) == sorted(RANKS)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: module_name(p))
+def test_imports_point_down(path):
+    me = module_name(path)
+    for target, in_function in imports(path):
+        assert target in RANKS, f"{me} imports unknown module {target!r}"
+        if RANKS[target] < RANKS[me] or me == "__init__":
+            continue
+        if (me, target) in SANCTIONED or (me, target.split(".")[0]) in SANCTIONED:
+            assert in_function, f"{me} may import {target} only lazily, inside the function that needs it"
+            continue
+        pytest.fail(f"{me} (rank {RANKS[me]}) imports {target} (rank {RANKS[target]}): arrows must point down")
+
+
+def test_no_import_cycles():
+    graph = {module_name(p): {t for t, _ in imports(p)} for p in FILES}
+    graph = {m: {t for t in ts if (m, t) not in SANCTIONED and (m, t.split(".")[0]) not in SANCTIONED} for m, ts in graph.items()}
+    graph["__init__"] = set()  # the package's own re-exports
+    state: dict[str, int] = {}
+
+    def dfs(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for t in graph.get(m, ()):
+            if state.get(t) == 1:
+                pytest.fail(f"import cycle: {' -> '.join(stack + [m, t])}")
+            if t not in state:
+                dfs(t, stack + [m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            dfs(m, [])
+
+
+def test_core_imports_no_widgets_or_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, prune_lab as pl; m, d = pl.demo(progress=False); s = pl.Session(m, d.test, device='cpu'); "
+            "s.set_sparsity({'fc1': 0.5}); s.evaluate(); s.stats(); "
+            "bad = [k for k in sys.modules if k.startswith(('ipywidgets', 'matplotlib'))]; print(bad); assert not bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
