@@ -97,3 +97,18 @@ def test_bitmap_vs_index_layout_choice():
         assert torch.equal(decode_sparse(enc), t.reshape(100, 100))
         expected = {"dense": n * 4, "bitmap": math.ceil(n / 8) + nnz * 4, "indices": nnz * 8}[layout]
         assert sparse_payload_bytes(n, nnz, 4) == expected
+
+
+def test_weight_uses_count_every_sample_and_position():
+    from prune_lab.measure import count_macs, weight_uses
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    tconv = torch.nn.ConvTranspose2d(4, 2, 2, stride=2)
+    model = torch.nn.Sequential(conv, tconv)
+    uses, out = weight_uses(model, {"conv": conv.weight, "tconv": tconv.weight}, torch.randn(2, 3, 5, 5))
+    assert out.shape == (2, 2, 10, 10)
+    assert count_macs(conv.weight, uses["conv"]) == (4 * 3 * 9 * 2 * 25,) * 2  # every entry at 2 x 25 positions
+    assert count_macs(tconv.weight, uses["tconv"]) == (4 * 2 * 4 * 2 * 25,) * 2  # transposed: at every input position
+    uses, _ = weight_uses(conv, {"conv": conv.weight}, torch.randn(3, 5, 5))  # unbatched input
+    assert count_macs(conv.weight, uses["conv"])[0] == 4 * 3 * 9 * 25

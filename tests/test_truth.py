@@ -303,3 +303,35 @@ def test_preview_policy_reads_a_recorded_duration_never_the_clock():
     assert PreviewPolicy("always").use_preview(True) and not PreviewPolicy("never").use_preview(True)
     with pytest.raises(ValueError, match="preview must be"):
         PreviewPolicy("sometimes")
+
+
+def test_macs_of_batched_products_with_a_broadcast_weight():
+    class Batched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 4))
+            self.head = nn.Linear(15, 3)
+
+        def forward(self, x):  # x: (B, 2, 4, 3): two groups per sample, the weight broadcast over them
+            g = x.reshape(-1, 4, 3)
+            h = torch.bmm(self.w.expand(g.shape[0], 5, 4), g)
+            return self.head(h.reshape(x.shape[0], 2, 15).sum(1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 2, 4, 3), torch.randint(0, 3, (6,))
+    s = pl.Session(Batched(), (x, y), device="cpu", extra_layers=["w"])
+    assert s.stats().layers["w"]["macs"] == 2 * 5 * 4 * 3  # per sample: 2 groups, 5x4 entries each at 3 columns
+    s.set_sparsity({"w": 0.25})
+    assert s.stats().layers["w"]["effective_macs"] == 2 * 15 * 3
+
+
+def test_trial_evaluations_never_overwrite_the_cache(demo_session):
+    s = demo_session
+    s.set_sparsity({"fc1": 0.5})
+    s.evaluate()
+    s.sensitivity(levels=(0.0, 0.5, 0.9), progress=False)
+    engine = s.evaluator.engine()
+    before = dict(engine.stats)
+    s.evaluate()  # the cache still holds the committed state: nothing is recomputed
+    assert engine.stats["cached"] == before["cached"] + 1
+    assert (engine.stats["incremental"], engine.stats["full"]) == (before["incremental"], before["full"])
