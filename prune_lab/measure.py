@@ -333,8 +333,7 @@ def _mm_macs(func: Any, args: tuple, out: Any) -> Optional[tuple[int, list[Tenso
     elif packet is aten.convolution:
         x, w, transposed = args[0], args[1], args[6]
         spatial = x.shape[2:] if transposed else out.shape[2:]
-        batch = x.shape[0] if x.dim() == w.dim() else 1
-        return w.numel() * batch * math.prod(spatial), [w]
+        return w.numel() * x.shape[0] * math.prod(spatial), [w]  # unbatched inputs arrive unsqueezed
     else:
         return None
     if packet is aten.addbmm:
