@@ -44,7 +44,7 @@ def main() -> None:
         "baseline_s": round(base, 2),
         "ratio": round(base / ours, 2),
         "max_abs_diff": diff,
-        "cache_mb": round(s.evaluator().cache_bytes() / 2**20, 1),
+        "cache_mb": round(s.evaluator.engine().cache_bytes() / 2**20, 1),
     }))
 
 

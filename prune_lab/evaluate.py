@@ -91,10 +91,11 @@ class Evaluator:
         the incremental cache keeps the committed state (for trials that will be undone).
         ``incremental=False``: a plain full forward pass.
         """
-        ev = self._evaluate(limit, commit) if incremental else full_pass(self.model, self.data, self.scorer, limit)
-        if self.check if self.check is not None else checking_enabled():
-            oracle = full_pass(self.model, self.data, self.scorer, limit)
-            self._compare(ev, oracle)
+        with self.state.lock:  # no other thread writes weights while they are read
+            ev = self._evaluate(limit, commit) if incremental else full_pass(self.model, self.data, self.scorer, limit)
+            if self.check if self.check is not None else checking_enabled():
+                oracle = full_pass(self.model, self.data, self.scorer, limit)
+                self._compare(ev, oracle)
         return self._as_dict(ev)
 
     def _evaluate(self, limit: Optional[int], commit: bool) -> Evaluation:
@@ -132,6 +133,10 @@ class Evaluator:
         """``evaluate()`` of the original model (before any pruning or fine-tuning); cached.
         The model is put back exactly, and the incremental cache keeps the current state."""
         key = None if limit is None or limit >= len(self.data) else int(limit)
+        with self.state.lock:
+            return self._baseline(key)
+
+    def _baseline(self, key: Optional[int]) -> dict[str, float]:
         if key not in self._baselines:
             if self.state.generation == 0:
                 with self.state.trial({n: None for n, r in self.state.records.items() if r.count}):

@@ -331,13 +331,14 @@ class LabModel:
     def measure(self, preview: bool = False) -> dict[str, Any]:
         """Evaluate (the preview subset or everything) and count; full measurements add a point."""
         s = self.session
-        t0 = time.perf_counter()
-        limit = min(self.policy.samples, len(s.data)) if preview else None
-        result = s.evaluate(limit=limit)
-        if not preview:
-            self.policy.last_full_s = time.perf_counter() - t0
-        stats = s.stats()
-        dense = s.baseline(limit)
+        with s.state.lock:  # numbers of one state, even if another thread prunes meanwhile
+            t0 = time.perf_counter()
+            limit = min(self.policy.samples, len(s.data)) if preview else None
+            result = s.evaluate(limit=limit)
+            if not preview:
+                self.policy.last_full_s = time.perf_counter() - t0
+            stats = s.stats()
+            dense = s.baseline(limit)
         self.evaluation = {**result, "preview": preview, "samples": limit or len(s.data)}
         self.numbers = {"evaluation": self.evaluation, "stats": stats, "dense": dense}
         if not preview:

@@ -234,7 +234,8 @@ class Session:
         weight takes part in a matrix product or convolution (modules, functional calls, shared
         and sliced uses), and the totals' file bytes are the lengths of the actual exports.
         """
-        return compute_stats(self.model, self.layers, self.state.weights, self._uses, self._nonzeros, self.dense_file_bytes())
+        with self.state.lock:
+            return compute_stats(self.model, self.layers, self.state.weights, self._uses, self._nonzeros, self.dense_file_bytes())
 
     def dense_file_bytes(self) -> int:
         """Length of ``torch.save(model.state_dict())`` of the dense model (cached)."""

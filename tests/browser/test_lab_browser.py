@@ -136,7 +136,7 @@ def test_lab_in_jupyterlab(jupyterlab, demo):
             page.screenshot(path=str(ARTIFACTS / "before-keys.png"))
             handle = slider.locator(".noUi-handle").first
             handle.focus()
-            for _ in range(30):
+            for _ in range(85):  # far enough that the accuracy changes (at 30% it does not)
                 page.keyboard.press("ArrowRight")
             readout = slider.locator(".widget-readout").first
             page.wait_for_function(
@@ -151,6 +151,9 @@ def test_lab_in_jupyterlab(jupyterlab, demo):
                 arg=target, timeout=60_000,
             )
             assert "full eval set" in page.locator(".prune-lab-metric-mode").first.text_content()
+            # the kernel runs in checking mode (PRUNE_LAB_CHECK=1 is inherited): any number that
+            # differed from a plain forward pass, or any other failure, would show here
+            assert page.locator(".prune-lab-error").count() == 0, page.locator(".prune-lab-status").first.text_content()
             page.locator(".prune-lab").first.scroll_into_view_if_needed()
             time.sleep(1.0)
             page.locator(".prune-lab").first.screenshot(path=str(ARTIFACTS / "lab.png"))
