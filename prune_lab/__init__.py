@@ -8,13 +8,14 @@ from ._version import __version__
 from .allocation import list_allocations, register_allocation
 from .criteria import list_criteria, register_criterion
 from .export import load_recipe, load_state_dict
+from .lab_model import LabModel
 from .layers import Coverage, LayerInfo
 from .models import demo, train
 from .session import Session
 from .state import Event, Snapshot
 
 __all__ = [
-    "Session", "LayerInfo", "Coverage", "Snapshot", "Event", "demo", "train", "datasets", "models", "criteria", "masks",
+    "Session", "LayerInfo", "Coverage", "Snapshot", "Event", "LabModel", "demo", "train", "datasets", "models", "criteria", "masks",
     "load_recipe", "load_state_dict", "register_criterion", "register_allocation",
     "list_criteria", "list_allocations", "plots", "Lab", "__version__",
 ]

@@ -129,9 +129,11 @@ class IncrementalEngine:
 
     # ------------------------------------------------------------------ change detection
     def others_signature(self) -> tuple:
-        """Identity, storage and version of every parameter and buffer that is not a layer."""
+        """Identity, storage and version of every parameter and buffer that is not a layer, and
+        of the eval data itself (an in-place edit of the inputs invalidates the cache too)."""
         layer_ids = {id(w) for w in self.layer_params.values()}
-        return tuple(
+        data = tuple((id(t), t.data_ptr(), t._version) for t in (self.data.inputs, self.data.targets))
+        return data + tuple(
             (name, id(t), t.data_ptr(), t._version)
             for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
             if id(t) not in layer_ids

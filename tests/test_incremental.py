@@ -92,3 +92,31 @@ def test_untraceable_model_falls_back_with_notice(digits, capsys):
     out = capsys.readouterr().out
     assert out.count("cannot be traced") == 1 and "full forward passes" in out
     assert 0 <= r["accuracy"] <= 1
+
+
+def test_changes_behind_the_sessions_back_are_noticed(demo):
+    """Weights written by hand, a bias edited, a buffer swapped, the eval data edited in place:
+    each invalidates what the cache was computed from."""
+    import copy
+
+    model, data = demo
+    model = copy.deepcopy(model)
+    x, y = (t.clone() for t in data.test.tensors)
+    s = pl.Session(model, (x, y), device="cpu", check=False)
+    from tests.oracles import plain
+
+    def true() -> None:
+        acc, loss = plain(model, x, y)
+        ev = s.evaluate()
+        assert ev["accuracy"] == acc and abs(ev["loss"] - loss) < 1e-6
+
+    true()
+    with torch.no_grad():
+        model.fc1.weight[:5].zero_()  # a prunable weight, by hand
+    true()
+    with torch.no_grad():
+        model.fc2.bias.add_(0.5)  # a parameter that is not a layer
+    true()
+    with torch.no_grad():
+        x[:100].mul_(0.1)  # the eval data itself
+    true()
