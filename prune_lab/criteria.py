@@ -1,15 +1,31 @@
-"""Importance criteria: which weights of a layer matter least. Pure functions of a weight.
+"""Importance criteria: which weights of a layer matter least.
 
 A criterion turns a weight tensor into flat *ordered keys* (integers whose order is the importance
 order; see ``masks.ordered_keys``); the smallest keys are pruned first. Register a new one with
 ``register_criterion`` or pass any callable ``(weight, *, layer, seed) -> scores`` where higher
-scores mean more important.
+scores mean more important. A criterion that looks at data declares ``needs`` (any of
+``"act_norm"``, ``"grad"``, ``"fisher"``) and receives ``stats`` (a ``calibration.LayerStats``)
+after ``Session.calibrate(train_data)``.
+
+Built-in criteria (w: the layer's base weights):
+
+- ``magnitude``: |w|.
+- ``random``: a seeded permutation (the floor every other criterion must beat).
+- ``taylor``: |w * g|, g the gradient of the mean calibration loss: the first-order Taylor
+  estimate of the loss change when w is removed (Molchanov et al. 2017, 2019).
+- ``obd``: 1/2 * h * w^2, h the Hessian diagonal: the empirical Fisher (mean squared
+  per-sample gradient) or, after ``calibrate(..., hessian="hutchinson")``, Hutchinson's
+  estimate of the true diagonal (Optimal Brain Damage, LeCun et al. 1990).
+- ``wanda``: |W_ij| * ||X_j||_2, X_j the j-th input feature over the calibration samples and
+  positions (for convolutions: input channel x kernel position), compared within each output row
+  as the paper does: every row of a layer loses the same number of weights (+-1); across layers
+  (global allocation) entries compare by their rank fraction within their row (Sun et al. 2023).
 """
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -33,27 +49,35 @@ class Criterion:
     keys_fn: Callable[..., Tensor]
     weight_dependent: bool = True
     reproducible: bool = True
+    needs: tuple[str, ...] = ()
 
-    def keys(self, weight: Tensor, *, layer: str, seed: int) -> Tensor:
+    def keys(self, weight: Tensor, *, layer: str, seed: int, stats: Any = None) -> Tensor:
+        if self.needs:
+            return self.keys_fn(weight, layer=layer, seed=seed, stats=stats)
         return self.keys_fn(weight, layer=layer, seed=seed)
 
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
-def register_criterion(name: str, *, weight_dependent: bool = True) -> Callable[[ScoreFn], ScoreFn]:
-    """Decorator registering a score function ``(weight, *, layer, seed) -> scores``."""
+def register_criterion(name: str, *, weight_dependent: bool = True, needs: Sequence[str] = ()) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator registering a score function ``(weight, *, layer, seed) -> scores`` (with
+    ``needs``: ``(weight, *, layer, seed, stats) -> scores``)."""
+    needs = tuple(needs)
+    bad = [n for n in needs if n not in ("act_norm", "grad", "fisher")]
+    if bad:
+        raise ValueError(f"criterion {name!r}: unknown statistics {bad}; valid: 'act_norm', 'grad', 'fisher'")
 
     def wrap(fn: ScoreFn) -> ScoreFn:
-        CRITERIA.register(name, Criterion(name, _scores_to_keys(fn), weight_dependent))
+        CRITERIA.register(name, Criterion(name, _scores_to_keys(fn, bool(needs)), weight_dependent, needs=needs))
         return fn
 
     return wrap
 
 
-def _scores_to_keys(fn: ScoreFn) -> Callable[..., Tensor]:
-    def keys(weight: Tensor, *, layer: str, seed: int) -> Tensor:
-        scores = fn(weight, layer=layer, seed=seed)
+def _scores_to_keys(fn: ScoreFn, with_stats: bool = False) -> Callable[..., Tensor]:
+    def keys(weight: Tensor, *, layer: str, seed: int, stats: Any = None) -> Tensor:
+        scores = fn(weight, layer=layer, seed=seed, stats=stats) if with_stats else fn(weight, layer=layer, seed=seed)
         if not isinstance(scores, Tensor) or scores.numel() != weight.numel():
             raise ValueError(
                 f"criterion {describe(fn)!r} must return a tensor with {weight.numel()} scores for "
@@ -96,3 +120,52 @@ def _random_keys(weight: Tensor, *, layer: str, seed: int) -> Tensor:
 
 CRITERIA.register("magnitude", Criterion("magnitude", _magnitude_keys))
 CRITERIA.register("random", Criterion("random", _random_keys, weight_dependent=False))
+
+
+
+# ---------------------------------------------------------------------- data-aware criteria
+def _stat(stats: Any, key: str, layer: str, criterion: str) -> Tensor:
+    value = getattr(stats, key, None) if stats is not None else None
+    if value is None:
+        raise ValueError(f"criterion {criterion!r} has no {key!r} statistics for layer {layer!r}; call calibrate(train_data) first")
+    return value
+
+
+def _taylor_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+    g = _stat(stats, "grad", layer, "taylor")
+    return ordered_keys((weight.detach().double() * g.double()).abs())
+
+
+def _obd_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+    h = _stat(stats, "hessian", layer, "obd")
+    return ordered_keys(0.5 * h.double() * weight.detach().double() ** 2)
+
+
+def wanda_scores(weight: Tensor, act_norm: Tensor) -> Tensor:
+    """|W_ij| * ||X_j||_2 per entry (``act_norm`` holds ||X_j|| for the feature entry ij reads)."""
+    return weight.detach().double().abs() * act_norm.double()
+
+
+def _wanda_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+    scores = wanda_scores(weight, _stat(stats, "act_norm", layer, "wanda"))
+    rows = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.reshape(1, -1)
+    n_rows, n_cols = rows.shape
+    rank = torch.empty_like(rows, dtype=torch.float64)
+    order = torch.argsort(rows, dim=1, stable=True)
+    rank.scatter_(1, order, torch.arange(n_cols, dtype=torch.float64, device=rows.device).expand(n_rows, n_cols))
+    # rank fraction within the row, ties between rows broken by row index: pruning the k smallest
+    # keys removes the lowest-ranked entries of every row in turn
+    row = torch.arange(n_rows, dtype=torch.float64, device=rows.device).unsqueeze(1)
+    key = (rank / n_cols) + row / (n_rows * n_cols * 2.0)
+    return ordered_keys(key.reshape(weight.shape))
+
+
+CRITERIA.register("taylor", Criterion("taylor", _taylor_keys, needs=("grad",)))
+CRITERIA.register("obd", Criterion("obd", _obd_keys, needs=("fisher",)))
+CRITERIA.register("wanda", Criterion("wanda", _wanda_keys, needs=("act_norm",)))
+
+
+def needs_of(names: Sequence[Union[str, Criterion]]) -> tuple[str, ...]:
+    """The statistics the given criteria (default every registered one) need, in a fixed order."""
+    found = {n for c in names for n in get_criterion(c).needs}
+    return tuple(n for n in ("act_norm", "grad", "fisher") if n in found)

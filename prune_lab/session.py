@@ -99,6 +99,8 @@ class Session:
         self._dense_file_bytes: Optional[int] = None
         self.version = 0  # bumped on every recorded change of weights or device
         self.last_sensitivity: Any = None  # the latest SensitivityResult, for allocation="sensitivity"
+        self._calibration_args: Optional[dict] = None
+        self.calibration_passes = 0  # how many times calibrate() computed statistics (not served from cache)
         self.state.subscribe(self._on_event)
 
     def _check_forward(self, scorer: Scorer) -> tuple[dict, Scorer]:
@@ -177,6 +179,7 @@ class Session:
                 f"got {type(sparsities).__name__}"
             )
         crit = get_criterion(criterion)
+        self._fresh_calibration(crit)
         seed = self.seed if seed is None else int(seed)
         counts = {name: count_to_prune(self.check_sparsity(name, v), self.layer(name).n_params) for name, v in sparsities.items()}
         self.state.set_counts(counts, crit, seed)
@@ -189,6 +192,7 @@ class Session:
 
         Locked layers keep their current masks and count toward the total.
         """
+        self._fresh_calibration(criterion)
         result, crit, seed = allocate(self.state, sparsity, allocation, criterion, seed, locked, self.last_sensitivity)
         self.state.set_counts(result.counts, crit, seed, result.masks)
         return self
@@ -213,6 +217,61 @@ class Session:
         """Temporarily remove every mask (for baselines); the masks return on exit."""
         with self.state.trial({n: None for n, k in self.state.counts.items() if k}):
             yield self
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, train_data: Any, samples: int = 512, batch_size: int = 64, criteria: Optional[Sequence[str]] = None,
+                  hessian: str = "fisher", probes: int = 16, seed: int = 0, progress: bool = True) -> Any:
+        """Collect the statistics data-aware criteria need (``taylor``, ``obd``, ``wanda``) from
+        the first ``samples`` of *training* data, on the dense base weights.
+
+        Only what ``criteria`` (default: every registered criterion) need is collected. The
+        result is cached by base weights, device, data and settings: calling again after
+        fine-tuning recomputes, calling again otherwise does not. Ctrl-C leaves the session as
+        it was. ``hessian="hutchinson"`` makes ``obd`` use Hutchinson's estimate of the Hessian
+        diagonal (``probes`` Rademacher vectors per batch) instead of the empirical Fisher.
+        """
+        import warnings
+
+        from .calibration import as_tensors, calibrate, data_fingerprint
+        from .criteria import list_criteria, needs_of
+
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if hessian not in ("fisher", "hutchinson"):
+            raise ValueError(f"hessian must be 'fisher' or 'hutchinson', got {hessian!r}")
+        needs = needs_of(list(criteria) if criteria is not None else list_criteria())
+        x, y = as_tensors(train_data, samples)
+        x, y = x.to(self.device), y.to(self.device)
+        fingerprint = data_fingerprint(x, y)
+        if self.data.inputs is not None and len(x) <= len(self.data) and data_fingerprint(self.data.inputs[: len(x)], self.data.targets[: len(x)]) == fingerprint:
+            warnings.warn("calibrating on the session's eval data makes the accuracy it reports optimistic; "
+                          "calibrate on training data", UserWarning, stacklevel=2)
+        key = (self.state.generation, tuple(id(self.state.base(i.name)) for i in self.layers), str(self.device),
+               fingerprint, needs, hessian, probes if hessian == "hutchinson" else 0, seed)
+        self._calibration_args = dict(train_data=train_data, samples=samples, batch_size=batch_size, criteria=criteria,
+                                      hessian=hessian, probes=probes, seed=seed, progress=progress)
+        current = self.state.calibration
+        if current is not None and current.key == key:
+            return current
+        loss = self.loss_fn if callable(self.loss_fn) else None
+        with self.state.trial({n: None for n, k in self.state.counts.items() if k}):  # the dense base weights
+            result = calibrate(self.model, self.layers, self.state.weights, x, y, needs, loss, batch_size, hessian,
+                               probes, seed, progress)
+        result.key = key
+        self.state.calibration = result
+        self.calibration_passes += 1
+        return result
+
+    def _fresh_calibration(self, criterion: Any) -> None:
+        """Re-run the last calibrate() when the base weights changed since (fine-tuning)."""
+        crit = get_criterion(criterion)
+        cal = self.state.calibration
+        if not crit.needs or cal is None or self._calibration_args is None:
+            return
+        if cal.key[0] != self.state.generation or cal.key[2] != str(self.device):
+            self.calibrate(**self._calibration_args)
 
     # ------------------------------------------------------------------ measuring
     def evaluate(self, limit: Optional[int] = None) -> dict[str, float]:
@@ -274,6 +333,8 @@ class Session:
                                      "sparsity": r.count / i.n_params, "criterion": r.criterion, "seed": r.seed}
             if r.mask is not None and (masks or (masks is None and not r.reproducible)):
                 entry["mask"] = _export.pack_mask(r.mask)
+            if r.calibration and r.count:
+                entry["calibration_sha256"] = r.calibration.split("/")[0]  # the data its statistics came from
             layers[i.name] = entry
         return {
             "prune_lab_recipe": _export.RECIPE_FORMAT,
@@ -364,7 +425,8 @@ class Session:
                  schedule: str = "oneshot", target_sparsity: Optional[float] = None, allocation: Union[str, Callable] = "global",
                  rounds: int = 3, rewind_step: int = 0, restore: str = "last", optimizer: Union[str, Callable] = "sgd",
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64, seed: int = 0,
-                 progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None) -> Any:
+                 progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None,
+                 criterion: Union[str, Callable, Criterion] = "magnitude") -> Any:
         """Train with the masks held (pruned weights stay exactly 0), optionally pruning on a schedule.
 
         ``schedule``: "oneshot" (prune to ``target_sparsity`` if given, then train), "iterative"
@@ -373,11 +435,14 @@ class Session:
         their values at ``rewind_step``, retrain). ``steps`` (or ``epochs``) is the training
         budget per phase. ``restore="best"`` keeps the state with the best eval metric seen.
         Ctrl-C stops early with what was learned. ``reset()`` still restores the original model.
+        ``criterion`` picks the weights at every pruning step; a data-aware one is re-calibrated
+        (with the last ``calibrate()`` settings) on the weights of the previous round.
         """
         loss = self.loss_fn if callable(self.loss_fn) else None
+        get_criterion(criterion)
         return _finetune.finetune(self.state, self.evaluator, train_data, epochs, steps, lr, schedule, target_sparsity,
                                   allocation, rounds, rewind_step, restore, optimizer, momentum, weight_decay, batch_size,
-                                  seed, progress, on_step, loss)
+                                  seed, progress, on_step, loss, criterion, lambda: self._fresh_calibration(criterion))
 
     def sensitivity(self, levels: Optional[Sequence[float]] = None, criterion: Union[str, Callable, Criterion] = "magnitude",
                     metric: Optional[str] = None, layers: Optional[Sequence[str]] = None, resume: Any = None,
@@ -391,6 +456,7 @@ class Session:
         """
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
+        self._fresh_calibration(criterion)
         result = _sensitivity.sweep(self.state, self.evaluator, levels, criterion, layers, resume, incremental, progress,
                                     on_step, should_stop)
         self.last_sensitivity = result
@@ -399,13 +465,18 @@ class Session:
     def tradeoff(self, strategies: Sequence[str] = _tradeoff.DEFAULT_STRATEGIES,
                  compressions: Sequence[float] = _tradeoff.DEFAULT_COMPRESSIONS, finetune: Optional[dict] = None,
                  seeds: int = 1, cache: bool = True, progress: bool = True) -> Any:
-        """Every strategy (allocation) at every compression (params / nonzeros), measured; with
+        """Every strategy at every compression (params / nonzeros), measured. A strategy is an
+        allocation with a criterion: ``"lamp"`` (magnitude), ``"global/taylor"``. With
         ``finetune={"train_data": ..., "steps": ..., ...}`` also after masked fine-tuning. Returns
         a ``TradeoffResult``; cached on disk by (model, data, config). The session is left exactly
         as it was found."""
         loss = self.loss_fn if callable(self.loss_fn) else None
+        pairs = [_tradeoff.parse_strategy(st) for st in strategies]
+        data_aware = [c for _, c in pairs if get_criterion(c).needs]
+        if data_aware and self.state.calibration is None:
+            raise ValueError(f"strategies with {', '.join(sorted(set(data_aware)))} need calibrate(train_data) first")
         return _tradeoff.run_tradeoff(self.state, self.evaluator, self.stats, strategies, compressions, finetune, seeds,
-                                      cache, progress, cache_dir(), loss)
+                                      cache, progress, cache_dir(), loss, self._fresh_calibration)
 
     def lab(self, **kwargs: Any) -> Any:
         """The interactive dashboard over this session (``prune_lab.Lab(self, ...)``)."""

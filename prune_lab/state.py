@@ -44,6 +44,7 @@ class Record:
     mask: Optional[Tensor] = field(default=None, repr=False, compare=False)
     token: int = field(default=0, repr=False, compare=False)
     reproducible: bool = field(default=True, repr=False, compare=False)
+    calibration: str = field(default="", repr=False, compare=False)  # fingerprint of the statistics used
 
     @property
     def settings(self) -> tuple[str, int, str, int]:
@@ -111,6 +112,7 @@ class PruningState:
         self._listeners: list[Listener] = []
         self._trial_depth = 0
         self.lock = threading.RLock()
+        self.calibration: Any = None  # statistics for data-aware criteria (``calibration.Calibration``)
 
     # ------------------------------------------------------------------ bookkeeping
     def _bind(self) -> None:
@@ -193,6 +195,20 @@ class PruningState:
         """A copy of the model's state_dict as it was when the state was made (CPU tensors)."""
         return {k: v.detach().cpu().clone() for k, v in self._original.items()}
 
+    def _calibration_id(self, criterion: Criterion) -> str:
+        if not criterion.needs:
+            return ""
+        if self.calibration is None:
+            raise ValueError(
+                f"criterion {criterion.name!r} looks at data ({', '.join(criterion.needs)}): call "
+                "calibrate(train_data) first, with training data (not the eval data)"
+            )
+        missing = [n for n in criterion.needs if n not in self.calibration.needs]
+        if missing:
+            raise ValueError(f"criterion {criterion.name!r} needs {', '.join(missing)}, which the last calibrate() did not "
+                             f"collect; call calibrate(train_data) again (it collects what every registered criterion needs)")
+        return self.calibration.fingerprint + f"/{self.calibration.key!r}"
+
     def original_digest(self) -> str:
         """sha256 of every original parameter and buffer (names, shapes and bits)."""
         from .export import weights_digest
@@ -249,7 +265,9 @@ class PruningState:
             old = self._records[name]
             new_settings = (pattern, k, criterion.name, seed)
             given = masks is not None and name in masks
-            if old.settings == new_settings and old.reproducible and not given:
+            calib = self._calibration_id(criterion)
+            if old.settings == new_settings and criterion.reproducible and not given and old.calibration == calib \
+                    and (k == 0 or old.mask is not None):
                 out[name] = old
                 continue
             if k == 0:
@@ -264,7 +282,8 @@ class PruningState:
             else:
                 mask = k_smallest_masks(self.keys([name], criterion, seed), k, [info.shape])[0]
             mask = mask.to(self.weights[name].device)
-            out[name] = Record(pattern, k, criterion.name, seed, mask, next(_serials), criterion.reproducible and not given)
+            out[name] = Record(pattern, k, criterion.name, seed, mask, next(_serials),
+                               criterion.reproducible and not given and not criterion.needs, calib)
         return out
 
     def apply(self, records: Mapping[str, Record], kind: str = "masks") -> list[str]:
@@ -457,4 +476,7 @@ class _LazyKeys(Sequence):
 
     def __getitem__(self, i):  # type: ignore[override]
         name = self._names[i]
+        if self._c.needs:
+            self._s._calibration_id(self._c)  # a clear error before any statistic is read
+            return self._c.keys(self._s.base(name), layer=name, seed=self._seed, stats=self._s.calibration.layer(name))
         return self._c.keys(self._s.base(name), layer=name, seed=self._seed)

@@ -16,7 +16,7 @@ RANKS = {
     "masks": 1, "datasets": 1,
     "criteria": 2, "layers": 2, "export": 2,
     "measure": 3, "state": 3,
-    "allocation": 4, "incremental": 4, "stats": 4,
+    "allocation": 4, "incremental": 4, "stats": 4, "calibration": 4,
     "evaluate": 5,
     "workflows": 6.9, "workflows.sensitivity": 6, "workflows.finetune": 6, "workflows.tradeoff": 6.5,
     "session": 7, "models": 7,

@@ -174,8 +174,11 @@ def finetune(
     progress: bool = True,
     on_step: Optional[Callable[[int, float], None]] = None,
     loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    criterion: Any = "magnitude",
+    recalibrate: Optional[Callable[[], None]] = None,
 ) -> FinetuneResult:
-    """See :meth:`prune_lab.Session.finetune`."""
+    """See :meth:`prune_lab.Session.finetune`. ``recalibrate()`` runs before every pruning step
+    (a data-aware criterion then scores the weights as they are after the previous round)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
     if restore not in ("last", "best"):
@@ -197,6 +200,11 @@ def finetune(
     best: tuple[float, Any] = (-math.inf, None)
     metric = evaluator.metric_name
 
+    def prune(sparsity: float) -> None:
+        if recalibrate is not None:
+            recalibrate()
+        apply_global(state, sparsity, allocation, criterion)
+
     def train(n: int, phase_seed: int, hook: Optional[Callable[[int, float], None]] = on_step) -> None:
         nonlocal best
         masked_train(state, train_data, n, lr, optimizer, momentum, weight_decay, batch_size, phase_seed, progress,
@@ -208,18 +216,18 @@ def finetune(
 
     if schedule == "oneshot":
         if target_sparsity is not None:
-            apply_global(state, target_sparsity, allocation)
+            prune(target_sparsity)
         train(steps, seed)
     elif schedule == "iterative":
         for r, s in enumerate(iterative_sparsities(target_sparsity, rounds)):  # type: ignore[arg-type]
-            apply_global(state, s, allocation)
+            prune(s)
             train(steps, seed + r)
             if result.interrupted:
                 break
     elif schedule == "agp":
         per = max(1, steps // rounds)
         for r in range(rounds):
-            apply_global(state, agp_sparsity(r + 1, rounds, target_sparsity), allocation)  # type: ignore[arg-type]
+            prune(agp_sparsity(r + 1, rounds, target_sparsity))  # type: ignore[arg-type]
             train(per, seed + r)
             if result.interrupted:
                 break
@@ -234,7 +242,7 @@ def finetune(
 
         train(steps, seed, record)
         if not result.interrupted:
-            apply_global(state, target_sparsity, allocation)  # type: ignore[arg-type]
+            prune(target_sparsity)  # type: ignore[arg-type]
             state.rewind_to(recorded)
             train(steps, seed + 1)
     if restore == "best" and best[1] is not None:

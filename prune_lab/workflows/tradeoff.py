@@ -115,6 +115,24 @@ class TradeoffResult:
         return tradeoff(self, x)
 
 
+def parse_strategy(strategy: Any) -> tuple[str, str]:
+    """A strategy is an allocation paired with a criterion: ``"lamp"`` (magnitude),
+    ``"global/taylor"`` or ``("global", "taylor")``; both names are checked here."""
+    from ..allocation import get_allocation
+    from ..criteria import get_criterion
+
+    if isinstance(strategy, str):
+        allocation, _, criterion = strategy.partition("/")
+    elif isinstance(strategy, (tuple, list)) and len(strategy) == 2:
+        allocation, criterion = strategy
+    else:
+        raise ValueError(f"strategy {strategy!r} must be 'allocation', 'allocation/criterion' or (allocation, criterion)")
+    criterion = criterion or "magnitude"
+    get_allocation(allocation)
+    get_criterion(criterion)
+    return allocation, criterion
+
+
 def run_tradeoff(
     state: PruningState,
     evaluator: Evaluator,
@@ -127,21 +145,28 @@ def run_tradeoff(
     progress: bool = True,
     cache_dir: Optional[Path] = None,
     loss_fn: Any = None,
+    recalibrate: Optional[Callable[[Any], None]] = None,
 ) -> TradeoffResult:
-    """See :meth:`prune_lab.Session.tradeoff`. ``stats()`` gives the current stats table."""
+    """See :meth:`prune_lab.Session.tradeoff`. ``stats()`` gives the current stats table;
+    ``recalibrate(criterion)`` brings data-aware statistics up to date before each point."""
     from tqdm.auto import tqdm
 
     from .._version import __version__
 
     finetune = dict(finetune or {})
+    pairs = [parse_strategy(st) for st in strategies]
+    strategies = [f"{a}/{c}" if c != "magnitude" else a for a, c in pairs]
     train_data = finetune.pop("train_data", None)
     if finetune and train_data is None:
         raise ValueError("finetune={...} needs 'train_data': the data to fine-tune on")
     for c in compressions:
         if isinstance(c, bool) or not (isinstance(c, (int, float)) and c >= 1):
             raise ValueError(f"compression {c!r} must be a number >= 1 (dense size / nonzeros)")
+    from ..criteria import get_criterion
+
+    calibration = state.calibration.fingerprint if state.calibration is not None and any(get_criterion(c).needs for _, c in pairs) else None
     config = {"strategies": list(strategies), "compressions": list(compressions), "finetune": finetune, "seeds": seeds,
-              "version": __version__, "metric": evaluator.metric_name}
+              "version": __version__, "metric": evaluator.metric_name, "calibration": calibration}
     data_digest = evaluator.data.fingerprint()
     if train_data is not None:
         data_digest += weights_digest(list(getattr(train_data, "tensors", train_data if isinstance(train_data, (tuple, list)) else [])))
@@ -160,10 +185,12 @@ def run_tradeoff(
     result = TradeoffResult(metric, evaluator.baseline(), config)
     try:
         for seed in range(seeds):
-            for strategy in strategies:
+            for strategy, (allocation, criterion) in zip(strategies, pairs):
                 for c in compressions:
                     state.reset()
-                    apply_global(state, 1 - 1 / c, allocation=strategy, seed=seed)
+                    if recalibrate is not None:
+                        recalibrate(criterion)
+                    apply_global(state, 1 - 1 / c, allocation=allocation, criterion=criterion, seed=seed)
                     ev, st = evaluator.evaluate(), stats().total
                     record = {
                         "strategy": strategy, "target_compression": c, "seed": seed,
@@ -172,7 +199,8 @@ def run_tradeoff(
                         "speedup": st["speedup"], metric: ev[metric], "loss": ev["loss"],
                     }
                     if train_data is not None:
-                        ft = run_finetune(state, evaluator, train_data, seed=seed, progress=False, loss_fn=loss_fn, **finetune)
+                        ft = run_finetune(state, evaluator, train_data, seed=seed, progress=False, loss_fn=loss_fn,
+                                          criterion=criterion, **finetune)
                         record[f"{metric}_finetuned"] = ft.evaluations[-1][metric] if ft.evaluations else None
                         record["compression_finetuned"] = sum(i.n_params for i in state.layers) / max(stats().total["nonzeros"], 1)
                     result.records.append(record)
