@@ -1,0 +1,198 @@
+"""Data-aware criteria against independent computations: autograd on a copy of the model,
+per-sample gradients one sample at a time, the exact Hessian, explicit loops over features."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prune_lab as pl
+from prune_lab.masks import k_smallest_mask
+
+
+class SmallConvNet(nn.Module):
+    """A grouped conv, a plain conv and a Linear: every way Wanda unfolds its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, stride=2, groups=2)
+        self.fc = nn.Linear(4 * 3 * 3, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        h = torch.tanh(self.grouped(h))
+        return self.fc(h.flatten(1))
+
+
+@pytest.fixture
+def setup(digits):
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    x, y = digits.train.tensors
+    s = pl.Session(model, digits.test, device="cpu")
+    return s, model, (x[:40], y[:40])
+
+
+def test_taylor_gradient_equals_autograd_on_a_copy(setup):
+    s, model, (x, y) = setup
+    s.calibrate((x, y), samples=40, batch_size=16, progress=False)
+    ref = copy.deepcopy(model).eval()
+    loss = F.cross_entropy(ref(x), y)
+    grads = torch.autograd.grad(loss, [ref.conv.weight, ref.grouped.weight, ref.fc.weight])
+    for name, g in zip(("conv", "grouped", "fc"), grads):
+        assert torch.allclose(s.state.calibration.layer(name).grad, g, rtol=1e-4, atol=1e-7)  # batch sums in float32
+    s.set_sparsity({"fc": 0.5}, criterion="taylor")
+    scores = (ref.fc.weight * grads[2]).abs()
+    assert torch.equal(s.mask("fc"), k_smallest_mask(scores.double(), 180))
+
+
+def test_fisher_equals_per_sample_gradients_squared_and_averaged(setup):
+    s, model, (x, y) = setup
+    s.calibrate((x, y), samples=40, batch_size=16, progress=False)
+    ref = copy.deepcopy(model).eval()
+    total = [torch.zeros_like(p) for p in (ref.conv.weight, ref.grouped.weight, ref.fc.weight)]
+    for i in range(len(x)):
+        gs = torch.autograd.grad(F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]), [ref.conv.weight, ref.grouped.weight, ref.fc.weight])
+        for t, g in zip(total, gs):
+            t += g ** 2
+    for name, t in zip(("conv", "grouped", "fc"), total):
+        assert torch.allclose(s.state.calibration.layer(name).fisher, t / len(x), rtol=1e-4, atol=1e-9)
+    s.set_sparsity({"grouped": 0.25}, criterion="obd")
+    scores = 0.5 * (total[1] / len(x)) * ref.grouped.weight ** 2
+    assert torch.equal(s.mask("grouped"), k_smallest_mask(scores.double(), round(0.25 * 72)))
+
+
+def test_hutchinson_is_z_times_hz_of_the_exact_hessian(digits):
+    """With the exact Hessian H (torch.autograd.functional.hessian) and the same Rademacher
+    probes z, Hutchinson's estimate is mean(z * H z) to float precision; it is an unbiased
+    estimate of diag(H), so more probes bring it closer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x, y = digits.train.tensors[0][:32], digits.train.tensors[1][:32]
+    w = model[1].weight
+
+    def loss_of(flat):
+        return F.cross_entropy(F.linear(x.flatten(1), flat.reshape(w.shape), model[1].bias), y)
+
+    H = torch.autograd.functional.hessian(loss_of, w.detach().reshape(-1))
+    errors = []
+    for probes in (10, 400):
+        s = pl.Session(model, digits.test, device="cpu")
+        s.calibrate((x, y), samples=32, batch_size=32, hessian="hutchinson", probes=probes, seed=3, criteria=["obd"], progress=False)
+        est = s.state.calibration.layer("1").hessian
+        g = torch.Generator().manual_seed(3)
+        zs = [(torch.randint(0, 2, w.shape, generator=g) * 2 - 1).float().reshape(-1) for _ in range(probes)]
+        expected = sum(z * (H @ z) for z in zs) / probes
+        assert torch.allclose(est.reshape(-1), expected, rtol=1e-4, atol=1e-7)
+        errors.append(float((est.reshape(-1) - H.diagonal()).norm() / H.diagonal().norm()))
+    assert errors[1] < errors[0]
+
+
+def test_wanda_norms_and_masks_equal_an_explicit_loop(setup):
+    s, model, (x, y) = setup
+    s.calibrate((x, y), samples=40, batch_size=16, criteria=["wanda"], progress=False)
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        h1 = torch.tanh(ref.conv(x))
+        h2 = torch.tanh(ref.grouped(h1))
+    # Linear: ||X_j|| over samples
+    expect_fc = torch.tensor([sum(float(h2.flatten(1)[n, j]) ** 2 for n in range(len(x))) for j in range(36)]).sqrt()
+    assert torch.allclose(s.state.calibration.layer("fc").act_norm, expect_fc.expand(10, 36), rtol=1e-5)
+    # grouped conv: output o reads input channels of its group; feature (c, ki, kj) over samples and positions
+    norms = torch.zeros(4, 2, 3, 3)
+    for o in range(4):
+        g = o // 2
+        for c in range(2):
+            for ki in range(3):
+                for kj in range(3):
+                    total = 0.0
+                    for oi in range(3):
+                        for oj in range(3):
+                            total += float((h1[:, g * 2 + c, oi * 2 + ki, oj * 2 + kj] ** 2).sum())
+                    norms[o, c, ki, kj] = total ** 0.5
+    assert torch.allclose(s.state.calibration.layer("grouped").act_norm, norms, rtol=1e-5)
+    # the mask: every output row loses the same number of weights, its lowest |W| * ||X||
+    s.set_sparsity({"fc": 0.5}, criterion="wanda")
+    scores = ref.fc.weight.abs() * expect_fc
+    keep = s.mask("fc")
+    for row in range(10):
+        assert int((~keep[row]).sum()) == 18
+        assert torch.equal(~keep[row], scores[row] <= scores[row].sort().values[17])
+
+
+def test_calibration_is_cached_and_recomputed_after_finetuning(setup, digits):
+    s, model, data = setup
+    s.calibrate(data, samples=40, progress=False)
+    s.calibrate(data, samples=40, progress=False)
+    s.set_sparsity({"fc": 0.5}, criterion="taylor")
+    assert s.calibration_passes == 1
+    s.finetune(data, steps=2, progress=False)
+    s.set_sparsity({"fc": 0.6}, criterion="taylor")  # the base weights changed: re-calibrated first
+    assert s.calibration_passes == 2
+    s.calibrate(data, samples=40, progress=False)
+    assert s.calibration_passes == 2
+    s.calibrate(data, samples=20, progress=False)  # other data: recomputed
+    assert s.calibration_passes == 3
+
+
+def test_data_aware_criteria_need_calibration_and_training_data(setup, digits):
+    s, model, data = setup
+    before = s.snapshot()
+    with pytest.raises(ValueError, match=r"calibrate\(train_data\)"):
+        s.set_sparsity({"fc": 0.5}, criterion="taylor")
+    with pytest.raises(ValueError, match=r"calibrate\(train_data\)"):
+        s.set_global_sparsity(0.5, criterion="wanda")
+    assert s.snapshot() == before
+    with pytest.warns(UserWarning, match="eval data makes the accuracy it reports optimistic"):
+        s.calibrate(digits.test, samples=64, progress=False)
+    with pytest.raises(ValueError, match="hessian must be"):
+        s.calibrate(data, hessian="exact")
+
+
+def test_interrupted_calibration_changes_nothing(setup, monkeypatch):
+    s, model, data = setup
+    s.set_sparsity({"fc": 0.5})
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    import prune_lab.calibration as cal
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cal, "mean_gradient", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        s.calibrate(data, progress=False)
+    assert s.state.calibration is None
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "obd", "wanda"])
+def test_every_workflow_works_with_data_aware_criteria(setup, criterion, tmp_path):
+    s, model, data = setup
+    s.calibrate(data, samples=40, progress=False)
+    total = sum(i.n_params for i in s.layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for allocation in ("uniform", "global", "erk", "lamp", "random"):
+            s.set_global_sparsity(0.6, allocation=allocation, criterion=criterion)
+            assert sum(s.pruned_counts.values()) == round(0.6 * total)
+    s.set_global_sparsity(0.6, allocation="uniform", criterion=criterion)  # ("random" allocation masks at random)
+    r = s.sensitivity(levels=(0.0, 0.5), criterion=criterion, progress=False)
+    assert r.complete and r.criterion == criterion
+    paths = s.export(tmp_path / "m.pt")
+    recipe = pl.load_recipe(paths["recipe"])
+    pruned = [n for n, e in recipe["layers"].items() if e["pruned"]]
+    assert all("mask" in recipe["layers"][n] and "calibration_sha256" in recipe["layers"][n] for n in pruned)
+    torch.manual_seed(0)
+    fresh = pl.Session(SmallConvNet(), (s.data.inputs, s.data.targets), device="cpu")
+    fresh.apply_recipe(paths["recipe"])  # no calibration needed: the masks travel in the recipe
+    for name in pruned:
+        assert torch.equal(fresh.mask(name), s.mask(name))
+    t = s.tradeoff(strategies=[f"uniform/{criterion}", "uniform"], compressions=(2,), cache=False, progress=False)
+    assert [r_["strategy"] for r_ in t.records] == [f"uniform/{criterion}", "uniform"]
+    ft = s.finetune(data, steps=2, schedule="iterative", target_sparsity=0.5, rounds=2, criterion=criterion, progress=False)
+    assert s.criteria["fc"] == criterion and len(ft.evaluations) == 2
