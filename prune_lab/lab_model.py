@@ -94,10 +94,12 @@ class LabModel:
     """The Lab's state and actions. Every number it shows is a Session measurement."""
 
     def __init__(self, session: Session, sensitivity: Any = None, preview: str = "auto", frame_budget_s: float = 0.05,
-                 preview_samples: int = 256):
+                 preview_samples: int = 256, train_data: Any = None, calibration_samples: int = 512):
         if not isinstance(session, Session):
             raise TypeError(f"Lab needs a prune_lab.Session, got {type(session).__name__}")
         self.session = session
+        self.train_data = train_data
+        self.calibration_samples = calibration_samples
         if sensitivity is not None:
             session.last_sensitivity = sensitivity
         self.policy = PreviewPolicy(preview, frame_budget_s, preview_samples)
@@ -208,11 +210,17 @@ class LabModel:
 
     def set_criterion(self, criterion: str) -> None:
         """Switch criterion: every pruned layer is re-masked by it at its current sparsity."""
-        self._check_idle("change the criterion")
-        if criterion not in list_criteria():
-            from .criteria import get_criterion
+        from .criteria import get_criterion
 
-            get_criterion(criterion)  # raises with the valid names
+        self._check_idle("change the criterion")
+        crit = get_criterion(criterion)  # an unknown name raises with the valid ones
+        if crit.needs and self.session.state.calibration is None:
+            if self.train_data is None:
+                raise ValueError(f"criterion {criterion!r} looks at data: open the Lab with train_data=... "
+                                 "(or call session.calibrate(train_data) first)")
+            self.set_status(f"calibrating {criterion} on {self.calibration_samples} training samples...")
+            self.session.calibrate(self.train_data, samples=self.calibration_samples, progress=False)
+            self.set_status(f"calibrated on {self.calibration_samples} training samples")
         self.push_undo()
         self.criterion = criterion
         pruned = {n: s for n, s in self.session.sparsity.items() if s > 0}

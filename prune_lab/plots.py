@@ -312,3 +312,28 @@ def tradeoff(result: Any, x: str = "compression") -> Figure:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return fig
+
+
+def criterion_scores(session: "Session", layer: str, criteria: Sequence[str] = ("magnitude", "taylor", "obd", "wanda"),
+                     seed: int = 0) -> Figure:
+    """What each criterion keeps in one layer: every weight's importance rank (0 = pruned first,
+    1 = kept longest) as an image, one panel per criterion, rows = output units. Ranks, not raw
+    scores, so criteria on different scales share one colour scale. Data-aware criteria need
+    ``session.calibrate(train_data)`` first."""
+    from .criteria import get_criterion
+
+    info = session.layer(layer)
+    fig = new_figure((2.6 * len(criteria), 2.8))
+    axes = fig.subplots(1, len(criteria), squeeze=False)[0]
+    for ax, name in zip(axes, criteria):
+        keys = session.state.keys([layer], get_criterion(name), seed)[0].cpu()
+        rank = np.empty(keys.numel())
+        rank[np.argsort(keys.numpy(), kind="stable")] = np.arange(keys.numel()) / max(keys.numel() - 1, 1)
+        image = rank.reshape(info.shape[0], -1)
+        im = ax.imshow(image, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("input feature")
+        ax.set_ylabel("output unit" if ax is axes[0] else "")
+    fig.colorbar(im, ax=list(axes), label="importance rank", shrink=0.9)
+    fig.suptitle(f"{layer} ({'x'.join(map(str, info.shape))}): which weights each criterion keeps", fontsize=10)
+    return fig

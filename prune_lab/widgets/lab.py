@@ -50,6 +50,8 @@ class Lab:
     ``lab.sliders[name]`` (fraction 0-0.99, shown as percent), ``lab.global_slider`` (shows the
     total sparsity), ``lab.allocation``, ``lab.criterion``, ``lab.locks[name]``, buttons
     ``lab.reset_button`` ... ``lab.labels[key]`` show exactly ``Session.evaluate()``/``stats()``.
+    ``train_data`` lets the criterion dropdown calibrate data-aware criteria (taylor, obd, wanda)
+    the first time one is chosen.
 
     In a running kernel, slider events are coalesced: only the newest value is evaluated; while
     dragging, ``preview`` ("auto", "never", "always") decides whether the first
@@ -66,10 +68,11 @@ class Lab:
         dpi: int = 72,
         defer: Optional[bool] = None,
         preview: str = "auto",
+        train_data: Any = None,
     ):
         if not isinstance(session, Session):
             raise TypeError(f"Lab needs a prune_lab.Session, got {type(session).__name__}")
-        self.model = LabModel(session, sensitivity, preview, frame_budget_s, preview_samples)
+        self.model = LabModel(session, sensitivity, preview, frame_budget_s, preview_samples, train_data)
         self.session = session
         self.dpi = dpi
         self._syncing = False

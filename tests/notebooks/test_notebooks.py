@@ -18,12 +18,11 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 def test_notebook_runs(path, tmp_path, monkeypatch, demo):  # demo: the kernels load its cached weights
     monkeypatch.setenv("PRUNE_LAB_FAST", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel uses Jupyter's inline backend
-    if path.name.startswith("04"):
-        from tests.conftest import MNIST_ROOT
+    from tests.conftest import MNIST_ROOT
 
-        if not (MNIST_ROOT / "t10k-images-idx3-ubyte.gz").exists():
-            pytest.skip(f"needs the MNIST test split under {MNIST_ROOT}")
-        monkeypatch.setenv("PRUNE_LAB_MNIST", str(MNIST_ROOT))
+    if path.name.startswith("04") and not (MNIST_ROOT / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"needs the MNIST test split under {MNIST_ROOT}")
+    monkeypatch.setenv("PRUNE_LAB_MNIST", str(MNIST_ROOT))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     start = time.perf_counter()

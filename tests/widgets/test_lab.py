@@ -244,3 +244,20 @@ def test_layer_collapse_shows_in_the_lab(digits):
     lab.allocation.value = "lamp"
     lab.global_slider.value = 0.96
     assert "prune-lab-warning" not in lab.status.value
+
+
+def test_data_aware_criterion_in_the_lab(demo_session, digits):
+    lab = pl.Lab(demo_session)
+    lab.sliders["fc1"].value = 0.5
+    lab.criterion.value = "taylor"  # no training data: the Lab says what to do, nothing changes
+    assert "train_data" in lab.status.value and demo_session.criteria["fc1"] == "magnitude"
+    lab = pl.Lab(demo_session, train_data=digits.train)
+    magnitude = demo_session.mask("fc1").clone()
+    lab.criterion.value = "wanda"  # calibrates once, then re-masks every pruned layer
+    assert demo_session.criteria["fc1"] == "wanda" and demo_session.calibration_passes == 1
+    assert not torch.equal(demo_session.mask("fc1"), magnitude)
+    assert demo_session.pruned_counts["fc1"] == round(0.5 * 7680)
+    lab.criterion.value = "taylor"
+    assert demo_session.calibration_passes == 1 and demo_session.criteria["fc1"] == "taylor"
+    lab.undo()
+    assert demo_session.criteria["fc1"] == "wanda"
