@@ -200,8 +200,11 @@ def per_sample_sq_gradient(model: nn.Module, params: Mapping[str, Tensor], x: Te
         out = functional_call(model, ({**frozen, **p}, buffers), (xi.unsqueeze(0),))
         return loss_fn(model_logits(out), yi.unsqueeze(0))
 
+    import warnings
+
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's slow paths: same result
         for s in range(0, len(x), batch_size):
             xb, yb = x[s : s + batch_size], y[s : s + batch_size]
             p = {n: params[n].detach() for n in qualified}

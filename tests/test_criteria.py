@@ -196,3 +196,35 @@ def test_every_workflow_works_with_data_aware_criteria(setup, criterion, tmp_pat
     assert [r_["strategy"] for r_ in t.records] == [f"uniform/{criterion}", "uniform"]
     ft = s.finetune(data, steps=2, schedule="iterative", target_sparsity=0.5, rounds=2, criterion=criterion, progress=False)
     assert s.criteria["fc"] == criterion and len(ft.evaluations) == 2
+
+
+@pytest.mark.parametrize("kind", ["resnet", "skip_concat_reuse", "depthwise_grouped_inplace", "attention", "lstm",
+                                  "gpt2_block", "raw_param", "tied_embedding_head", "untraceable"])
+def test_every_architecture_calibrates_and_prunes_with_every_criterion(kind, digits):
+    from tests import zoo_extra
+    from tests.conftest import zoo_model
+    from tests.oracles import plain
+
+    torch.manual_seed(0)
+    if kind == "tied_embedding_head":
+        model, (x, y) = zoo_extra.TiedHeadLM(), zoo_extra.lm_data(24)
+        train, extra = zoo_extra.lm_data(24, seed=1), ()
+    else:
+        model = {"resnet": lambda: zoo_model("resnet", digits), "skip_concat_reuse": zoo_extra.SkipConcat,
+                 "depthwise_grouped_inplace": zoo_extra.DepthwiseGrouped, "attention": zoo_extra.TinyTransformer,
+                 "lstm": zoo_extra.LSTMClassifier, "gpt2_block": zoo_extra.GPT2Block, "raw_param": zoo_extra.RawParam,
+                 "untraceable": zoo_extra.Untraceable}[kind]()
+        x, y = digits.test.tensors[0][:32], digits.test.tensors[1][:32]
+        train, extra = (digits.train.tensors[0][:24], digits.train.tensors[1][:24]), (["w"] if kind == "raw_param" else ())
+    s = pl.Session(model, (x, y), device="cpu", extra_layers=extra)
+    s.calibrate(train, samples=24, batch_size=8, progress=False)
+    for name in (i.name for i in s.layers):
+        st = s.state.calibration.layer(name)
+        for t in (st.act_norm, st.grad, st.fisher):
+            assert t.shape == s.layer(name).shape and bool(torch.isfinite(t).all())
+        assert float(st.act_norm.sum()) > 0  # every weight's inputs were seen
+    total = sum(i.n_params for i in s.layers)
+    for criterion in ("taylor", "obd", "wanda"):
+        s.set_global_sparsity(0.5, allocation="uniform", criterion=criterion)
+        assert sum(s.pruned_counts.values()) == round(0.5 * total)
+        assert s.evaluate()["accuracy"] == plain(model, x, y)[0]
