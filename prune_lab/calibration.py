@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .measure import eval_mode, model_logits
+from .measure import WeightIndex, eval_mode, model_logits, unfused
 
 STATISTICS = ("act_norm", "grad", "fisher")
 
@@ -93,18 +93,9 @@ def activation_sq(model: nn.Module, weights: Mapping[str, Tensor], batches: Iter
     from torch.ops import aten
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    by_storage: dict[int, list[tuple[str, Tensor]]] = {}
-    for name, w in weights.items():
-        by_storage.setdefault(w.untyped_storage().data_ptr(), []).append((name, w))
+    index = WeightIndex(dict(weights))
+    owner = index.owner
     acc = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
-
-    def owner(t: Any) -> Optional[str]:
-        if not isinstance(t, Tensor) or t.layout != torch.strided:
-            return None
-        for name, w in by_storage.get(t.untyped_storage().data_ptr(), ()):
-            if 0 <= t.storage_offset() - w.storage_offset() < w.numel() and t.dtype == w.dtype:
-                return name
-        return None
 
     def add(name: str, t: Tensor, s: Tensor) -> None:
         """Add ``s`` (shaped like ``t``, or broadcastable to it) to the entries ``t`` views; dims
@@ -121,41 +112,30 @@ def activation_sq(model: nn.Module, weights: Mapping[str, Tensor], batches: Iter
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             packet = getattr(func, "overloadpacket", None)
-            with torch.no_grad():
-                if packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
-                    a, b = (args[0], args[1]) if packet in (aten.mm, aten.bmm) else (args[1], args[2])
-                    if owner(b) is not None:  # x @ W, W (.., K, N): entry (k, n) multiplies feature k of every row of x
-                        add(owner(b), b, (a.float() ** 2).sum(dim=-2).unsqueeze(-1))
-                    if owner(a) is not None:  # W @ x, W (.., M, K): entry (m, k) multiplies row k of x
-                        add(owner(a), a, (b.float() ** 2).sum(dim=-1).unsqueeze(-2))
-                elif packet is aten.convolution and owner(args[1]) is not None and not args[6]:
-                    x, w = args[0], args[1]
-                    stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
-                    if w.dim() == 4 or w.dim() == 3:
-                        x4, k = (x, tuple(w.shape[2:])) if w.dim() == 4 else (x.unsqueeze(2), (1, w.shape[2]))
-                        pad = tuple(padding) if w.dim() == 4 else (0, padding[0])
-                        st = tuple(stride) if w.dim() == 4 else (1, stride[0])
-                        dl = tuple(dilation) if w.dim() == 4 else (1, dilation[0])
-                        cols = F.unfold(x4.float(), k, dilation=dl, padding=pad, stride=st)  # (N, C*kh*kw, L)
-                        s = (cols ** 2).sum(dim=(0, 2)).reshape(groups, -1)  # per group: (C/g*kh*kw)
-                        per_out = s.repeat_interleave(w.shape[0] // groups, dim=0)  # (Cout, C/g*kh*kw)
-                        add(owner(w), w, per_out.reshape(w.shape))
+            if packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
+                a, b = (args[0], args[1]) if packet in (aten.mm, aten.bmm) else (args[1], args[2])
+                if owner(b) is not None:  # x @ W, W (.., K, N): entry (k, n) multiplies feature k of every row of x
+                    add(owner(b), b, (a.float() ** 2).sum(dim=-2).unsqueeze(-1))
+                if owner(a) is not None:  # W @ x, W (.., M, K): entry (m, k) multiplies row k of x
+                    add(owner(a), a, (b.float() ** 2).sum(dim=-1).unsqueeze(-2))
+            elif packet is aten.convolution and owner(args[1]) is not None and not args[6]:
+                x, w = args[0], args[1]
+                stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
+                if w.dim() == 4 or w.dim() == 3:
+                    x4, k = (x, tuple(w.shape[2:])) if w.dim() == 4 else (x.unsqueeze(2), (1, w.shape[2]))
+                    pad = tuple(padding) if w.dim() == 4 else (0, padding[0])
+                    st = tuple(stride) if w.dim() == 4 else (1, stride[0])
+                    dl = tuple(dilation) if w.dim() == 4 else (1, dilation[0])
+                    cols = F.unfold(x4.float(), k, dilation=dl, padding=pad, stride=st)  # (N, C*kh*kw, L)
+                    s = (cols ** 2).sum(dim=(0, 2)).reshape(groups, -1)  # per group: (C/g*kh*kw)
+                    per_out = s.repeat_interleave(w.shape[0] // groups, dim=0)  # (Cout, C/g*kh*kw)
+                    add(owner(w), w, per_out.reshape(w.shape))
             return out
 
-    import warnings
-
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), \
-                    eval_mode(model), torch.no_grad():
-                for x in batches:
-                    with Recorder():
-                        model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+    with unfused(model):
+        for x in batches:
+            with Recorder():
+                model(x)
     return acc
 
 

@@ -147,7 +147,11 @@ def wanda_scores(weight: Tensor, act_norm: Tensor) -> Tensor:
 
 
 def _wanda_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
-    scores = wanda_scores(weight, _stat(stats, "act_norm", layer, "wanda"))
+    act = _stat(stats, "act_norm", layer, "wanda")
+    if not bool(act.any()):
+        raise ValueError(f"wanda: calibration saw no inputs for layer {layer!r} (transposed and 3-D convolutions are "
+                         "not covered); use another criterion for it")
+    scores = wanda_scores(weight, act)
     rows = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.reshape(1, -1)
     n_rows, n_cols = rows.shape
     rank = torch.empty_like(rows, dtype=torch.float64)

@@ -342,31 +342,53 @@ def _mm_macs(func: Any, args: tuple, out: Any) -> Optional[tuple[int, list[Tenso
     return batch * a.shape[-2] * a.shape[-1] * b.shape[-1], [a, b]
 
 
+class WeightIndex:
+    """Which prunable weight a tensor is, or is a view of (same storage, offset inside it)."""
+
+    def __init__(self, weights: dict[str, Tensor]):
+        self.weights = weights
+        self._by_storage: dict[int, list[tuple[str, Tensor]]] = {}
+        for name, w in weights.items():
+            self._by_storage.setdefault(w.untyped_storage().data_ptr(), []).append((name, w))
+
+    def owner(self, t: Any) -> Optional[str]:
+        if not isinstance(t, Tensor) or t.is_meta or t.layout != torch.strided:
+            return None
+        for name, w in self._by_storage.get(t.untyped_storage().data_ptr(), ()):
+            if 0 <= t.storage_offset() - w.storage_offset() < w.numel() and t.dtype == w.dtype:
+                return name
+        return None
+
+
+@contextlib.contextmanager
+def unfused(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad, with the fused kernels that hide matrix products switched off
+    (PyTorch's fast attention path, oneDNN/cuDNN RNNs): every product shows at the ATen level."""
+    import warnings
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), \
+                    eval_mode(model), torch.no_grad():
+                yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
 def weight_uses(model: nn.Module, weights: dict[str, Tensor], sample: Tensor) -> tuple[dict[str, list[WeightUse]], Any]:
     """Every use of each weight in one forward pass of ``sample``, and the outputs.
 
     Uses are recorded at the ATen level (``TorchDispatchMode``), so weights used through
     functional calls, shared modules, tied parameters or slices (attention's packed q/k/v
-    projection) are all counted. Fused kernels that hide the products (PyTorch's fast attention
-    path, oneDNN/cuDNN RNNs) are switched off for this one pass.
+    projection) are all counted (see :func:`unfused`).
     """
-    import warnings
-
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    by_storage: dict[int, list[tuple[str, Tensor]]] = {}
-    for name, w in weights.items():
-        by_storage.setdefault(w.untyped_storage().data_ptr(), []).append((name, w))
+    index = WeightIndex(weights)
     uses: dict[str, list[WeightUse]] = {name: [] for name in weights}
-
-    def owner(t: Any) -> Optional[str]:
-        if not isinstance(t, Tensor) or t.is_meta or t.layout != torch.strided:
-            return None
-        for name, w in by_storage.get(t.untyped_storage().data_ptr(), ()):
-            start = t.storage_offset() - w.storage_offset()
-            if 0 <= start < w.numel() and t.dtype == w.dtype:
-                return name
-        return None
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -375,23 +397,15 @@ def weight_uses(model: nn.Module, weights: dict[str, Tensor], sample: Tensor) ->
             if found is not None:
                 macs, operands = found
                 for t in operands:
-                    name = owner(t)
+                    name = index.owner(t)
                     if name is None:
                         continue
                     size = tuple(1 if st == 0 else sz for sz, st in zip(t.shape, t.stride()))
                     uses[name].append(WeightUse(size, tuple(t.stride()), t.storage_offset(), int(macs)))
             return out
 
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), \
-                    eval_mode(model), torch.no_grad(), Recorder():
-                out = model(sample)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+    with unfused(model), Recorder():
+        out = model(sample)
     return uses, out
 
 
