@@ -228,3 +228,27 @@ def test_every_architecture_calibrates_and_prunes_with_every_criterion(kind, dig
         s.set_global_sparsity(0.5, allocation="uniform", criterion=criterion)
         assert sum(s.pruned_counts.values()) == round(0.5 * total)
         assert s.evaluate()["accuracy"] == plain(model, x, y)[0]
+
+
+def test_a_user_criterion_asks_for_statistics(setup):
+    s, model, data = setup
+    from prune_lab.criteria import CRITERIA
+
+    @pl.register_criterion("grad_only", needs=("grad",))
+    def grad_only(weight, *, layer, seed, stats):
+        return stats.grad.abs()
+
+    try:
+        with pytest.raises(ValueError, match=r"calibrate\(train_data\)"):
+            s.set_sparsity({"fc": 0.5}, criterion="grad_only")
+        s.calibrate(data, samples=40, criteria=["grad_only"], progress=False)
+        assert s.state.calibration.needs == ("grad",)  # only what was asked for
+        s.set_sparsity({"fc": 0.5}, criterion="grad_only")
+        g = s.state.calibration.layer("fc").grad
+        assert torch.equal(s.mask("fc"), k_smallest_mask(g.abs(), 180))
+        with pytest.raises(ValueError, match="needs fisher"):
+            s.set_sparsity({"fc": 0.5}, criterion="obd")
+        with pytest.raises(ValueError, match="unknown statistics"):
+            pl.register_criterion("bad", needs=("hessian_full",))
+    finally:
+        CRITERIA._entries.pop("grad_only", None)
