@@ -89,7 +89,12 @@ def test_hutchinson_is_z_times_hz_of_the_exact_hessian(digits):
         zs = [(torch.randint(0, 2, w.shape, generator=g) * 2 - 1).float().reshape(-1) for _ in range(probes)]
         expected = sum(z * (H @ z) for z in zs) / probes
         assert torch.allclose(est.reshape(-1), expected, rtol=1e-4, atol=1e-7)
-        errors.append(float((est.reshape(-1) - H.diagonal()).norm() / H.diagonal().norm()))
+        err2 = float(((est.reshape(-1) - H.diagonal()) ** 2).sum())
+        # the stated tolerance: E[squared error] = sum_i sum_{j != i} H_ij^2 / probes exactly, for
+        # Rademacher probes; the observed error stays within 4x that expectation
+        off = H - torch.diag(H.diagonal())
+        assert err2 <= 4 * float((off ** 2).sum()) / probes
+        errors.append(err2)
     assert errors[1] < errors[0]
 
 
