@@ -58,20 +58,20 @@ class Coverage:
 
     prunable_params: int
     total_params: int
-    not_covered: tuple[tuple[str, str, int], ...]  # (qualified name, kind, numel), largest first
+    not_covered: tuple[tuple[str, str, int, tuple[int, ...]], ...]  # (qualified name, kind, numel, shape), largest first
 
     @property
     def fraction(self) -> float:
         return self.prunable_params / self.total_params if self.total_params else 0.0
 
     def __repr__(self) -> str:
-        big = [(n, k, c) for n, k, c in self.not_covered if c >= 0.01 * self.total_params]
-        small = [c for n, k, c in self.not_covered if c < 0.01 * self.total_params]
+        big = [(n, k, c) for n, k, c, shape in self.not_covered if len(shape) >= 2]  # matrices, embeddings, kernels
+        small = [c for n, k, c, shape in self.not_covered if len(shape) < 2]
         parts = [f"{n} ({k}, {c:,})" for n, k, c in big[:6]]
         if len(big) > 6:
             parts.append(f"{len(big) - 6} more ({sum(c for *_, c in big[6:]):,})")
         if small:
-            parts.append(f"{len(small)} small tensors such as biases and norms ({sum(small):,})")
+            parts.append(f"{len(small)} vectors: biases, norms, scales ({sum(small):,})")
         rest = f"; not covered: {', '.join(parts)}" if parts else ""
         return (f"prunable: {self.fraction:.0%} of the parameters ({self.prunable_params:,} of "
                 f"{self.total_params:,}){rest}")
@@ -139,7 +139,8 @@ def find_prunable(model: nn.Module, extra_layers: Iterable[str] = ()) -> tuple[l
         infos.append(LayerInfo(_layer_name(mname, pname), kind, tuple(p.shape), p.numel(), aliases, q))
     covered = {id(params[pid]) for pid in chosen}
     not_covered = sorted(
-        ((uses[pid][0][0], type(uses[pid][0][2]).__name__, params[pid].numel()) for pid in order if pid not in covered),
+        ((uses[pid][0][0], type(uses[pid][0][2]).__name__, params[pid].numel(), tuple(params[pid].shape))
+         for pid in order if pid not in covered),
         key=lambda t: -t[2],
     )
     total = sum(p.numel() for p in params.values())

@@ -33,6 +33,10 @@ def _digits_models():
         "optional_arg": lambda d: zoo_extra.OptionalArg(),
         "untraceable": lambda d: zoo_extra.Untraceable(),
         "lstm": lambda d: zoo_extra.LSTMClassifier(),
+        "mobilenet_se": lambda d: zoo_extra.MobileSE(),
+        "convnext": lambda d: zoo_extra.ConvNeXtBlock(),
+        "densenet": lambda d: zoo_extra.DenseBlock(),
+        "vit_masked": lambda d: zoo_extra.ViTMasked(),
     }
 
 

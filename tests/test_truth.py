@@ -156,7 +156,8 @@ def test_coverage_says_what_is_not_prunable(digits):
     covered = sum(i.n_params for i in s.layers)
     assert (s.coverage.total_params, s.coverage.prunable_params) == (total, covered)
     assert f"prunable: {covered / total:.0%} of the parameters ({covered:,} of {total:,})" in repr(s)
-    assert ("pos", "TinyTransformer", 8 * 16) in s.coverage.not_covered
+    assert ("pos", "TinyTransformer", 8 * 16, (8, 16)) in s.coverage.not_covered
+    assert "pos (TinyTransformer, 128)" in repr(s.coverage) and "vectors: biases, norms, scales" in repr(s.coverage)
     with pytest.raises(ValueError, match="neither a parameter nor a module.*'pos'"):
         pl.Session(model, digits_xy(digits, 32), device="cpu", extra_layers=["poss"])
     with pytest.raises(TypeError, match="only floating-point"):

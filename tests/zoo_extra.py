@@ -216,3 +216,105 @@ def lm_data(n: int = 48, t: int = 5, vocab: int = 12, seed: int = 0):
     y = torch.roll(x, -1, dims=1)
     y[:, -1] = -100  # ignored, as Hugging Face pads labels
     return x, y
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation gating (EfficientNet, RegNet): a multiplicative branch."""
+
+    def __init__(self, c: int, r: int = 4):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, c // r, 1)
+        self.fc2 = nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
+
+
+class MobileSE(nn.Module):
+    """MobileNetV2 / EfficientNet shapes: inverted residual, depthwise, ReLU6 in place, SE, BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True))
+        self.expand = nn.Sequential(nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6(inplace=True))
+        self.dw = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24), nn.ReLU6(inplace=True))
+        self.se = SEBlock(24)
+        self.project = nn.Sequential(nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.se(self.dw(self.expand(x))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: depthwise 7x7, channels-last LayerNorm and Linear layers, a layer-scale Parameter."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(1, dim, 2, stride=2)
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
+        x = x + (self.gamma * h).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+class DenseBlock(nn.Module):
+    """DenseNet: every layer reads the concatenation of all earlier outputs."""
+
+    def __init__(self, growth: int = 4, layers: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8 + i * growth, growth, 3, padding=1) for i in range(layers))
+        self.head = nn.Linear(8 + layers * growth, 10)
+
+    def forward(self, x):
+        feats = [F.relu(self.stem(x))]
+        for conv in self.convs:
+            feats.append(F.relu(conv(torch.cat(feats, 1))))
+        return self.head(torch.cat(feats, 1).mean((2, 3)))
+
+
+class ViTMasked(nn.Module):
+    """timm-style ViT: class token, position embedding, blocks taking an optional attention mask."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 4, stride=4)  # 8x8 -> 2x2 patches
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.blocks = nn.ModuleList(ViTBlock(dim) for _ in range(2))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x, attn_mask=None):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        for blk in self.blocks:
+            t = blk(t, attn_mask)
+        return self.head(self.norm(t)[:, 0])
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, attn_mask=None):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, attn_mask=attn_mask, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
