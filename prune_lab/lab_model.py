@@ -279,12 +279,11 @@ class LabModel:
 
     # ------------------------------------------------------------------ sweeps
     def sweep_total(self, levels: Optional[Sequence[float]]) -> int:
-        previous = self.session.last_sensitivity
+        """Points the next sweep covers in all (a resumed one counts its finished points too)."""
         resume = self._resumable(levels)
         if resume is not None:
             return len(resume.layers) * len(resume.levels)
-        n_levels = len(DEFAULT_LEVELS if levels is None else levels)
-        return len(self.session.layers) * n_levels if previous is None or resume is None else 0
+        return len(self.session.layers) * len(DEFAULT_LEVELS if levels is None else levels)
 
     def _resumable(self, levels: Optional[Sequence[float]]) -> Any:
         previous = self.session.last_sensitivity

@@ -103,6 +103,7 @@ class PruningState:
         self._bind()
         self._bases: dict[str, Tensor] = {i.name: self._original_of(i) for i in self.layers}
         self.generation = 0
+        self._next_generation = 1
         self._others_copy: tuple[int, Optional[dict[str, Tensor]]] = (0, None)  # generation 0: the originals
         self._records: dict[str, Record] = {}
         self._written: dict[str, tuple[Any, int, int]] = {}
@@ -409,8 +410,8 @@ class PruningState:
         """After training changed the live weights: they become the new base (pruned entries
         keep their previous base value, which is what un-pruning brings back)."""
         with self.lock:
-            self.generation = max(self.generation, self._max_generation()) + 1
-            self._max_gen = self.generation
+            self.generation = self._next_generation  # never reused: restore() may go back to any earlier one
+            self._next_generation += 1
             for name, w in self.weights.items():
                 r = self._records[name]
                 trained = w.detach().clone()
@@ -418,9 +419,6 @@ class PruningState:
                 self._records[name] = replace(r, token=next(_serials))
                 self._write(name, r.mask, self._records[name].token)
             self._notify(kind, list(self._info))
-
-    def _max_generation(self) -> int:
-        return getattr(self, "_max_gen", 0)
 
     def rewind_to(self, state_dict: Mapping[str, Tensor]) -> None:
         """Every tensor back to ``state_dict`` (recorded earlier), the masks kept: surviving
@@ -437,8 +435,6 @@ class PruningState:
             with torch.no_grad():
                 for k, t in current.items():
                     t.copy_(state_dict[k].to(t.device))
-            for name in self._info:
-                self.weights[name]._version  # noqa: B018 (the copy above bumped it)
             self.rebase("rewind")
 
     def to(self, device: torch.device) -> None:
