@@ -478,12 +478,6 @@ class Session:
         return _tradeoff.run_tradeoff(self.state, self.evaluator, self.stats, strategies, compressions, finetune, seeds,
                                       cache, progress, cache_dir(), loss, self._fresh_calibration)
 
-    def lab(self, **kwargs: Any) -> Any:
-        """The interactive dashboard over this session (``prune_lab.Lab(self, ...)``)."""
-        from .widgets import Lab
-
-        return Lab(self, **kwargs)
-
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
         lines = [

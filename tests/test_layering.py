@@ -1,7 +1,7 @@
 """Arrows point one way: widgets -> plots -> lab model -> session -> workflows -> evaluator ->
 state -> tensor math. Every import counts: module level, inside functions and type-only. The
-only upward imports allowed are a result's ``.plot()`` reaching the plots and ``Session.lab()``
-reaching the widgets, both inside functions."""
+only upward import allowed is a result's ``.plot()`` reaching the plots, inside the function.
+Nothing outside ``widgets/`` imports the widgets package."""
 from __future__ import annotations
 
 import ast
@@ -25,8 +25,8 @@ RANKS = {
     "widgets": 10.5, "widgets.lab": 10,
     "__init__": 11,
 }
-# (importer, imported): presentation reached lazily from a result or the Session
-SANCTIONED = {("workflows.sensitivity", "plots"), ("workflows.tradeoff", "plots"), ("session", "widgets")}
+# (importer, imported): presentation reached lazily from a result's .plot()
+SANCTIONED = {("workflows.sensitivity", "plots"), ("workflows.tradeoff", "plots")}
 
 
 def module_name(path: Path) -> str:
@@ -119,3 +119,15 @@ def test_core_imports_no_widgets_or_matplotlib():
             "bad = [k for k in sys.modules if k.startswith(('ipywidgets', 'matplotlib'))]; print(bad); assert not bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr + out.stdout
+
+
+WIDGET_LIBRARIES = ("ipywidgets", "ipympl", "traitlets")
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if "widgets" not in p.relative_to(PKG).parts], ids=module_name)
+def test_only_the_widgets_package_imports_widget_libraries(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        for name in names:
+            assert not name.startswith(WIDGET_LIBRARIES), f"{module_name(path)} imports {name}: only prune_lab/widgets/ may"
