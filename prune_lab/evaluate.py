@@ -72,12 +72,6 @@ class Evaluator:
         print(f"prune_lab: {type(self.model).__name__}: incremental evaluation is off ({reason}); "
               "evaluating with full forward passes")
 
-    def invalidate(self) -> None:
-        """Forget cached activations and baselines (the data or the device changed)."""
-        if self._engine is not None:
-            self._engine.invalidate()
-        self._baselines.clear()
-
     def rebuild(self) -> None:
         self._engine = None
         self.fallback_reason = None
@@ -145,8 +139,3 @@ class Evaluator:
                 with self.state.original_weights():
                     self._baselines[key] = self._as_dict(full_pass(self.model, self.data, self.scorer, key))
         return dict(self._baselines[key])
-
-    def trial_evaluate(self, masks: dict[str, Any]) -> dict[str, float]:
-        """``evaluate()`` with ``masks`` in place for the call only (the state is unchanged)."""
-        with self.state.trial(masks):
-            return self.evaluate(commit=False)

@@ -139,9 +139,6 @@ class IncrementalEngine:
             if id(t) not in layer_ids
         )
 
-    def invalidate(self) -> None:
-        self.chunks, self.cached_chunks, self._tokens, self._others = [], 0, None, None
-
     def changed_layers(self, tokens: Mapping[str, Hashable]) -> Optional[frozenset[str]]:
         """Layers whose value differs from the cached one; ``None`` when the cache is unusable."""
         if self._tokens is None or self._others != self.others_signature():

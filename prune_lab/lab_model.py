@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .allocation import LayerCollapseWarning, list_allocations
-from .criteria import list_criteria
+from .allocation import LayerCollapseWarning, get_allocation
 from .formats import fmt_bytes
 from .session import Session
 from .state import Event, Snapshot
@@ -161,17 +160,15 @@ class LabModel:
         self.history.push(self.session.snapshot())
 
     def undo(self) -> bool:
-        self._check_idle("undo")
-        snap = self.history.undo(self.session.snapshot())
-        if snap is None:
-            return False
-        with self._act():
-            self.session.restore(snap)
-        return True
+        return self._travel(self.history.undo, "undo")
 
     def redo(self) -> bool:
-        self._check_idle("redo")
-        snap = self.history.redo(self.session.snapshot())
+        return self._travel(self.history.redo, "redo")
+
+    def _travel(self, step: Callable[[Snapshot], Optional[Snapshot]], what: str) -> bool:
+        """Restore the snapshot ``step`` (History.undo or .redo) gives for the current state."""
+        self._check_idle(what)
+        snap = step(self.session.snapshot())
         if snap is None:
             return False
         with self._act():
@@ -229,8 +226,7 @@ class LabModel:
 
     def set_allocation(self, allocation: str) -> None:
         """Switch allocation: the current total sparsity is re-split by it."""
-        if allocation not in list_allocations():
-            raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(list_allocations())}")
+        get_allocation(allocation)  # an unknown name raises with the valid ones and the closest
         self._check_idle("change the allocation")
         self.allocation = allocation
         total = self.session.total_sparsity()

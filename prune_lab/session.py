@@ -471,10 +471,6 @@ class Session:
         a ``TradeoffResult``; cached on disk by (model, data, config). The session is left exactly
         as it was found."""
         loss = self.loss_fn if callable(self.loss_fn) else None
-        pairs = [_tradeoff.parse_strategy(st) for st in strategies]
-        data_aware = [c for _, c in pairs if get_criterion(c).needs]
-        if data_aware and self.state.calibration is None:
-            raise ValueError(f"strategies with {', '.join(sorted(set(data_aware)))} need calibrate(train_data) first")
         return _tradeoff.run_tradeoff(self.state, self.evaluator, self.stats, strategies, compressions, finetune, seeds,
                                       cache, progress, cache_dir(), loss, self._fresh_calibration)
 

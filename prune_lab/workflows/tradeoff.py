@@ -164,7 +164,10 @@ def run_tradeoff(
             raise ValueError(f"compression {c!r} must be a number >= 1 (dense size / nonzeros)")
     from ..criteria import get_criterion
 
-    calibration = state.calibration.fingerprint if state.calibration is not None and any(get_criterion(c).needs for _, c in pairs) else None
+    data_aware = sorted({c for _, c in pairs if get_criterion(c).needs})
+    if data_aware and state.calibration is None:
+        raise ValueError(f"strategies with {', '.join(data_aware)} need calibrate(train_data) first")
+    calibration = state.calibration.fingerprint if data_aware else None
     config = {"strategies": list(strategies), "compressions": list(compressions), "finetune": finetune, "seeds": seeds,
               "version": __version__, "metric": evaluator.metric_name, "calibration": calibration}
     data_digest = evaluator.data.fingerprint()
