@@ -152,6 +152,8 @@ def test_data_aware_criteria_need_calibration_and_training_data(setup, digits):
         s.set_sparsity({"fc": 0.5}, criterion="taylor")
     with pytest.raises(ValueError, match=r"calibrate\(train_data\)"):
         s.set_global_sparsity(0.5, criterion="wanda")
+    with pytest.raises(ValueError, match=r"strategies with obd, taylor need calibrate\(train_data\) first"):
+        s.tradeoff(strategies=["global/taylor", "lamp/obd"], compressions=(2,), cache=False, progress=False)
     assert s.snapshot() == before
     with pytest.warns(UserWarning, match="eval data makes the accuracy it reports optimistic"):
         s.calibrate(digits.test, samples=64, progress=False)
