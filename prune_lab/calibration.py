@@ -9,20 +9,30 @@
   OBD's estimate of the Hessian diagonal. ``hessian="hutchinson"`` estimates the true diagonal
   instead: E[z * (H z)] over Rademacher probes z (Hutchinson 1990).
 
-Only the statistics asked for are collected. Each weight-shaped statistic costs one copy of
-the prunable weights (float32). The model is run in eval mode and nothing in it changes.
+Only the statistics asked for are collected, in one forward pass (activations recorded at the
+ATen level, per-sample gradients captured by module hooks) and one backward pass per batch.
+
+Memory. Each statistic is one float32 copy of the prunable weights, and a :class:`Calibration`
+keeps only those of the criterion in use (computed on first use from the stored calibration
+samples, same data, same fingerprint), so it holds at most one copy unless ``criteria=`` asked
+for several at once. While computing, the peak adds what one training step needs (autograd's
+gradients for a batch) and per-sample gradients of one layer at a time: for a Linear applied
+once per sample the Fisher is a closed form, sum_n g_n^2 (x_n^2)^T, with no per-sample copy.
+Weights the hooks cannot follow (shared, tied, attention's packed projection, RNNs, raw
+parameters) take a per-sample path over chunks of at most ``2**20`` gradient entries.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .measure import WeightIndex, eval_mode, model_logits, unfused
+from .measure import WeightIndex, eval_mode, model_logits, unfused, weight_uses
 
 STATISTICS = ("act_norm", "grad", "fisher")
 
@@ -37,23 +47,87 @@ class LayerStats:
     hessian: Optional[Tensor] = None  # the Hessian diagonal OBD uses: the Fisher or Hutchinson's
 
 
-@dataclass
-class Calibration:
-    """Statistics per layer, and what they were computed from (``fingerprint``)."""
+Compute = Callable[[tuple[str, ...]], "dict[str, LayerStats]"]
 
-    layers: dict[str, LayerStats]
-    samples: int
-    needs: tuple[str, ...]
-    hessian: str
-    fingerprint: str
-    key: tuple = field(default=(), repr=False)
+
+def _has(stats: LayerStats, need: str) -> bool:
+    return (stats.hessian if need == "fisher" else getattr(stats, need)) is not None
+
+
+def _drop(stats: LayerStats, need: str) -> None:
+    if need == "fisher":
+        stats.fisher = stats.hessian = None
+    else:
+        setattr(stats, need, None)
+
+
+class Calibration:
+    """Statistics per layer, what they were computed from (``fingerprint`` of the samples) and
+    how (``key``: base weights, device, data and settings).
+
+    ``ensure(needs)`` computes missing statistics from the stored samples with ``compute`` and
+    then drops the ones ``needs`` does not list (unless ``pinned``), so at most one criterion's
+    statistics are held (see the module docstring); ``passes`` counts the computations."""
+
+    def __init__(self, names: Iterable[str], samples: int, hessian: str, fingerprint: str,
+                 compute: Optional[Compute] = None, key: tuple = ()):
+        self.layers: dict[str, LayerStats] = {n: LayerStats() for n in names}
+        self.samples = samples
+        self.hessian = hessian
+        self.fingerprint = fingerprint
+        self.key = key
+        self.passes = 0
+        self.pinned: set[str] = set()
+        self._compute = compute
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The statistics held now (for every layer)."""
+        if not self.layers:
+            return ()
+        return tuple(n for n in STATISTICS if all(_has(s, n) for s in self.layers.values()))
+
+    def ensure(self, needs: Iterable[str], keep: bool = False) -> None:
+        """Hold ``needs``: compute what is missing (all at once, in one pass), then drop what
+        ``needs`` does not list, except what was kept (``keep``: held from now on, as
+        ``calibrate(criteria=...)`` asks). Interrupted, it changes nothing."""
+        wanted = tuple(n for n in STATISTICS if n in set(needs))
+        if not wanted:
+            return
+        missing = tuple(n for n in wanted if n not in self.needs)
+        if missing:
+            if self._compute is None:
+                raise ValueError(f"this calibration cannot compute {', '.join(missing)}; call calibrate(train_data) again")
+            fresh = self._compute(missing)
+            for name, stats in self.layers.items():
+                for need in missing:
+                    if need == "fisher":
+                        stats.fisher, stats.hessian = fresh[name].fisher, fresh[name].hessian
+                    else:
+                        setattr(stats, need, getattr(fresh[name], need))
+            self.passes += 1
+        if keep:
+            self.pinned |= set(wanted)
+        for stats in self.layers.values():
+            for need in STATISTICS:
+                if need not in wanted and need not in self.pinned:
+                    _drop(stats, need)
+
+    def nbytes(self) -> int:
+        """Bytes of the statistics held (a tensor shared by two fields counted once)."""
+        seen: dict[int, int] = {}
+        for st in self.layers.values():
+            for t in (st.act_norm, st.grad, st.fisher, st.hessian):
+                if t is not None:
+                    seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
 
     def layer(self, name: str) -> LayerStats:
         return self.layers[name]
 
     def __repr__(self) -> str:
-        return (f"Calibration({self.samples} samples, {', '.join(self.needs)}, hessian={self.hessian}, "
-                f"data {self.fingerprint[:12]})")
+        return (f"Calibration({self.samples} samples, holding {', '.join(self.needs) or 'nothing yet'}, "
+                f"hessian={self.hessian}, data {self.fingerprint[:12]})")
 
 
 def data_fingerprint(x: Tensor, y: Tensor) -> str:
@@ -90,12 +164,22 @@ def as_tensors(data: Any, samples: int) -> tuple[Tensor, Tensor]:
 def activation_sq(model: nn.Module, weights: Mapping[str, Tensor], batches: Iterable[Tensor]) -> dict[str, Tensor]:
     """Per weight entry, the sum of squares of the input feature it multiplies, over every
     sample and position of ``batches`` (each use of the weight counted)."""
+    acc = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    with unfused(model):
+        for x in batches:
+            with activation_recorder(weights, acc):
+                model(x)
+    return acc
+
+
+def activation_recorder(weights: Mapping[str, Tensor], acc: dict[str, Tensor]) -> Any:
+    """A dispatch mode adding, for every matrix product and convolution that reads a weight, the
+    squared input features to ``acc`` (weight-shaped, float32). Active only in the forward pass."""
     from torch.ops import aten
     from torch.utils._python_dispatch import TorchDispatchMode
 
     index = WeightIndex(dict(weights))
     owner = index.owner
-    acc = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
 
     def add(name: str, t: Tensor, s: Tensor) -> None:
         """Add ``s`` (shaped like ``t``, or broadcastable to it) to the entries ``t`` views; dims
@@ -132,15 +216,12 @@ def activation_sq(model: nn.Module, weights: Mapping[str, Tensor], batches: Iter
                     add(owner(w), w, per_out.reshape(w.shape))
             return out
 
-    with unfused(model):
-        for x in batches:
-            with Recorder():
-                model(x)
-    return acc
+    return Recorder()
 
 
 # ---------------------------------------------------------------------- gradients
 LossFn = Callable[[Tensor, Tensor], Tensor]
+CHUNK_ENTRIES = 1 << 20  # per-sample gradient entries held at once (4 MiB of float32)
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -149,26 +230,135 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(outputs, targets, ignore_index=-100)
 
 
+def per_sample_losses(outputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Tensor:
+    """``loss_fn`` of each sample alone: their sum's gradient holds every per-sample gradient
+    (samples do not interact in eval mode)."""
+    return torch.stack([loss_fn(outputs[i : i + 1], targets[i : i + 1]) for i in range(len(outputs))])
+
+
+def _chunk(entries: int) -> int:
+    return max(1, CHUNK_ENTRIES // max(1, entries))
+
+
+def _linear_sq(x: Tensor, g: Tensor) -> Tensor:
+    """sum_n G_n^2 with G_n = sum_t g_nt x_nt^T (out, in) the per-sample gradient of a product
+    ``x @ W^T``; for one position per sample, the closed form (g^2)^T (x^2)."""
+    x, g = x.float(), g.float()
+    if x.dim() == 2:
+        return (g ** 2).t() @ (x ** 2)
+    n = x.shape[0]
+    x3, g3 = x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
+    acc = torch.zeros(g.shape[-1], x.shape[-1], device=x.device)
+    c = _chunk(acc.numel())
+    for s in range(0, n, c):
+        acc += (torch.einsum("nto,nti->noi", g3[s : s + c], x3[s : s + c]) ** 2).sum(0)
+    return acc
+
+
+def _conv_sq(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """sum_n G_n^2 for a Conv1d/Conv2d: the input unfolded into (channel, kernel position)
+    columns per output position, one chunk of samples at a time."""
+    w = module.weight
+    if w.dim() == 3:
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        k, pad, st, dl = (1, w.shape[2]), (0, module.padding[0]), (1, module.stride[0]), (1, module.dilation[0])
+    else:
+        k, pad, st, dl = tuple(w.shape[2:]), tuple(module.padding), tuple(module.stride), tuple(module.dilation)
+    groups, cout = module.groups, w.shape[0]
+    n = x.shape[0]
+    acc = torch.zeros(cout, w[0].numel(), device=x.device)
+    c = _chunk(acc.numel())
+    for s in range(0, n, c):
+        cols = F.unfold(x[s : s + c].float(), k, dilation=dl, padding=pad, stride=st)  # (c, Cin*k, L)
+        m = cols.shape[0]
+        cols = cols.reshape(m, groups, -1, cols.shape[-1])
+        go = g[s : s + c].float().reshape(m, groups, cout // groups, -1)
+        acc += (torch.einsum("ngol,ngil->ngoi", go, cols).reshape(m, cout, -1) ** 2).sum(0)
+    return acc.reshape(w.shape)
+
+
+def _closed_form(module: nn.Module) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """The per-sample squared-gradient formula for the module owning a weight, if it has one."""
+    if isinstance(module, nn.Linear):
+        return _linear_sq
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module.padding, str) \
+            and module.padding_mode == "zeros":
+        return lambda x, g: _conv_sq(module, x, g)
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        return lambda x, g: _linear_sq(x, g).t()  # GPT-2's Conv1D: x @ W, W (in, out)
+    return None
+
+
+class _FisherHooks:
+    """Forward hooks on the modules whose weight the closed forms cover: each captures its
+    input and hooks its output's gradient, which adds sum_n G_n^2 to ``acc`` during the backward
+    pass. A layer whose module ran other than once in a batch is reported in ``failed``."""
+
+    def __init__(self, model: nn.Module, owners: Mapping[str, nn.Module], acc: dict[str, Tensor]):
+        self.owners, self.acc = owners, acc
+        self.calls: dict[str, int] = {}
+        self.failed: set[str] = set()
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_FisherHooks":
+        self.calls = {n: 0 for n in self.owners}
+        for name, module in self.owners.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.failed |= {n for n, k in self.calls.items() if k != 1}
+
+    def _hook(self, name: str) -> Callable:
+        formula = _closed_form(self.owners[name])
+
+        def forward_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            self.calls[name] += 1
+            if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+                self.failed.add(name)
+                return
+            x = inputs[0].detach()
+
+            def grad_hook(g: Tensor) -> None:
+                if self.calls[name] == 1 and formula is not None:
+                    self.acc[name] += formula(x, g.detach())
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+
+def _closed_form_owners(model: nn.Module, layers: list) -> dict[str, nn.Module]:
+    """Layers whose weight is its module's own ``weight``, not shared with another module, and
+    read exactly once per forward by a product (weight uses recorded at the ATen level)."""
+    out: dict[str, nn.Module] = {}
+    for info in layers:
+        if info.aliases or not info.param.endswith("weight"):  # tied to another name: not the module's alone
+            continue
+        path = info.param.rsplit(".", 1)[0] if "." in info.param else ""
+        module = model.get_submodule(path)
+        if info.param.rsplit(".", 1)[-1] == "weight" and _closed_form(module) is not None:
+            out[info.name] = module
+    return out
+
+
 def mean_gradient(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss_fn: LossFn,
                   batch_size: int) -> dict[str, Tensor]:
-    """Gradient of the mean loss over all samples: one backward pass per batch."""
-    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    names, tensors = list(params), list(params.values())
-    with eval_mode(model), torch.enable_grad():
-        for s in range(0, len(x), batch_size):
-            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
-            loss = loss_fn(model_logits(model(xb)), yb) * (len(xb) / len(x))
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for n, g in zip(names, grads):
-                if g is not None:
-                    total[n] += g.float()
-    return total
+    """Gradient of the mean of the per-sample losses: one backward pass per batch."""
+    return collect(model, params, x, y, ("grad",), loss_fn, batch_size)["grad"]
 
 
 def per_sample_sq_gradient(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss_fn: LossFn,
                            batch_size: int) -> dict[str, Tensor]:
-    """Mean over samples of the squared per-sample gradient (the empirical Fisher diagonal).
-    Vectorised with ``torch.func`` where the model allows it, else one sample at a time."""
+    """Mean over samples of the squared per-sample gradient (the empirical Fisher diagonal),
+    for any weight: vectorised with ``torch.func`` in chunks of at most ``CHUNK_ENTRIES``
+    gradient entries, or one sample at a time where the model cannot be vmapped. ``params`` are
+    keyed by qualified parameter name."""
+    import warnings
+
     from torch.func import functional_call, grad, vmap
 
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -180,25 +370,26 @@ def per_sample_sq_gradient(model: nn.Module, params: Mapping[str, Tensor], x: Te
         out = functional_call(model, ({**frozen, **p}, buffers), (xi.unsqueeze(0),))
         return loss_fn(model_logits(out), yi.unsqueeze(0))
 
-    import warnings
-
-    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    chunk = _chunk(sum(p.numel() for p in params.values()))
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk)
     with eval_mode(model), torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's slow paths: same result
         for s in range(0, len(x), batch_size):
-            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
             p = {n: params[n].detach() for n in qualified}
-            try:
-                g = per_sample(p, xb, yb)
-                for n in qualified:
-                    total[n] += (g[n].float() ** 2).sum(0)
-            except Exception:  # some models cannot be vmapped: the same sums, one sample at a time
-                tensors = [params[n] for n in qualified]
-                for i in range(len(xb)):
-                    loss = loss_fn(model_logits(model(xb[i : i + 1])), yb[i : i + 1])
-                    for n, gi in zip(qualified, torch.autograd.grad(loss, tensors, allow_unused=True)):
-                        if gi is not None:
-                            total[n] += gi.float() ** 2
+            for c in range(s, min(s + batch_size, len(x)), chunk):
+                xb, yb = x[c : min(c + chunk, s + batch_size)], y[c : min(c + chunk, s + batch_size)]
+                try:
+                    g = per_sample(p, xb, yb)
+                    for n in qualified:
+                        total[n] += (g[n].float() ** 2).sum(0)
+                    del g
+                except Exception:  # some models cannot be vmapped: the same sums, one sample at a time
+                    tensors = [params[n] for n in qualified]
+                    for i in range(len(xb)):
+                        loss = loss_fn(model_logits(model(xb[i : i + 1])), yb[i : i + 1])
+                        for n, gi in zip(qualified, torch.autograd.grad(loss, tensors, allow_unused=True)):
+                            if gi is not None:
+                                total[n] += gi.float() ** 2
     return {n: t / len(x) for n, t in total.items()}
 
 
@@ -222,10 +413,85 @@ def hutchinson_diagonal(model: nn.Module, params: Mapping[str, Tensor], x: Tenso
     return total
 
 
+@contextlib.contextmanager
+def _requiring_grad(tensors: Iterable[Tensor]) -> Iterator[None]:
+    """Frozen weights take part too: ``requires_grad`` on for the block, as it was after."""
+    frozen = [t for t in tensors if not t.requires_grad]
+    for t in frozen:
+        t.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for t in frozen:
+            t.requires_grad_(False)
+
+
+def collect(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, needs: Iterable[str],
+            loss_fn: LossFn, batch_size: int, layers: Optional[list] = None,
+            bar: Any = None) -> dict[str, dict[str, Tensor]]:
+    """``{statistic: {layer: tensor}}`` for ``needs`` among act_sq ("act_norm"), "grad" (mean of
+    per-sample gradients) and "fisher" (mean of their squares), over batches of
+    ``batch_size``: per batch one forward pass (activations recorded, per-sample gradients
+    hooked) and one backward pass. ``layers`` (LayerInfo) enable the closed forms."""
+    needs = set(needs)
+    want_act, want_grad, want_fisher = "act_norm" in needs, "grad" in needs, "fisher" in needs
+    zeros = lambda: {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}  # noqa: E731
+    act = zeros() if want_act else {}
+    grad = zeros() if want_grad else {}
+    fisher = zeros() if want_fisher else {}
+    owners = _closed_form_owners(model, layers) if (want_fisher and layers is not None) else {}
+    if owners:  # a weight also read outside its module (a functional call) takes the per-sample path
+        uses, _ = weight_uses(model, dict(params), x[:1])
+        owners = {n: m for n, m in owners.items() if len(uses[n]) == 1}
+    fallback = set(params) - set(owners) if want_fisher else set()
+    hooks = _FisherHooks(model, owners, fisher)
+    names, tensors = list(params), list(params.values())
+    with (unfused(model, grad=want_grad or want_fisher) if want_act else eval_mode(model)), \
+            torch.set_grad_enabled(want_grad or want_fisher), _requiring_grad(tensors):
+        for s in range(0, len(x), batch_size):
+            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
+            if not (want_grad or want_fisher):
+                with activation_recorder(params, act):
+                    model(xb)
+            else:
+                with (activation_recorder(params, act) if want_act else contextlib.nullcontext()), hooks:
+                    out = model(xb)
+                losses = per_sample_losses(model_logits(out), yb, loss_fn)
+                grads = torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
+                del out, losses
+                if want_grad:
+                    for n, g in zip(names, grads):
+                        if g is not None:
+                            grad[n] += g.float()
+                del grads
+            if bar is not None:
+                bar.update(len(xb))
+    if want_fisher:
+        fallback |= hooks.failed
+        if fallback:
+            qualified = {_param_name(layers, n): n for n in fallback}
+            sq = per_sample_sq_gradient(model, {q: params[n] for q, n in qualified.items()}, x, y, loss_fn, batch_size)
+            for q, n in qualified.items():
+                fisher[n] = sq[q] * len(x)
+        for n in fisher:
+            fisher[n] /= len(x)
+    for n in grad:
+        grad[n] /= len(x)
+    return {"act_norm": act, "grad": grad, "fisher": fisher}
+
+
+def _param_name(layers: Optional[list], name: str) -> str:
+    for info in layers or ():
+        if info.name == name:
+            return info.param
+    return name
+
+
 def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: Tensor, y: Tensor, needs: Iterable[str],
               loss_fn: Optional[LossFn] = None, batch_size: int = 64, hessian: str = "fisher", probes: int = 16,
-              seed: int = 0, progress: bool = True) -> Calibration:
-    """Compute the statistics in ``needs`` for every layer (see the module docstring)."""
+              seed: int = 0, progress: bool = True) -> dict[str, LayerStats]:
+    """Compute the statistics in ``needs`` for every layer (see the module docstring): act_norm
+    as sqrt(act_sq), the Hessian diagonal as the Fisher or Hutchinson's estimate."""
     from tqdm.auto import tqdm
 
     needs = tuple(n for n in STATISTICS if n in set(needs))
@@ -234,33 +500,28 @@ def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: 
     loss_fn = loss_fn or default_loss
     params = {i.name: weights[i.name] for i in layers}
     stats = {i.name: LayerStats() for i in layers}
-    steps = [n for n in needs] + (["hutchinson"] if "fisher" in needs and hessian == "hutchinson" else [])
-    bar = tqdm(total=len(steps), desc="calibrate", disable=not progress, leave=False)
+    hutch = "fisher" in needs and hessian == "hutchinson"
+    pass_needs = tuple(n for n in needs if not (hutch and n == "fisher"))
+    total = len(x) * ((1 if pass_needs else 0) + (1 if hutch else 0))
+    bar = tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False)
     try:
-        if "act_norm" in needs:
-            sq = activation_sq(model, params, (x[s : s + batch_size] for s in range(0, len(x), batch_size)))
-            for n, t in sq.items():
-                stats[n].act_norm = t.sqrt()
-            bar.update(1)
-        if "grad" in needs:
-            for n, t in mean_gradient(model, params, x, y, loss_fn, batch_size).items():
-                stats[n].grad = t
-            bar.update(1)
-        if "fisher" in needs:
-            by_param = {i.param: params[i.name] for i in layers}
-            fisher = per_sample_sq_gradient(model, by_param, x, y, loss_fn, batch_size)
-            for i in layers:
-                stats[i.name].fisher = fisher[i.param]
-                stats[i.name].hessian = fisher[i.param]
-            bar.update(1)
-            if hessian == "hutchinson":
-                for n, t in hutchinson_diagonal(model, params, x, y, loss_fn, batch_size, probes, seed).items():
-                    stats[n].hessian = t
-                bar.update(1)
+        if pass_needs:
+            found = collect(model, params, x, y, pass_needs, loss_fn, batch_size, layers, bar)
+            for n in params:
+                if "act_norm" in needs:
+                    stats[n].act_norm = found["act_norm"][n].sqrt_()
+                if "grad" in needs:
+                    stats[n].grad = found["grad"][n]
+                if "fisher" in pass_needs:
+                    stats[n].fisher = stats[n].hessian = found["fisher"][n]
+        if hutch:
+            for n, t in hutchinson_diagonal(model, params, x, y, loss_fn, batch_size, probes, seed).items():
+                stats[n].hessian = t
+            bar.update(len(x))
     finally:
         bar.close()
-    return Calibration(stats, len(x), needs, hessian, data_fingerprint(x, y))
+    return stats
 
 
-__all__ = ["Calibration", "LayerStats", "calibrate", "activation_sq", "mean_gradient", "per_sample_sq_gradient",
-           "hutchinson_diagonal", "as_tensors", "data_fingerprint"]
+__all__ = ["Calibration", "LayerStats", "calibrate", "collect", "activation_sq", "mean_gradient",
+           "per_sample_sq_gradient", "hutchinson_diagonal", "as_tensors", "data_fingerprint"]

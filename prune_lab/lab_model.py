@@ -211,18 +211,24 @@ class LabModel:
 
         self._check_idle("change the criterion")
         crit = get_criterion(criterion)  # an unknown name raises with the valid ones
-        if crit.needs and self.session.state.calibration is None:
+        cal = self.session.state.calibration
+        computing = bool(crit.needs) and (cal is None or not set(crit.needs) <= set(cal.needs))
+        if crit.needs and cal is None:
             if self.train_data is None:
                 raise ValueError(f"criterion {criterion!r} looks at data: open the Lab with train_data=... "
                                  "(or call session.calibrate(train_data) first)")
-            self.set_status(f"calibrating {criterion} on {self.calibration_samples} training samples...")
             self.session.calibrate(self.train_data, samples=self.calibration_samples, progress=False)
-            self.set_status(f"calibrated on {self.calibration_samples} training samples")
+            cal = self.session.state.calibration
+        pruned = {n: s for n, s in self.session.sparsity.items() if s > 0}
+        computing = computing and bool(pruned)  # else computed at the first prune
+        if computing:  # one criterion's statistics are held at a time: computed at its first use
+            self.set_status(f"computing the {criterion} statistics on {cal.samples} training samples...")
         self.push_undo()
         self.criterion = criterion
-        pruned = {n: s for n, s in self.session.sparsity.items() if s > 0}
         with self._act():
             self.session.set_sparsity(pruned, criterion=criterion)
+        if computing:
+            self.set_status(f"{criterion}: statistics from {cal.samples} training samples")
 
     def set_allocation(self, allocation: str) -> None:
         """Switch allocation: the current total sparsity is re-split by it."""

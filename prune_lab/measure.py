@@ -361,9 +361,10 @@ class WeightIndex:
 
 
 @contextlib.contextmanager
-def unfused(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad, with the fused kernels that hide matrix products switched off
-    (PyTorch's fast attention path, oneDNN/cuDNN RNNs): every product shows at the ATen level."""
+def unfused(model: nn.Module, grad: bool = False) -> Iterator[None]:
+    """Eval mode (and no grad unless ``grad``), with the fused kernels that hide matrix products
+    switched off (PyTorch's fast attention path, oneDNN/cuDNN RNNs): every product shows at the
+    ATen level."""
     import warnings
 
     fast = torch.backends.mha.get_fastpath_enabled()
@@ -372,7 +373,7 @@ def unfused(model: nn.Module) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), \
-                    eval_mode(model), torch.no_grad():
+                    eval_mode(model), torch.set_grad_enabled(grad):
                 yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)

@@ -221,19 +221,22 @@ class Session:
     # ------------------------------------------------------------------ calibration
     def calibrate(self, train_data: Any, samples: int = 512, batch_size: int = 64, criteria: Optional[Sequence[str]] = None,
                   hessian: str = "fisher", probes: int = 16, seed: int = 0, progress: bool = True) -> Any:
-        """Collect the statistics data-aware criteria need (``taylor``, ``obd``, ``wanda``) from
-        the first ``samples`` of *training* data, on the dense base weights.
+        """Prepare the data-aware criteria (``taylor``, ``obd``, ``wanda``): their statistics
+        come from the first ``samples`` of *training* data, on the dense base weights.
 
-        Only what ``criteria`` (default: every registered criterion) need is collected. The
-        result is cached by base weights, device, data and settings: calling again after
-        fine-tuning recomputes, calling again otherwise does not. Ctrl-C leaves the session as
-        it was. ``hessian="hutchinson"`` makes ``obd`` use Hutchinson's estimate of the Hessian
-        diagonal (``probes`` Rademacher vectors per batch) instead of the empirical Fisher.
+        Statistics are computed when a criterion first needs them (one forward and one backward
+        pass per batch of ``batch_size``), and the calibration keeps only those of the criterion
+        in use: at most one float32 copy of the prunable weights. ``criteria`` computes what
+        those criteria need now, and keeps all of it (one copy per statistic). The result is
+        cached by base weights, device, data and settings: calling again after fine-tuning
+        recomputes, calling again otherwise does not. Ctrl-C leaves the session as it was.
+        ``hessian="hutchinson"`` makes ``obd`` use Hutchinson's estimate of the Hessian diagonal
+        (``probes`` Rademacher vectors per batch) instead of the empirical Fisher.
         """
         import warnings
 
-        from .calibration import as_tensors, calibrate, data_fingerprint
-        from .criteria import list_criteria, needs_of
+        from .calibration import Calibration, as_tensors, calibrate, data_fingerprint
+        from .criteria import needs_of
 
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
@@ -241,7 +244,9 @@ class Session:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if hessian not in ("fisher", "hutchinson"):
             raise ValueError(f"hessian must be 'fisher' or 'hutchinson', got {hessian!r}")
-        needs = needs_of(list(criteria) if criteria is not None else list_criteria())
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes must be a positive integer, got {probes!r}")
+        needs = needs_of(list(criteria)) if criteria is not None else ()
         x, y = as_tensors(train_data, samples)
         x, y = x.to(self.device), y.to(self.device)
         fingerprint = data_fingerprint(x, y)
@@ -249,19 +254,26 @@ class Session:
             warnings.warn("calibrating on the session's eval data makes the accuracy it reports optimistic; "
                           "calibrate on training data", UserWarning, stacklevel=2)
         key = (self.state.generation, tuple(id(self.state.base(i.name)) for i in self.layers), str(self.device),
-               fingerprint, needs, hessian, probes if hessian == "hutchinson" else 0, seed)
+               fingerprint, hessian, probes if hessian == "hutchinson" else 0, seed, batch_size)
         self._calibration_args = dict(train_data=train_data, samples=samples, batch_size=batch_size, criteria=criteria,
                                       hessian=hessian, probes=probes, seed=seed, progress=progress)
         current = self.state.calibration
         if current is not None and current.key == key:
+            current.ensure(needs, keep=True)
             return current
         loss = self.loss_fn if callable(self.loss_fn) else None
-        with self.state.trial({n: None for n, k in self.state.counts.items() if k}):  # the dense base weights
-            result = calibrate(self.model, self.layers, self.state.weights, x, y, needs, loss, batch_size, hessian,
-                               probes, seed, progress)
-        result.key = key
+        state, model, layers = self.state, self.model, self.layers
+
+        def compute(missing: tuple[str, ...]) -> dict:
+            with state.trial({n: None for n, k in state.counts.items() if k}):  # the dense base weights
+                out = calibrate(model, layers, state.weights, x, y, missing, loss, batch_size, hessian, probes, seed,
+                                progress)
+            self.calibration_passes += 1
+            return out
+
+        result = Calibration([i.name for i in self.layers], len(x), hessian, fingerprint, compute, key)
+        result.ensure(needs, keep=True)
         self.state.calibration = result
-        self.calibration_passes += 1
         return result
 
     def _fresh_calibration(self, criterion: Any) -> None:

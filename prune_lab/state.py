@@ -107,6 +107,7 @@ class PruningState:
         self._others_copy: tuple[int, Optional[dict[str, Tensor]]] = (0, None)  # generation 0: the originals
         self._records: dict[str, Record] = {}
         self._written: dict[str, tuple[Any, int, int]] = {}
+        self._trial_live: dict[str, tuple[Optional[Tensor], Any]] = {}  # (mask, token) written by open trials
         for i in self.layers:
             self._records[i.name] = Record(seed=self.seed, token=next(_serials))
             self._mark_written(i.name, self._records[i.name].token)
@@ -204,10 +205,7 @@ class PruningState:
                 f"criterion {criterion.name!r} looks at data ({', '.join(criterion.needs)}): call "
                 "calibrate(train_data) first, with training data (not the eval data)"
             )
-        missing = [n for n in criterion.needs if n not in self.calibration.needs]
-        if missing:
-            raise ValueError(f"criterion {criterion.name!r} needs {', '.join(missing)}, which the last calibrate() did not "
-                             f"collect; call calibrate(train_data) again (it collects what every registered criterion needs)")
+        self.calibration.ensure(criterion.needs)  # computed on first use; only this criterion's kept
         return self.calibration.fingerprint + f"/{self.calibration.key!r}"
 
     def original_digest(self) -> str:
@@ -308,25 +306,31 @@ class PruningState:
     @contextlib.contextmanager
     def trial(self, masks: Mapping[str, Optional[Tensor]] = {}) -> Iterator["PruningState"]:
         """Write ``masks`` (None: the dense base) without recording them; on exit every layer
-        written is put back exactly as recorded, whatever happened inside."""
+        written is put back exactly as it was before the block (recorded, or an enclosing
+        trial's mask), whatever happened inside."""
         with self.lock:
             for name, m in masks.items():
                 info = self.info(name)
                 if m is not None and (tuple(m.shape) != info.shape or m.dtype != torch.bool):
                     raise ValueError(f"layer {name!r}: a trial mask must be bool of shape {info.shape}")
             self._trial_depth += 1
-            touched: list[str] = []
+            touched: dict[str, tuple[Optional[Tensor], Any]] = {}  # what was live before: a nested trial restores its outer one's
             try:
                 if self._trial_depth == 1:
                     self._notify("trial-start")
                 for name, m in masks.items():
-                    touched.append(name)
-                    self._write(name, m, ("trial", next(_serials)))
+                    r = self._records[name]
+                    touched.setdefault(name, self._trial_live.get(name, (r.mask, r.token)))
+                    token = ("trial", next(_serials))
+                    self._write(name, m, token)
+                    self._trial_live[name] = (m, token)
                 yield self
             finally:
-                for name in touched:
-                    r = self._records[name]
-                    self._write(name, r.mask, r.token)
+                for name, (mask, token) in touched.items():
+                    self._write(name, mask, token)
+                    self._trial_live[name] = (mask, token)
+                if self._trial_depth == 1:
+                    self._trial_live.clear()
                 self._trial_depth -= 1
                 if self._trial_depth == 0:
                     self._notify("trial-end")

@@ -40,7 +40,7 @@ def setup(digits):
 
 def test_taylor_gradient_equals_autograd_on_a_copy(setup):
     s, model, (x, y) = setup
-    s.calibrate((x, y), samples=40, batch_size=16, progress=False)
+    s.calibrate((x, y), samples=40, batch_size=16, criteria=["taylor"], progress=False)
     ref = copy.deepcopy(model).eval()
     loss = F.cross_entropy(ref(x), y)
     grads = torch.autograd.grad(loss, [ref.conv.weight, ref.grouped.weight, ref.fc.weight])
@@ -53,7 +53,7 @@ def test_taylor_gradient_equals_autograd_on_a_copy(setup):
 
 def test_fisher_equals_per_sample_gradients_squared_and_averaged(setup):
     s, model, (x, y) = setup
-    s.calibrate((x, y), samples=40, batch_size=16, progress=False)
+    s.calibrate((x, y), samples=40, batch_size=16, criteria=["obd"], progress=False)
     ref = copy.deepcopy(model).eval()
     total = [torch.zeros_like(p) for p in (ref.conv.weight, ref.grouped.weight, ref.fc.weight)]
     for i in range(len(x)):
@@ -134,15 +134,116 @@ def test_calibration_is_cached_and_recomputed_after_finetuning(setup, digits):
     s, model, data = setup
     s.calibrate(data, samples=40, progress=False)
     s.calibrate(data, samples=40, progress=False)
+    assert s.calibration_passes == 0  # nothing is computed before a criterion needs it
     s.set_sparsity({"fc": 0.5}, criterion="taylor")
+    s.set_sparsity({"fc": 0.7}, criterion="taylor")
+    s.set_sparsity({"conv": 0.5}, criterion="taylor")
     assert s.calibration_passes == 1
     s.finetune(data, steps=2, progress=False)
     s.set_sparsity({"fc": 0.6}, criterion="taylor")  # the base weights changed: re-calibrated first
     assert s.calibration_passes == 2
     s.calibrate(data, samples=40, progress=False)
+    s.set_sparsity({"fc": 0.5}, criterion="taylor")
     assert s.calibration_passes == 2
-    s.calibrate(data, samples=20, progress=False)  # other data: recomputed
+    s.calibrate(data, samples=20, progress=False)  # other data: recomputed at the next use
+    s.set_sparsity({"fc": 0.6}, criterion="taylor")
     assert s.calibration_passes == 3
+
+
+def test_calibration_holds_at_most_one_copy_of_the_weights(setup):
+    """Only the statistics of the criterion in use are held: switching criterion recomputes
+    them from the stored samples (the same numbers), and drops the others."""
+    s, model, data = setup
+    weight_bytes = sum(i.n_params * 4 for i in s.layers)
+    s.calibrate(data, samples=40, progress=False)
+    cal = s.state.calibration
+    assert cal.nbytes() == 0
+    s.set_sparsity({"fc": 0.5}, criterion="taylor")
+    first_grad = cal.layer("fc").grad.clone()
+    assert cal.needs == ("grad",) and cal.nbytes() == weight_bytes
+    for criterion, held in (("obd", ("fisher",)), ("wanda", ("act_norm",)), ("taylor", ("grad",))):
+        s.set_sparsity({"fc": 0.5}, criterion=criterion)
+        assert cal.needs == held and cal.nbytes() == weight_bytes
+    assert torch.equal(cal.layer("fc").grad, first_grad)
+    assert s.calibration_passes == 4
+    s.calibrate(data, samples=40, criteria=["taylor", "obd", "wanda"], progress=False)  # asked for: all kept
+    assert cal.needs == ("act_norm", "grad", "fisher") and cal.nbytes() == 3 * weight_bytes
+    for criterion in ("obd", "wanda", "taylor"):
+        s.set_sparsity({"fc": 0.5}, criterion=criterion)
+    assert cal.needs == ("act_norm", "grad", "fisher") and s.calibration_passes == 5
+
+
+def test_closed_form_fisher_equals_the_per_sample_path(digits):
+    """The hooks' closed forms (Linear on 2-D and token inputs, Conv1d, Conv2d with groups,
+    GPT-2's Conv1D) against torch.func per-sample gradients of the same weights."""
+    from prune_lab.calibration import _closed_form_owners, collect, default_loss, per_sample_sq_gradient
+    from tests import zoo_extra
+
+    torch.manual_seed(0)
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(8, 6, 3, padding=2, dilation=2, stride=2)
+            self.c2 = nn.Conv2d(1, 4, 3, padding=1)
+            self.g2 = nn.Conv2d(4, 6, 3, stride=2, groups=2)
+            self.tok = nn.Linear(6, 5)
+            self.fc = nn.Linear(5 * 9 + 6 * 4, 10)
+
+        def forward(self, x):
+            img = torch.tanh(self.g2(torch.tanh(self.c2(x))))  # (N, 6, 3, 3)
+            seq = torch.tanh(self.c1(x.reshape(len(x), 8, 8)))  # (N, 6, 4)
+            t = torch.tanh(self.tok(torch.cat([img.flatten(2), seq], 2).transpose(1, 2)))  # (N, 13, 5)
+            return self.fc(torch.cat([t[:, :9].flatten(1), seq.flatten(1)], 1))
+
+    class Twice(nn.Module):  # a module run twice per sample: its hook sees neither use alone
+        def __init__(self):
+            super().__init__()
+            self.shared, self.out = nn.Linear(64, 64), nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.shared(torch.tanh(self.shared(x.flatten(1))))))
+
+    x, y = digits.train.tensors[0][:20], digits.train.tensors[1][:20]
+    for model, data, hooked in ((Mixed(), (x, y), {"c1", "c2", "g2", "tok", "fc"}), (Twice(), (x, y), {"shared", "out"}),
+                                (zoo_extra.GPT2Block(), (x, y), {"embed", "c_fc", "c_proj", "head"})):
+        s = pl.Session(model, data, device="cpu")
+        assert set(_closed_form_owners(model, s.layers)) == hooked
+        params = {i.name: s.state.weights[i.name] for i in s.layers}
+        got = collect(model, params, x, y, ("fisher",), default_loss, 8, s.layers)["fisher"]
+        ref = per_sample_sq_gradient(model, {i.param: s.state.weights[i.name] for i in s.layers}, x, y, default_loss, 8)
+        for i in s.layers:
+            assert torch.allclose(got[i.name], ref[i.param], rtol=1e-4, atol=1e-10), i.name
+
+
+def test_a_nested_trial_restores_the_enclosing_trials_masks(setup):
+    s, model, data = setup
+    st = s.state
+    s.set_sparsity({"fc": 0.5})
+    recorded = model.fc.weight.detach().clone()
+    m = torch.zeros(st.info("fc").shape, dtype=torch.bool)
+    m[0] = True
+    with st.trial({"fc": m}):
+        outer = model.fc.weight.detach().clone()
+        with st.trial({"fc": None}):
+            assert torch.equal(model.fc.weight, st.base("fc"))
+        assert torch.equal(model.fc.weight, outer)
+    assert torch.equal(model.fc.weight, recorded)
+
+
+def test_a_sweep_by_a_data_aware_criterion_computes_its_statistics_inside_the_sweep(setup):
+    """First use inside a sensitivity sweep (a trial): the dense pass nests in the sweep's trial
+    and the sweep's numbers equal plain forward passes of the same masks."""
+    from tests.oracles import plain
+
+    s, model, data = setup
+    s.set_sparsity({"conv": 0.5})
+    s.calibrate(data, samples=40, progress=False)
+    r = s.sensitivity(levels=(0.5,), criterion="obd", layers=["fc"], progress=False)
+    assert s.calibration_passes == 1 and s.sparsity["fc"] == 0.0
+    s.set_sparsity({"fc": 0.5}, criterion="obd")
+    x, y = s.data.inputs, s.data.targets
+    assert float(r.table()[0, 0]) == plain(model, x, y)[0]
 
 
 def test_data_aware_criteria_need_calibration_and_training_data(setup, digits):
@@ -170,10 +271,16 @@ def test_interrupted_calibration_changes_nothing(setup, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cal, "mean_gradient", interrupted)
+    monkeypatch.setattr(cal, "collect", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        s.calibrate(data, progress=False)
+        s.calibrate(data, criteria=["taylor"], progress=False)
     assert s.state.calibration is None
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    s.calibrate(data, progress=False)  # computed at first use: interrupted there, nothing changes either
+    before = s.snapshot()
+    with pytest.raises(KeyboardInterrupt):
+        s.set_sparsity({"conv": 0.5}, criterion="obd")
+    assert s.snapshot() == before and s.state.calibration.needs == ()
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
@@ -224,7 +331,7 @@ def test_every_architecture_calibrates_and_prunes_with_every_criterion(kind, dig
         x, y = digits.test.tensors[0][:32], digits.test.tensors[1][:32]
         train, extra = (digits.train.tensors[0][:24], digits.train.tensors[1][:24]), (["w"] if kind == "raw_param" else ())
     s = pl.Session(model, (x, y), device="cpu", extra_layers=extra)
-    s.calibrate(train, samples=24, batch_size=8, progress=False)
+    s.calibrate(train, samples=24, batch_size=8, criteria=["taylor", "obd", "wanda"], progress=False)
     for name in (i.name for i in s.layers):
         st = s.state.calibration.layer(name)
         for t in (st.act_norm, st.grad, st.fisher):
@@ -253,8 +360,8 @@ def test_a_user_criterion_asks_for_statistics(setup):
         s.set_sparsity({"fc": 0.5}, criterion="grad_only")
         g = s.state.calibration.layer("fc").grad
         assert torch.equal(s.mask("fc"), k_smallest_mask(g.abs(), 180))
-        with pytest.raises(ValueError, match="needs fisher"):
-            s.set_sparsity({"fc": 0.5}, criterion="obd")
+        s.set_sparsity({"conv": 0.5}, criterion="obd")  # computed on first use; the gradients asked for stay
+        assert s.state.calibration.needs == ("grad", "fisher")
         with pytest.raises(ValueError, match="unknown statistics"):
             pl.register_criterion("bad", needs=("hessian_full",))
     finally:

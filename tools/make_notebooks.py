@@ -284,9 +284,12 @@ criteria look further:
 | `wanda` | $\\lvert W_{ij} \\rvert \\cdot \\lVert X_j \\rVert_2$, compared within each output row | the weight times how large its input is | Sun et al. 2023 |
 | `random` | a seeded permutation | nothing: the floor | |
 
-The data-aware ones need statistics from **training** data: `session.calibrate(train_data)` runs
-one forward pass with hooks and the backward passes the criteria need, and caches the result.
-(Calibrating on the evaluation data would make the accuracy it reports optimistic; prune_lab warns.)"""),
+The data-aware ones need statistics from **training** data. `session.calibrate(train_data)` keeps
+the calibration samples; a criterion's statistics are computed the first time it is used (one
+forward and one backward pass per batch) and cached until fine-tuning changes the weights. Only the
+criterion in use keeps its statistics (one copy of the weights at most); `criteria=[...]` computes
+and keeps several at once. (Calibrating on the evaluation data would make the accuracy it reports
+optimistic; prune_lab warns.)"""),
     ("code", """import os
 import warnings
 import prune_lab as pl
@@ -295,7 +298,7 @@ warnings.simplefilter("ignore", pl.session.LayerCollapseWarning)  # we compare a
 FAST = os.environ.get("PRUNE_LAB_FAST") == "1"   # the test suite sets this: fewer steps
 model, data = pl.demo()
 session = pl.Session(model, data.test)
-session.calibrate(data.train, samples=512, progress=False)"""),
+session.calibrate(data.train, samples=512, criteria=["taylor", "obd", "wanda"], progress=False)"""),
     ("md", """## What each criterion looks at
 
 Every weight of `fc1`, coloured by its importance rank under each criterion (dark: pruned first).
