@@ -70,8 +70,11 @@ class Calibration:
     statistics are held (see the module docstring); ``passes`` counts the computations."""
 
     def __init__(self, names: Iterable[str], samples: int, hessian: str, fingerprint: str,
-                 compute: Optional[Compute] = None, key: tuple = ()):
+                 compute: Optional[Compute] = None, key: tuple = (), data: Optional[tuple[Tensor, Tensor]] = None,
+                 settings: Optional[dict[str, Any]] = None):
         self.layers: dict[str, LayerStats] = {n: LayerStats() for n in names}
+        self.data = data  # the calibration samples (inputs, targets): what every statistic is computed from
+        self.settings = dict(settings or {})  # batch_size, hessian, probes, seed: to compute the same elsewhere
         self.samples = samples
         self.hessian = hessian
         self.fingerprint = fingerprint

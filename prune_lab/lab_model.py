@@ -93,10 +93,12 @@ class LabModel:
     """The Lab's state and actions. Every number it shows is a Session measurement."""
 
     def __init__(self, session: Session, sensitivity: Any = None, preview: str = "auto", frame_budget_s: float = 0.05,
-                 preview_samples: int = 256, train_data: Any = None, calibration_samples: int = 512):
+                 preview_samples: int = 256, train_data: Any = None, calibration_samples: int = 512,
+                 executor: Any = None):
         if not isinstance(session, Session):
             raise TypeError(f"Lab needs a prune_lab.Session, got {type(session).__name__}")
         self.session = session
+        self.executor = executor  # where sweeps run: None (here) or a Ray executor (see Session.sensitivity)
         self.train_data = train_data
         self.calibration_samples = calibration_samples
         if sensitivity is not None:
@@ -312,12 +314,16 @@ class LabModel:
             try:
                 job.result = self.session.sensitivity(
                     levels=levels, criterion=self.criterion, resume=resume, progress=False,
-                    on_step=on_step, should_stop=lambda: job.stop_requested,
+                    on_step=on_step, should_stop=lambda: job.stop_requested, executor=self.executor,
                 )
                 r = job.result
                 total = len(r.layers) * len(r.levels)
-                self.set_status("sensitivity: complete" if r.complete else
-                                f"sensitivity: stopped, {len(r.records)}/{total} points kept (run again to resume)")
+                if r.missing:
+                    self.set_status(f"sensitivity: {len(r.missing)} of {total} points could not be measured "
+                                    f"({html.escape(r.missing[0]['error'])}); run again to retry them")
+                else:
+                    self.set_status("sensitivity: complete" if r.complete else
+                                    f"sensitivity: stopped, {len(r.records)}/{total} points kept (run again to resume)")
             except Exception as e:
                 self.show_error(e)
             finally:

@@ -95,6 +95,10 @@ class Session:
             model.to(old_device)
             raise
         self.evaluator = Evaluator(self.state, self.data, scorer, self.metric_name, incremental, cache_budget_bytes, check)
+        # what it takes to make the same session elsewhere (a distributed worker)
+        self.settings = dict(metric=metric, loss_fn=loss_fn, extra_layers=list(extra_layers), seed=self.seed,
+                             batch_size=batch_size, incremental=incremental, cache_budget_bytes=cache_budget_bytes,
+                             check=check)
         self._nonzeros = NonzeroCounter()
         self._dense_file_bytes: Optional[int] = None
         self.version = 0  # bumped on every recorded change of weights or device
@@ -271,7 +275,8 @@ class Session:
             self.calibration_passes += 1
             return out
 
-        result = Calibration([i.name for i in self.layers], len(x), hessian, fingerprint, compute, key)
+        result = Calibration([i.name for i in self.layers], len(x), hessian, fingerprint, compute, key, (x, y),
+                             dict(batch_size=batch_size, hessian=hessian, probes=probes, seed=seed))
         result.ensure(needs, keep=True)
         self.state.calibration = result
         return result
@@ -459,32 +464,42 @@ class Session:
     def sensitivity(self, levels: Optional[Sequence[float]] = None, criterion: Union[str, Callable, Criterion] = "magnitude",
                     metric: Optional[str] = None, layers: Optional[Sequence[str]] = None, resume: Any = None,
                     incremental: bool = True, progress: bool = True, on_step: Optional[Callable[[dict], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None) -> Any:
+                    should_stop: Optional[Callable[[], bool]] = None, executor: Any = None) -> Any:
         """Prune each layer alone to each level (others at their current sparsity), evaluate,
         restore exactly. Returns a ``SensitivityResult``; Ctrl-C returns the partial one.
 
         ``levels`` default to 0.0-0.95 in 0.05 steps. ``metric`` must be the session's metric
         name (set the metric on the Session). ``resume`` continues an interrupted result.
+        ``executor``: ``None`` measures in this process; ``"ray"`` (a local Ray runtime, or the
+        one already initialised), a Ray address (``"ray://head:10001"``, ``"auto"``) or a
+        :class:`prune_lab.distributed.RayExecutor` spread the points over Ray workers, with the
+        same result (bit for bit on CPU).
         """
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
+        from .distributed import resolve_executor
+
+        ex = resolve_executor(executor, self)  # an unreachable cluster fails here, before any work
         self._fresh_calibration(criterion)
         result = _sensitivity.sweep(self.state, self.evaluator, levels, criterion, layers, resume, incremental, progress,
-                                    on_step, should_stop)
+                                    on_step, should_stop, executor=ex)
         self.last_sensitivity = result
         return result
 
     def tradeoff(self, strategies: Sequence[str] = _tradeoff.DEFAULT_STRATEGIES,
                  compressions: Sequence[float] = _tradeoff.DEFAULT_COMPRESSIONS, finetune: Optional[dict] = None,
-                 seeds: int = 1, cache: bool = True, progress: bool = True) -> Any:
+                 seeds: int = 1, cache: bool = True, progress: bool = True, executor: Any = None) -> Any:
         """Every strategy at every compression (params / nonzeros), measured. A strategy is an
         allocation with a criterion: ``"lamp"`` (magnitude), ``"global/taylor"``. With
         ``finetune={"train_data": ..., "steps": ..., ...}`` also after masked fine-tuning. Returns
         a ``TradeoffResult``; cached on disk by (model, data, config). The session is left exactly
-        as it was found."""
+        as it was found. ``executor`` as for :meth:`sensitivity` (fine-tuned points included)."""
+        from .distributed import resolve_executor
+
+        ex = resolve_executor(executor, self)
         loss = self.loss_fn if callable(self.loss_fn) else None
         return _tradeoff.run_tradeoff(self.state, self.evaluator, self.stats, strategies, compressions, finetune, seeds,
-                                      cache, progress, cache_dir(), loss, self._fresh_calibration)
+                                      cache, progress, cache_dir(), loss, self._fresh_calibration, executor=ex)
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:

@@ -396,6 +396,36 @@ class PruningState:
                 self._notify("restore", changed)
             return changed
 
+    def adopt(self, snapshot: Snapshot) -> None:
+        """Take a snapshot of *another* state of the same model (a distributed worker's copy):
+        its bases, masks and other tensors, under fresh tokens (the other process's tokens mean
+        nothing here) and a generation of this state's own."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"adopt takes a Snapshot, got {type(snapshot).__name__}")
+        with self.lock:
+            self._check_not_in_trial("adopt a snapshot")
+            if set(snapshot.records) != set(self._info):
+                raise ValueError("this snapshot belongs to another model (its layers differ)")
+            for name, b in snapshot.bases.items():
+                if tuple(b.shape) != self._info[name].shape:
+                    raise ValueError(f"layer {name!r}: the snapshot's weight has shape {tuple(b.shape)}, not {self._info[name].shape}")
+            device = next(iter(self.weights.values())).device
+            others = snapshot.others if snapshot.others is not None else {k: self._original[k] for k in self._other_keys}
+            with torch.no_grad():
+                for k, t in self.other_tensors().items():
+                    t.copy_(others[k].to(t.device))
+            self._bases = {n: b.to(device) for n, b in snapshot.bases.items()}
+            if snapshot.generation:
+                self.generation = self._next_generation
+                self._next_generation += 1
+            else:
+                self.generation = 0
+            for name, r in snapshot.records.items():
+                r = replace(r, mask=None if r.mask is None else r.mask.to(device), token=next(_serials))
+                self._records[name] = r
+                self._write(name, r.mask, r.token)
+            self._notify("restore", list(self._info))
+
     def reset(self) -> None:
         """Every parameter and buffer back to construction time, bit for bit; no masks."""
         with self.lock:

@@ -56,7 +56,8 @@ class Lab:
     In a running kernel, slider events are coalesced: only the newest value is evaluated; while
     dragging, ``preview`` ("auto", "never", "always") decides whether the first
     ``preview_samples`` samples stand in (labelled "preview") until the drag ends. Outside a
-    kernel (scripts, tests) every change is evaluated in full at once.
+    kernel (scripts, tests) every change is evaluated in full at once. ``executor`` runs the
+    sensitivity sweep elsewhere (``"ray"``, a Ray address: see ``Session.sensitivity``).
     """
 
     def __init__(
@@ -69,10 +70,12 @@ class Lab:
         defer: Optional[bool] = None,
         preview: str = "auto",
         train_data: Any = None,
+        executor: Any = None,
     ):
         if not isinstance(session, Session):
             raise TypeError(f"Lab needs a prune_lab.Session, got {type(session).__name__}")
-        self.model = LabModel(session, sensitivity, preview, frame_budget_s, preview_samples, train_data)
+        self.model = LabModel(session, sensitivity, preview, frame_budget_s, preview_samples, train_data,
+                              executor=executor)
         self.session = session
         self.dpi = dpi
         self._syncing = False

@@ -47,7 +47,8 @@ class SensitivityResult:
     """A layers x levels table of the metric and loss, one layer pruned at a time.
 
     ``reference`` is the model as the sweep found it (other layers at their sparsities then);
-    ``dense`` the unpruned model. ``complete`` is False for an interrupted sweep.
+    ``dense`` the unpruned model. ``complete`` is False for an interrupted sweep, or one with
+    ``missing`` points (a point that failed on every try; never filled in).
     """
 
     layers: list[str]
@@ -60,6 +61,7 @@ class SensitivityResult:
     dense: dict[str, float]
     records: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = False
+    missing: list[dict[str, Any]] = field(default_factory=list)  # points that could not be measured, and why
 
     # ------------------------------------------------------------------ tables
     def table(self, key: Optional[str] = None) -> "torch.Tensor":
@@ -229,11 +231,13 @@ def sweep(
     on_step: Optional[Callable[[dict[str, Any]], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     seed: Optional[int] = None,
+    executor: Any = None,
 ) -> SensitivityResult:
     """Prune each layer alone to each level (the others as they are), evaluate, put it back.
 
     Every trial mask lives inside ``state.trial``, so the model is restored exactly whatever
-    happens; Ctrl-C or ``should_stop()`` returns the partial result (``complete=False``)."""
+    happens; Ctrl-C or ``should_stop()`` returns the partial result (``complete=False``).
+    ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead."""
     from tqdm.auto import tqdm
 
     crit = get_criterion(criterion)
@@ -266,19 +270,17 @@ def sweep(
     result.complete = False
     done = result.done()
     todo = [(n, lv) for n in names for lv in levels if (n, lv) not in done]
+    result.missing = []  # retried now
     total = len(names) * len(levels)
+    if executor is not None:
+        return executor.sensitivity(state, evaluator, result, todo, crit, seed, incremental, progress, on_step, should_stop)
     bar = tqdm(total=total, initial=total - len(todo), desc="sensitivity", disable=not progress, leave=False)
     try:
         with state.trial():  # listeners see one sweep, not every point
             for name, level in todo:
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt
-                info = state.layer(name)
-                k = count_to_prune(level, info.n_params)
-                mask = k_smallest_masks(state.keys([name], crit, seed), k, [info.shape])[0] if k else None
-                with state.trial({name: mask}):
-                    r = evaluator.evaluate(commit=False, incremental=incremental)
-                record = {"layer": name, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
+                record = measure_point(state, evaluator, crit, seed, name, level, incremental)
                 result.records.append(record)
                 bar.update(1)
                 if on_step is not None:
@@ -289,3 +291,15 @@ def sweep(
     finally:
         bar.close()
     return result
+
+
+def measure_point(state: PruningState, evaluator: Evaluator, crit: Criterion, seed: int, name: str, level: float,
+                  incremental: bool = True) -> dict[str, Any]:
+    """One sweep point: ``name`` pruned to ``level`` by ``crit`` (the others as they are),
+    evaluated, put back. The same code runs in-process and on a distributed worker."""
+    info = state.layer(name)
+    k = count_to_prune(level, info.n_params)
+    mask = k_smallest_masks(state.keys([name], crit, seed), k, [info.shape])[0] if k else None
+    with state.trial({name: mask}):
+        r = evaluator.evaluate(commit=False, incremental=incremental)
+    return {"layer": name, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}

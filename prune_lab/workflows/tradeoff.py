@@ -48,6 +48,7 @@ class TradeoffResult:
     config: dict[str, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
     cached: bool = False
+    missing: list[dict[str, Any]] = field(default_factory=list)  # points that could not be measured, and why
 
     def summary(self) -> list[dict[str, Any]]:
         """Mean and spread (population std) over seeds per (strategy, compression)."""
@@ -83,7 +84,7 @@ class TradeoffResult:
         return self.table()
 
     def to_json(self, path: Union[str, Path, None] = None) -> str:
-        text = json.dumps({k: v for k, v in asdict(self).items() if k != "cached"}, indent=1)
+        text = json.dumps({k: v for k, v in asdict(self).items() if k != "cached"}, indent=1, default=str)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -146,9 +147,11 @@ def run_tradeoff(
     cache_dir: Optional[Path] = None,
     loss_fn: Any = None,
     recalibrate: Optional[Callable[[Any], None]] = None,
+    executor: Any = None,
 ) -> TradeoffResult:
     """See :meth:`prune_lab.Session.tradeoff`. ``stats()`` gives the current stats table;
-    ``recalibrate(criterion)`` brings data-aware statistics up to date before each point."""
+    ``recalibrate(criterion)`` brings data-aware statistics up to date before each point;
+    ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead."""
     from tqdm.auto import tqdm
 
     from .._version import __version__
@@ -182,41 +185,55 @@ def run_tradeoff(
             return result
         except ValueError:
             pass  # a corrupt cache entry is recomputed
-    saved = state.snapshot()  # the session is left exactly as it was found
     metric = evaluator.metric_name
-    bar = tqdm(total=len(strategies) * len(compressions) * seeds, desc="trade-off", disable=not progress, leave=False)
+    points = [(seed, strategy, allocation, criterion, c) for seed in range(seeds)
+              for strategy, (allocation, criterion) in zip(strategies, pairs) for c in compressions]
     result = TradeoffResult(metric, evaluator.baseline(), config)
-    try:
-        for seed in range(seeds):
-            for strategy, (allocation, criterion) in zip(strategies, pairs):
-                for c in compressions:
-                    state.reset()
-                    if recalibrate is not None:
-                        recalibrate(criterion)
-                    apply_global(state, 1 - 1 / c, allocation=allocation, criterion=criterion, seed=seed)
-                    ev, st = evaluator.evaluate(), stats().total
-                    record = {
-                        "strategy": strategy, "target_compression": c, "seed": seed,
-                        "sparsity": st["sparsity"], "compression": st["params"] / max(st["nonzeros"], 1),
-                        "sparse_bytes": st["sparse_file_bytes"], "effective_macs": st["effective_macs"],
-                        "speedup": st["speedup"], metric: ev[metric], "loss": ev["loss"],
-                    }
-                    if train_data is not None:
-                        ft = run_finetune(state, evaluator, train_data, seed=seed, progress=False, loss_fn=loss_fn,
-                                          criterion=criterion, **finetune)
-                        record[f"{metric}_finetuned"] = ft.evaluations[-1][metric] if ft.evaluations else None
-                        record["compression_finetuned"] = sum(i.n_params for i in state.layers) / max(stats().total["nonzeros"], 1)
-                    result.records.append(record)
-                    bar.update(1)
-    except KeyboardInterrupt:
-        result.config["interrupted"] = True
-    finally:
-        bar.close()
-        state.restore(saved)
-    if cache and path is not None and not result.config.get("interrupted"):
+    if executor is not None:
+        executor.tradeoff(state, evaluator, result, points, train_data, finetune, progress)
+    else:
+        saved = state.snapshot()  # the session is left exactly as it was found
+        bar = tqdm(total=len(points), desc="trade-off", disable=not progress, leave=False)
+        try:
+            for point in points:
+                result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn, recalibrate))
+                bar.update(1)
+        except KeyboardInterrupt:
+            result.config["interrupted"] = True
+        finally:
+            bar.close()
+            state.restore(saved)
+    if cache and path is not None and not result.config.get("interrupted") and not result.missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(result.to_json())
         except OSError:
             pass
     return result
+
+
+def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[], Any], point: tuple,
+                   train_data: Any = None, finetune: Optional[dict[str, Any]] = None, loss_fn: Any = None,
+                   recalibrate: Optional[Callable[[Any], None]] = None) -> dict[str, Any]:
+    """One trade-off point ``(seed, strategy, allocation, criterion, compression)``: from the
+    original model, pruned by the strategy, measured, and fine-tuned when ``train_data`` is
+    given. The same code runs in-process and on a distributed worker; it leaves the state pruned."""
+    seed, strategy, allocation, criterion, c = point
+    metric = evaluator.metric_name
+    state.reset()
+    if recalibrate is not None:
+        recalibrate(criterion)
+    apply_global(state, 1 - 1 / c, allocation=allocation, criterion=criterion, seed=seed)
+    ev, st = evaluator.evaluate(), stats().total
+    record = {
+        "strategy": strategy, "target_compression": c, "seed": seed,
+        "sparsity": st["sparsity"], "compression": st["params"] / max(st["nonzeros"], 1),
+        "sparse_bytes": st["sparse_file_bytes"], "effective_macs": st["effective_macs"],
+        "speedup": st["speedup"], metric: ev[metric], "loss": ev["loss"],
+    }
+    if train_data is not None:
+        ft = run_finetune(state, evaluator, train_data, seed=seed, progress=False, loss_fn=loss_fn,
+                          criterion=criterion, **(finetune or {}))
+        record[f"{metric}_finetuned"] = ft.evaluations[-1][metric] if ft.evaluations else None
+        record["compression_finetuned"] = sum(i.n_params for i in state.layers) / max(stats().total["nonzeros"], 1)
+    return record
