@@ -271,7 +271,7 @@ class RayExecutor:
     # ------------------------------------------------------------------ sweeps
     def sensitivity(self, state: Any, evaluator: Any, result: Any, todo: list[tuple[str, float]], crit: Any, seed: int,
                     incremental: bool, progress: bool, on_step: Optional[Callable[[dict], None]],
-                    should_stop: Optional[Callable[[], bool]]) -> Any:
+                    should_stop: Optional[Callable[[], bool]], pattern: str = "unstructured") -> Any:
         """Measure ``todo`` (layer, level) points of a sensitivity sweep on the workers and merge
         them into ``result`` in the in-process order."""
         spec = session_spec(state, evaluator, self.session_settings, criterion=crit)
@@ -284,7 +284,7 @@ class RayExecutor:
                 on_step(record)
 
         def call(actor: Any, point: Any) -> Any:
-            return actor.sensitivity_point.remote(crit, seed, point[0], point[1], incremental)
+            return actor.sensitivity_point.remote(crit, seed, point[0], point[1], incremental, pattern)
 
         total = len(result.layers) * len(result.levels)
         stopped, missing = self._run(spec, todo, call, _is_cuda(state), on_result, should_stop, "sensitivity (ray)",
@@ -386,7 +386,8 @@ class _Worker:
     def ready(self) -> bool:
         return True
 
-    def sensitivity_point(self, crit: Any, seed: int, layer: str, level: float, incremental: bool) -> dict[str, Any]:
+    def sensitivity_point(self, crit: Any, seed: int, layer: str, level: float, incremental: bool,
+                          pattern: str = "unstructured") -> dict[str, Any]:
         from .workflows.sensitivity import measure_point
 
         s = self.session
@@ -394,7 +395,7 @@ class _Worker:
             s.evaluator.evaluate()
             self._reference = True
         with s.state.trial():
-            return measure_point(s.state, s.evaluator, crit, seed, layer, level, incremental)
+            return measure_point(s.state, s.evaluator, crit, seed, layer, level, incremental, pattern)
 
     def tradeoff_point(self, point: tuple, finetuned: bool, finetune: dict[str, Any]) -> dict[str, Any]:
         from .workflows.tradeoff import tradeoff_point

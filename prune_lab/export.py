@@ -191,9 +191,13 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
 
 def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Tensor]:
     """A dense state_dict from a dense (``torch.save``) or sparse export, for ``model.load_state_dict``."""
+    from .compress import MAGIC as COMPRESSED, read_compressed
+
     with open(path, "rb") as f:
-        head = f.read(len(MAGIC))
-    if head == MAGIC:
+        head = f.read(max(len(MAGIC), len(COMPRESSED)))
+    if head.startswith(COMPRESSED):
+        return {k: v.to(map_location) for k, v in read_compressed(Path(path).read_bytes(), f"{os.fspath(path)!r}").items()}
+    if head.startswith(MAGIC):
         return {k: v.to(map_location) for k, v in read_sparse(Path(path).read_bytes(), f"{os.fspath(path)!r}").items()}
     return dict(torch.load(path, map_location=map_location, weights_only=True))
 
@@ -273,6 +277,13 @@ def load_recipe(recipe: Union[PathLike, Mapping[str, Any]]) -> dict[str, Any]:
         n = math.prod(entry["shape"])
         if not 0 <= entry["pruned"] <= n:
             raise ValueError(f"{source}: layer {name!r} prunes {entry['pruned']} of {n} weights; valid: 0..{n}")
+        if "bits" in entry:
+            from .quantize import check_bits
+
+            try:
+                check_bits(entry["bits"], entry.get("quant_method"), name)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
         if "mask" in entry:
             try:
                 mask = unpack_mask(entry["mask"], tuple(entry["shape"]))

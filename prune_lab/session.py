@@ -26,8 +26,10 @@ from .layers import Coverage, LayerInfo, find_prunable
 from .masks import check_fraction, count_to_prune
 from .measure import AUTO, EvalData, Metric, Scorer, weight_uses
 from .registry import close_names, describe
+from .patterns import check_nm, parse_nm
+from .patterns import normalize as normalize_pattern
 from .state import Event, PruningState, Snapshot
-from .stats import NonzeroCounter, Stats, compute_stats, sparse_file_bytes
+from .stats import NonzeroCounter, Stats, compute_stats
 from .workflows import finetune as _finetune
 from .workflows import sensitivity as _sensitivity
 from .workflows import tradeoff as _tradeoff
@@ -101,6 +103,9 @@ class Session:
                              check=check)
         self._nonzeros = NonzeroCounter()
         self._dense_file_bytes: Optional[int] = None
+        from .compress import Planner
+
+        self._planner = Planner()
         self.version = 0  # bumped on every recorded change of weights or device
         self.last_sensitivity: Any = None  # the latest SensitivityResult, for allocation="sensitivity"
         self._calibration_args: Optional[dict] = None
@@ -175,27 +180,75 @@ class Session:
 
     # ------------------------------------------------------------------ pruning
     def set_sparsity(self, sparsities: Mapping[str, float], criterion: Union[str, Callable, Criterion] = "magnitude",
-                     seed: Optional[int] = None) -> "Session":
-        """Prune each named layer to ``round(s * n)`` zeros by ``criterion``; other layers keep theirs."""
+                     seed: Optional[int] = None, pattern: str = "unstructured") -> "Session":
+        """Prune each named layer to ``round(s * n)`` zeros by ``criterion``; other layers keep theirs.
+
+        ``pattern="N:M"`` (e.g. ``"2:4"``) keeps the N most important of every M consecutive
+        weights along the input dimension; the sparsity given must then be (M-N)/M, or 0 to
+        un-prune."""
         if not isinstance(sparsities, Mapping):
             raise TypeError(
                 "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
                 f"got {type(sparsities).__name__}"
             )
         crit = get_criterion(criterion)
+        pattern = normalize_pattern(pattern)
+        counts = {name: self._count_for(name, v, pattern) for name, v in sparsities.items()}
         self._fresh_calibration(crit)
         seed = self.seed if seed is None else int(seed)
-        counts = {name: count_to_prune(self.check_sparsity(name, v), self.layer(name).n_params) for name, v in sparsities.items()}
-        self.state.set_counts(counts, crit, seed)
+        self.state.set_counts(counts, crit, seed, pattern=pattern)
         return self
+
+    def _count_for(self, name: str, value: Any, pattern: str) -> int:
+        """Weights to prune for a sparsity under a pattern (checked: a clear error names the layer)."""
+        n = self.layer(name).n_params
+        sparsity = self.check_sparsity(name, value)
+        nm = parse_nm(pattern)
+        if nm is None:
+            return count_to_prune(sparsity, n)
+        keep, m = nm
+        check_nm(name, self.layer(name).kind, self.layer(name).shape, pattern)
+        if sparsity == 0:
+            return 0
+        if abs(sparsity - (m - keep) / m) > 1e-9:
+            raise ValueError(f"layer {name!r}: pattern {pattern} means sparsity {(m - keep) / m:g} (or 0 to un-prune), "
+                             f"not {sparsity:g}")
+        return n // m * (m - keep)
 
     def set_global_sparsity(self, sparsity: float, allocation: Union[str, Callable] = "global",
                             criterion: Union[str, Callable, Criterion] = "magnitude", seed: Optional[int] = None,
-                            locked: Sequence[str] = ()) -> "Session":
+                            locked: Sequence[str] = (), pattern: str = "unstructured") -> "Session":
         """Prune the model to a total sparsity, split across unlocked layers by ``allocation``.
 
-        Locked layers keep their current masks and count toward the total.
+        Locked layers keep their current masks and count toward the total. With
+        ``pattern="N:M"`` every unlocked layer whose input dimension M divides takes the pattern
+        (``sparsity`` must be (M-N)/M; the allocation does not apply) and the others are left as
+        they are, named in a warning.
         """
+        pattern = normalize_pattern(pattern)
+        if parse_nm(pattern) is not None:
+            import warnings
+
+            crit = get_criterion(criterion)
+            fits, skipped = {}, []
+            for i in self.layers:
+                if i.name in locked:
+                    continue
+                try:
+                    fits[i.name] = self._count_for(i.name, sparsity, pattern)
+                except ValueError as e:
+                    if "does not divide" not in str(e) and "needs a matrix" not in str(e):
+                        raise
+                    skipped.append(i.name)
+            if not fits:
+                raise ValueError(f"pattern {pattern}: no layer fits it (input dimensions must be multiples of M): "
+                                 f"{', '.join(skipped)}")
+            self._fresh_calibration(crit)
+            self.state.set_counts(fits, crit, self.seed if seed is None else int(seed), pattern=pattern)
+            if skipped:
+                warnings.warn(f"pattern {pattern}: left as they were (input dimension not a multiple of M): "
+                              f"{', '.join(skipped)}", UserWarning, stacklevel=2)
+            return self
         self._fresh_calibration(criterion)
         result, crit, seed = allocate(self.state, sparsity, allocation, criterion, seed, locked, self.last_sensitivity)
         self.state.set_counts(result.counts, crit, seed, result.masks)
@@ -311,7 +364,25 @@ class Session:
         and sliced uses), and the totals' file bytes are the lengths of the actual exports.
         """
         with self.state.lock:
-            return compute_stats(self.model, self.layers, self.state.weights, self._uses, self._nonzeros, self.dense_file_bytes())
+            entries, _ = self._compressed_plan()
+            return compute_stats(self.model, self.layers, self.state.weights, self._uses, self._nonzeros,
+                                 self.dense_file_bytes(), entries, self.bits)
+
+    def _compressed_plan(self, parts_wanted: bool = False) -> tuple[list, list]:
+        """The compressed export of the live weights: pruned or quantized layers as gaps +
+        values or codes (Huffman-coded), everything else raw (sizes cached per layer value)."""
+        from .quantize import quantize
+
+        compressed, tokens = {}, {}
+        for i in self.layers:
+            r = self.state.record(i.name)
+            if not r.count and r.bits is None:
+                continue
+            for key in (i.param, *i.aliases):
+                compressed[key] = (lambda i=i, r=r: None if r.bits is None else
+                                   quantize(self.state.base(i.name), r.mask, r.bits, r.qmethod, i.kind))
+                tokens[key] = self.state.token(i.name)
+        return self._planner.plan(self.model.state_dict(), compressed, tokens, parts_wanted)
 
     def dense_file_bytes(self) -> int:
         """Length of ``torch.save(model.state_dict())`` of the dense model (cached)."""
@@ -321,7 +392,10 @@ class Session:
 
     def sparse_file_bytes(self) -> int:
         """Exact length of ``export(path, sparse=True)``'s file for the current weights."""
-        return sparse_file_bytes(self.model, self._sparse_keys(), self._nonzeros)
+        from .compress import file_size
+
+        with self.state.lock:
+            return file_size(self._compressed_plan()[0])
 
     def _sparse_keys(self) -> set[str]:
         return {k for i in self.layers for k in (i.param, *i.aliases)}
@@ -352,6 +426,8 @@ class Session:
                 entry["mask"] = _export.pack_mask(r.mask)
             if r.calibration and r.count:
                 entry["calibration_sha256"] = r.calibration.split("/")[0]  # the data its statistics came from
+            if r.bits is not None:
+                entry["bits"], entry["quant_method"] = r.bits, r.qmethod
             layers[i.name] = entry
         return {
             "prune_lab_recipe": _export.RECIPE_FORMAT,
@@ -404,13 +480,45 @@ class Session:
                 "the recipe was made on different weights; magnitude masks depend on the weights, so they will differ",
                 stacklevel=2,
             )
+        records = {n: self.state.with_quant(r, (layers[n]["bits"], layers[n]["quant_method"]) if "bits" in layers[n] else None)
+                   for n, r in records.items()}
         self.state.apply(records, "restore")
         return self
 
-    def export(self, path: Union[str, Path], sparse: bool = False) -> dict[str, Path]:
-        """Write the pruned state_dict (dense, or the compact sparse encoding) and its recipe.
+    # ------------------------------------------------------------------ quantization
+    def set_bits(self, bits: Mapping[str, Optional[int]], method: str = "uniform") -> "Session":
+        """Quantize the named layers' weights after pruning (``{layer: bits}``; None removes it):
+        ``method="uniform"`` (symmetric per output channel; 2, 4 or 8 bits) or ``"kmeans"``
+        (Deep Compression's weight sharing, 2**bits centroids fitted on the kept weights; 1-8
+        bits). Reversible like the masks: the base weights are kept, ``reset()`` is bit-exact, and
+        the masks hold (pruned weights stay exactly 0). All checked before anything changes."""
+        from .quantize import check_bits
 
-        Returns ``{"model": path, "recipe": <stem>.recipe.json}``. Load either form with
+        if not isinstance(bits, Mapping):
+            raise TypeError(f"set_bits takes a {{layer: bits}} dict (set_global_bits for every layer), got {type(bits).__name__}")
+        settings = {}
+        for name, b in bits.items():
+            self.layer(name)
+            settings[name] = None if b is None else check_bits(b, method, name)
+        self.state.set_quant(settings)
+        return self
+
+    def set_global_bits(self, bits: Optional[int], method: str = "uniform") -> "Session":
+        """:meth:`set_bits` for every prunable layer."""
+        return self.set_bits({i.name: bits for i in self.layers}, method)
+
+    @property
+    def bits(self) -> dict[str, Optional[int]]:
+        """Per layer, the bits its weights are quantized to (None: float)."""
+        return {n: r.bits for n, r in self.state.records.items()}
+
+    def export(self, path: Union[str, Path], sparse: bool = False) -> dict[str, Path]:
+        """Write the pruned state_dict (dense, or compressed) and its recipe.
+
+        ``sparse=True`` writes the compressed export (Deep Compression's storage): each pruned or
+        quantized weight as Huffman-coded gaps between its nonzeros plus its float values or its
+        Huffman-coded codes and codebook; everything else raw. Its length is
+        ``stats().total["sparse_file_bytes"]``. Returns ``{"model": path, "recipe": <stem>.recipe.json}``. Load either form with
         ``prune_lab.load_state_dict(path)`` (a dense export also loads with ``torch.load``).
         """
         if self.state.in_trial:
@@ -418,7 +526,9 @@ class Session:
         path = Path(path)
         state = self.model.state_dict()
         if sparse:
-            data = _export.sparse_bytes(state, self._sparse_keys())
+            from .compress import file_bytes
+
+            data = file_bytes(*self._compressed_plan(parts_wanted=True))
         else:
             data = _export.serialize({k: v.detach().cpu() for k, v in state.items()})
         recipe = json.dumps(self.recipe(), indent=1).encode()
@@ -464,7 +574,8 @@ class Session:
     def sensitivity(self, levels: Optional[Sequence[float]] = None, criterion: Union[str, Callable, Criterion] = "magnitude",
                     metric: Optional[str] = None, layers: Optional[Sequence[str]] = None, resume: Any = None,
                     incremental: bool = True, progress: bool = True, on_step: Optional[Callable[[dict], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None, executor: Any = None) -> Any:
+                    should_stop: Optional[Callable[[], bool]] = None, executor: Any = None,
+                    pattern: str = "unstructured") -> Any:
         """Prune each layer alone to each level (others at their current sparsity), evaluate,
         restore exactly. Returns a ``SensitivityResult``; Ctrl-C returns the partial one.
 
@@ -473,7 +584,8 @@ class Session:
         ``executor``: ``None`` measures in this process; ``"ray"`` (a local Ray runtime, or the
         one already initialised), a Ray address (``"ray://head:10001"``, ``"auto"``) or a
         :class:`prune_lab.distributed.RayExecutor` spread the points over Ray workers, with the
-        same result (bit for bit on CPU).
+        same result (bit for bit on CPU). ``pattern="2:4"`` sweeps each layer at that N:M
+        pattern (levels 0 and (M-N)/M).
         """
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
@@ -482,7 +594,7 @@ class Session:
         ex = resolve_executor(executor, self)  # an unreachable cluster fails here, before any work
         self._fresh_calibration(criterion)
         result = _sensitivity.sweep(self.state, self.evaluator, levels, criterion, layers, resume, incremental, progress,
-                                    on_step, should_stop, executor=ex)
+                                    on_step, should_stop, executor=ex, pattern=pattern)
         self.last_sensitivity = result
         return result
 

@@ -45,10 +45,16 @@ class Record:
     token: int = field(default=0, repr=False, compare=False)
     reproducible: bool = field(default=True, repr=False, compare=False)
     calibration: str = field(default="", repr=False, compare=False)  # fingerprint of the statistics used
+    bits: Optional[int] = None  # quantized to this many bits (None: float) by ``qmethod``
+    qmethod: str = ""
 
     @property
     def settings(self) -> tuple[str, int, str, int]:
         return (self.pattern, self.count, self.criterion, self.seed)
+
+    @property
+    def quant(self) -> Optional[tuple[int, str]]:
+        return None if self.bits is None else (self.bits, self.qmethod)
 
 
 @dataclass(frozen=True)
@@ -241,11 +247,16 @@ class PruningState:
             raise RuntimeError(f"cannot {action} while a sweep holds trial masks in the model; stop the sweep first")
 
     # ------------------------------------------------------------------ writing
-    def _write(self, name: str, mask: Optional[Tensor], token: Any) -> None:
-        """The one place a layer's weight is written: ``base * mask`` (the base when dense)."""
+    def _write(self, name: str, mask: Optional[Tensor], token: Any, quant: Optional[tuple[int, str]] = None) -> None:
+        """The one place a layer's weight is written: ``base * mask`` (the base when dense),
+        quantized (deterministically, from the base and the mask) when ``quant`` is given."""
         with torch.no_grad():
             w = self.weights[name]
-            if mask is None:
+            if quant is not None:
+                from .quantize import quantize
+
+                w.copy_(quantize(self._bases[name], mask, quant[0], quant[1], self._info[name].kind).values)
+            elif mask is None:
                 w.copy_(self._bases[name])
             else:
                 torch.mul(self._bases[name], mask, out=w)
@@ -256,11 +267,19 @@ class PruningState:
         """New records for ``counts`` (exact k-smallest masks by ``criterion`` on the base
         weights, or the given ``masks``); layers whose settings are unchanged keep their record.
         Writes nothing."""
+        from .patterns import check_nm, nm_mask, normalize
+
+        pattern = normalize(pattern)
         out: dict[str, Record] = {}
         for name, k in counts.items():
             info = self.info(name)
             if not 0 <= k <= info.n_params:
                 raise ValueError(f"layer {name!r}: cannot prune {k} of {info.n_params} weights")
+            if pattern != UNSTRUCTURED:
+                n_keep, m, _ = check_nm(name, info.kind, info.shape, pattern)
+                if k not in (0, info.n_params // m * (m - n_keep)):
+                    raise ValueError(f"layer {name!r}: pattern {pattern} prunes exactly {info.n_params // m * (m - n_keep)} "
+                                     f"of {info.n_params} weights (sparsity {(m - n_keep) / m:g}) or none, not {k}")
             old = self._records[name]
             new_settings = (pattern, k, criterion.name, seed)
             given = masks is not None and name in masks
@@ -270,7 +289,8 @@ class PruningState:
                 out[name] = old
                 continue
             if k == 0:
-                out[name] = Record(pattern, 0, criterion.name, seed, None, next(_serials))
+                out[name] = Record(UNSTRUCTURED, 0, criterion.name, seed, None, next(_serials), bits=old.bits,
+                                   qmethod=old.qmethod)
                 continue
             if given:
                 mask = masks[name]  # type: ignore[index]
@@ -278,11 +298,13 @@ class PruningState:
                     raise ValueError(f"layer {name!r}: a mask must be bool of shape {info.shape}, got {mask.dtype} {tuple(mask.shape)}")
                 if int(mask.numel() - mask.sum()) != k:
                     raise ValueError(f"layer {name!r}: the mask zeroes {int(mask.numel() - mask.sum())} entries, not {k}")
+            elif pattern != UNSTRUCTURED:
+                mask = nm_mask(self.keys([name], criterion, seed)[0], info.shape, info.kind, n_keep, m)
             else:
                 mask = k_smallest_masks(self.keys([name], criterion, seed), k, [info.shape])[0]
             mask = mask.to(self.weights[name].device)
             out[name] = Record(pattern, k, criterion.name, seed, mask, next(_serials),
-                               criterion.reproducible and not given and not criterion.needs, calib)
+                               criterion.reproducible and not given and not criterion.needs, calib, old.bits, old.qmethod)
         return out
 
     def apply(self, records: Mapping[str, Record], kind: str = "masks") -> list[str]:
@@ -293,7 +315,7 @@ class PruningState:
                 self.info(name)
             changed = [n for n, r in records.items() if r.token != self._records[n].token]
             for name in changed:
-                self._write(name, records[name].mask, records[name].token)
+                self._write(name, records[name].mask, records[name].token, records[name].quant)
                 self._records[name] = records[name]
             if changed:
                 self._notify(kind, changed)
@@ -302,6 +324,31 @@ class PruningState:
     def set_counts(self, counts: Mapping[str, int], criterion: Criterion, seed: int,
                    masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED) -> list[str]:
         return self.apply(self.compute(counts, criterion, seed, masks, pattern))
+
+    @staticmethod
+    def with_quant(record: Record, quant: Optional[tuple[int, str]]) -> Record:
+        """``record`` quantized as ``quant`` (a new token when that changes it)."""
+        if record.quant == quant:
+            return record
+        return replace(record, token=next(_serials), bits=None if quant is None else quant[0],
+                       qmethod="" if quant is None else quant[1])
+
+    def set_quant(self, settings: Mapping[str, Optional[tuple[int, str]]]) -> list[str]:
+        """Quantize (``(bits, method)``) or un-quantize (None) layers, masks kept; all checked
+        before anything is written. Returns the layers that changed."""
+        from .quantize import check_bits
+
+        with self.lock:
+            self._check_not_in_trial("quantize")
+            new: dict[str, Record] = {}
+            for name, q in settings.items():
+                self.info(name)
+                q = None if q is None else check_bits(q[0], q[1], name)
+                old = self._records[name]
+                if old.quant != q:
+                    new[name] = replace(old, token=next(_serials), bits=None if q is None else q[0],
+                                        qmethod="" if q is None else q[1])
+            return self.apply(new, "quant")
 
     @contextlib.contextmanager
     def trial(self, masks: Mapping[str, Optional[Tensor]] = {}) -> Iterator["PruningState"]:
@@ -322,12 +369,12 @@ class PruningState:
                     r = self._records[name]
                     touched.setdefault(name, self._trial_live.get(name, (r.mask, r.token)))
                     token = ("trial", next(_serials))
-                    self._write(name, m, token)
+                    self._write(name, m, token, r.quant)
                     self._trial_live[name] = (m, token)
                 yield self
             finally:
                 for name, (mask, token) in touched.items():
-                    self._write(name, mask, token)
+                    self._write(name, mask, token, self._records[name].quant)
                     self._trial_live[name] = (mask, token)
                 if self._trial_depth == 1:
                     self._trial_live.clear()
@@ -390,7 +437,7 @@ class PruningState:
                 changed = [n for n, r in snapshot.records.items() if r.token != self._records[n].token]
             for name in changed:
                 r = snapshot.records[name]
-                self._write(name, r.mask, r.token)
+                self._write(name, r.mask, r.token, r.quant)
                 self._records[name] = r
             if changed:
                 self._notify("restore", changed)
@@ -423,7 +470,7 @@ class PruningState:
             for name, r in snapshot.records.items():
                 r = replace(r, mask=None if r.mask is None else r.mask.to(device), token=next(_serials))
                 self._records[name] = r
-                self._write(name, r.mask, r.token)
+                self._write(name, r.mask, r.token, r.quant)
             self._notify("restore", list(self._info))
 
     def reset(self) -> None:
@@ -451,7 +498,7 @@ class PruningState:
                 trained = w.detach().clone()
                 self._bases[name] = trained if r.mask is None else torch.where(r.mask, trained, self._bases[name])
                 self._records[name] = replace(r, token=next(_serials))
-                self._write(name, r.mask, self._records[name].token)
+                self._write(name, r.mask, self._records[name].token, r.quant)
             self._notify(kind, list(self._info))
 
     def rewind_to(self, state_dict: Mapping[str, Tensor]) -> None:

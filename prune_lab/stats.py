@@ -57,9 +57,15 @@ class Stats:
 
 
 def compute_stats(model: torch.nn.Module, layers: list, weights: Mapping[str, Tensor], uses: Mapping[str, list[WeightUse]],
-                  nonzeros: NonzeroCounter, dense_file_bytes: int) -> Stats:
-    """Per layer: params, nonzeros, sparsity, dense/sparse payload bytes, MACs and effective MACs
-    per input sample; totals add the file sizes of the dense and sparse exports (exact)."""
+                  nonzeros: NonzeroCounter, dense_file_bytes: int, entries: list[dict],
+                  bits: Optional[Mapping[str, Optional[int]]] = None) -> Stats:
+    """Per layer: params, nonzeros, sparsity, dense bytes, sparse bytes (its share of the
+    compressed export: Huffman-coded gaps, values or codes and codebook), MACs and effective MACs
+    per input sample; totals add the file sizes of the dense and compressed exports (exact).
+    ``entries``: the compressed export's header entries (``compress.Planner``)."""
+    from .compress import file_size, payload_bytes
+
+    by_key = {e["key"]: e for e in entries}
     rows: dict[str, dict[str, Any]] = {}
     for info in layers:
         w = weights[info.name]
@@ -70,7 +76,8 @@ def compute_stats(model: torch.nn.Module, layers: list, weights: Mapping[str, Te
             "nonzeros": nnz,
             "sparsity": 1 - nnz / info.n_params,
             "dense_bytes": info.n_params * w.element_size(),
-            "sparse_bytes": _export.sparse_payload_bytes(info.n_params, nnz, w.element_size()),
+            "sparse_bytes": payload_bytes(by_key[info.param]),
+            "bits": (bits or {}).get(info.name),
             "macs": macs,
             "effective_macs": effective,
         }
@@ -83,7 +90,7 @@ def compute_stats(model: torch.nn.Module, layers: list, weights: Mapping[str, Te
     total["model_params"] = sum(p.numel() for p in all_params)
     total["model_nonzeros"] = sum(nonzeros(p) for p in all_params)
     total["dense_file_bytes"] = dense_file_bytes
-    total["sparse_file_bytes"] = sparse_file_bytes(model, {i.param for i in layers}, nonzeros)
+    total["sparse_file_bytes"] = file_size(entries)
     total["compression"] = total["params"] / max(total["nonzeros"], 1)
     total["file_compression"] = total["dense_file_bytes"] / total["sparse_file_bytes"]
     total["speedup"] = total["macs"] / max(total["effective_macs"], 1)

@@ -27,3 +27,32 @@ def plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024)
 def nonzeros(t: torch.Tensor) -> int:
     """Counted element by element in Python's own arithmetic, not by torch.count_nonzero."""
     return sum(1 for v in t.detach().reshape(-1).tolist() if v != 0)
+
+
+def huffman_total_bits(symbols) -> int:
+    """Bits of an optimal prefix code for ``symbols``: the sum of every merge of the two
+    smallest counts (each merge adds one bit to every symbol below it). One symbol: 1 bit each."""
+    import heapq
+    from collections import Counter
+
+    counts = list(Counter(int(s) for s in symbols).values())
+    if len(counts) == 1:
+        return counts[0]
+    heapq.heapify(counts)
+    total = 0
+    while len(counts) > 1:
+        a, b = heapq.heappop(counts), heapq.heappop(counts)
+        total += a + b
+        heapq.heappush(counts, a + b)
+    return total
+
+
+def gaps(weight) -> list:
+    """Distances between consecutive nonzeros of the flattened weight (the first from -1)."""
+    flat = weight.detach().reshape(-1).tolist()
+    out, last = [], -1
+    for i, v in enumerate(flat):
+        if v != 0:
+            out.append(i - last)
+            last = i
+    return out

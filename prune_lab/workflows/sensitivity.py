@@ -62,6 +62,7 @@ class SensitivityResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = False
     missing: list[dict[str, Any]] = field(default_factory=list)  # points that could not be measured, and why
+    pattern: str = "unstructured"  # or "N:M": each level > 0 is that pattern
 
     # ------------------------------------------------------------------ tables
     def table(self, key: Optional[str] = None) -> "torch.Tensor":
@@ -232,6 +233,7 @@ def sweep(
     should_stop: Optional[Callable[[], bool]] = None,
     seed: Optional[int] = None,
     executor: Any = None,
+    pattern: str = "unstructured",
 ) -> SensitivityResult:
     """Prune each layer alone to each level (the others as they are), evaluate, put it back.
 
@@ -240,22 +242,36 @@ def sweep(
     ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead."""
     from tqdm.auto import tqdm
 
+    from ..patterns import check_nm, nm_sparsity, normalize, parse_nm
+
     crit = get_criterion(criterion)
     seed = state.seed if seed is None else int(seed)
+    pattern = normalize(pattern)
+    nm = parse_nm(pattern)
+    if nm is not None and levels is None:
+        levels = [0.0, nm_sparsity(pattern)]
     levels = list(DEFAULT_LEVELS if levels is None else levels)
     if not levels:
         raise ValueError("levels is empty; give sparsities in [0, 1], e.g. (0.0, 0.5, 0.9)")
     for lv in levels:
         check_fraction(lv, "sensitivity level")
+        if nm is not None and lv not in (0.0, nm_sparsity(pattern)):
+            raise ValueError(f"pattern {pattern}: levels can only be 0 and {nm_sparsity(pattern):g}, got {lv!r}")
     names = [i.name for i in state.layers] if layers is None else list(layers)
+    if nm is not None and layers is None:  # by default the layers the pattern fits
+        names = [i.name for i in state.layers if len(i.shape) >= 2 and i.shape[1 if i.kind != "Conv1D" else 0] % nm[1] == 0]
     for n in names:
-        state.layer(n)
+        info = state.layer(n)
+        if nm is not None:
+            check_nm(n, info.kind, info.shape, pattern)
     if resume is not None:
         if resume.levels != levels and levels != list(DEFAULT_LEVELS):
             raise ValueError("resume: levels differ from the interrupted sweep's")
         levels, names = resume.levels, resume.layers
         if resume.criterion != crit.name:
             raise ValueError(f"resume: the interrupted sweep used criterion {resume.criterion!r}, not {crit.name!r}")
+        if resume.pattern != pattern:
+            raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not {pattern!r}")
     reference = evaluator.evaluate()
     result = resume or SensitivityResult(
         layers=names,
@@ -266,6 +282,7 @@ def sweep(
         metric=evaluator.metric_name,
         reference=reference,
         dense=evaluator.baseline(),
+        pattern=pattern,
     )
     result.complete = False
     done = result.done()
@@ -273,14 +290,15 @@ def sweep(
     result.missing = []  # retried now
     total = len(names) * len(levels)
     if executor is not None:
-        return executor.sensitivity(state, evaluator, result, todo, crit, seed, incremental, progress, on_step, should_stop)
+        return executor.sensitivity(state, evaluator, result, todo, crit, seed, incremental, progress, on_step, should_stop,
+                                    pattern)
     bar = tqdm(total=total, initial=total - len(todo), desc="sensitivity", disable=not progress, leave=False)
     try:
         with state.trial():  # listeners see one sweep, not every point
             for name, level in todo:
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt
-                record = measure_point(state, evaluator, crit, seed, name, level, incremental)
+                record = measure_point(state, evaluator, crit, seed, name, level, incremental, pattern)
                 result.records.append(record)
                 bar.update(1)
                 if on_step is not None:
@@ -294,12 +312,20 @@ def sweep(
 
 
 def measure_point(state: PruningState, evaluator: Evaluator, crit: Criterion, seed: int, name: str, level: float,
-                  incremental: bool = True) -> dict[str, Any]:
+                  incremental: bool = True, pattern: str = "unstructured") -> dict[str, Any]:
     """One sweep point: ``name`` pruned to ``level`` by ``crit`` (the others as they are),
     evaluated, put back. The same code runs in-process and on a distributed worker."""
+    from ..patterns import nm_mask, parse_nm
+
     info = state.layer(name)
-    k = count_to_prune(level, info.n_params)
-    mask = k_smallest_masks(state.keys([name], crit, seed), k, [info.shape])[0] if k else None
+    nm = parse_nm(pattern)
+    if nm is not None:
+        mask = nm_mask(state.keys([name], crit, seed)[0], info.shape, info.kind, *nm) if level else None
+        if mask is not None:
+            mask = mask.to(state.weights[name].device)
+    else:
+        k = count_to_prune(level, info.n_params)
+        mask = k_smallest_masks(state.keys([name], crit, seed), k, [info.shape])[0] if k else None
     with state.trial({name: mask}):
         r = evaluator.evaluate(commit=False, incremental=incremental)
     return {"layer": name, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
