@@ -553,7 +553,7 @@ class Session:
                  rounds: int = 3, rewind_step: int = 0, restore: str = "last", optimizer: Union[str, Callable] = "sgd",
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64, seed: int = 0,
                  progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None,
-                 criterion: Union[str, Callable, Criterion] = "magnitude") -> Any:
+                 criterion: Union[str, Callable, Criterion] = "magnitude", distill: Optional[dict] = None) -> Any:
         """Train with the masks held (pruned weights stay exactly 0), optionally pruning on a schedule.
 
         ``schedule``: "oneshot" (prune to ``target_sparsity`` if given, then train), "iterative"
@@ -564,12 +564,17 @@ class Session:
         Ctrl-C stops early with what was learned. ``reset()`` still restores the original model.
         ``criterion`` picks the weights at every pruning step; a data-aware one is re-calibrated
         (with the last ``calibrate()`` settings) on the weights of the previous round.
+        ``distill={"temperature": 4.0, "alpha": 0.9}`` trains against the dense original model
+        as teacher (Hinton et al. 2015: alpha * T^2 * KL of the softened outputs + (1 - alpha) *
+        the loss); the teacher is a frozen copy, never modified; ``alpha=0`` is plain fine-tuning.
+        Quantized layers are re-quantized from the trained weights after each phase.
         """
         loss = self.loss_fn if callable(self.loss_fn) else None
         get_criterion(criterion)
         return _finetune.finetune(self.state, self.evaluator, train_data, epochs, steps, lr, schedule, target_sparsity,
                                   allocation, rounds, rewind_step, restore, optimizer, momentum, weight_decay, batch_size,
-                                  seed, progress, on_step, loss, criterion, lambda: self._fresh_calibration(criterion))
+                                  seed, progress, on_step, loss, criterion, lambda: self._fresh_calibration(criterion),
+                                  distill)
 
     def sensitivity(self, levels: Optional[Sequence[float]] = None, criterion: Union[str, Callable, Criterion] = "magnitude",
                     metric: Optional[str] = None, layers: Optional[Sequence[str]] = None, resume: Any = None,

@@ -85,8 +85,12 @@ def masked_train(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     on_step: Optional[Callable[[int, float], None]] = None,
     result: Optional[FinetuneResult] = None,
+    teacher: Optional[torch.nn.Module] = None,
+    temperature: float = 4.0,
+    alpha: float = 0.0,
 ) -> FinetuneResult:
-    """``steps`` optimizer steps on the session's model with its current masks held."""
+    """``steps`` optimizer steps on the session's model with its current masks held; with a
+    ``teacher`` and ``alpha > 0``, on the distillation loss (:func:`distillation_loss`)."""
     from tqdm.auto import tqdm
 
     result = result or FinetuneResult()
@@ -103,7 +107,13 @@ def masked_train(
         for step in bar:
             x, y = next(batches)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model_logits(model(x)), y)
+            logits = model_logits(model(x))
+            if teacher is not None and alpha > 0:
+                with torch.no_grad():
+                    target_logits = model_logits(teacher(x))
+                loss = distillation_loss(logits, target_logits, y, loss_fn, temperature, alpha)
+            else:
+                loss = loss_fn(logits, y)
             loss.backward()
             with torch.no_grad():
                 for name, m in masks.items():
@@ -127,6 +137,52 @@ def masked_train(
         model.train(was_training)
         state.rebase()
     return result
+
+
+def _class_last(logits: Tensor, targets: Tensor) -> Tensor:
+    """Logits as (rows, classes): classes last for (batch, classes) and token logits."""
+    if logits.dim() > 2 and tuple(logits.shape[:-1]) != tuple(targets.shape):
+        logits = logits.movedim(1, -1)  # (batch, classes, ...) as for dense prediction
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, targets: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                      temperature: float, alpha: float) -> Tensor:
+    """Hinton et al. 2015: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * loss``,
+    the KL averaged over rows (samples, or tokens); ``T^2`` keeps the soft term's gradients on the
+    scale of the hard one's."""
+    s, t = _class_last(student, targets), _class_last(teacher, targets)
+    soft = F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
+                    reduction="batchmean", log_target=True)
+    return alpha * temperature ** 2 * soft + (1 - alpha) * loss_fn(student, targets)
+
+
+def make_teacher(state: PruningState) -> torch.nn.Module:
+    """The dense original model as a frozen copy (the session's model is never the teacher)."""
+    import copy
+
+    teacher = copy.deepcopy(state.model)
+    with torch.no_grad():
+        current = teacher.state_dict(keep_vars=True)
+        for k, v in state.original_state().items():
+            current[k].copy_(v)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def check_distill(distill: Any) -> Optional[tuple[float, float]]:
+    """``(temperature, alpha)`` from ``{"temperature": T, "alpha": a}``, checked."""
+    if distill is None:
+        return None
+    if not isinstance(distill, dict) or set(distill) - {"temperature", "alpha"}:
+        raise ValueError(f"distill must be a dict with 'temperature' and/or 'alpha', got {distill!r}")
+    t, a = distill.get("temperature", 4.0), distill.get("alpha", 0.9)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or math.isinf(t):
+        raise ValueError(f"distill temperature must be a positive number, got {t!r}")
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
+        raise ValueError(f"distill alpha must be in [0, 1] (0: plain fine-tuning), got {a!r}")
+    return float(t), float(a)
 
 
 def agp_sparsity(step: int, total_steps: int, final: float, initial: float = 0.0, start: int = 0, end: Optional[int] = None) -> float:
@@ -176,9 +232,11 @@ def finetune(
     loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     criterion: Any = "magnitude",
     recalibrate: Optional[Callable[[], None]] = None,
+    distill: Optional[dict] = None,
 ) -> FinetuneResult:
     """See :meth:`prune_lab.Session.finetune`. ``recalibrate()`` runs before every pruning step
     (a data-aware criterion then scores the weights as they are after the previous round)."""
+    kd = check_distill(distill)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
     if restore not in ("last", "best"):
@@ -195,6 +253,7 @@ def finetune(
             raise ValueError("finetune needs steps=... or epochs=...")
         steps = max(1, int(math.ceil(epochs * n_train / batch_size)))
     loss_fn = loss_fn or token_cross_entropy
+    teacher = make_teacher(state) if kd is not None and kd[1] > 0 else None
     evaluator.baseline()  # the dense reference is measured before any weight changes
     result = FinetuneResult()
     best: tuple[float, Any] = (-math.inf, None)
@@ -208,7 +267,7 @@ def finetune(
     def train(n: int, phase_seed: int, hook: Optional[Callable[[int, float], None]] = on_step) -> None:
         nonlocal best
         masked_train(state, train_data, n, lr, optimizer, momentum, weight_decay, batch_size, phase_seed, progress,
-                     loss_fn, hook, result)
+                     loss_fn, hook, result, teacher, *(kd or (4.0, 0.0)))
         ev = {**evaluator.evaluate(), "sparsity": state.total_sparsity(), "steps": result.steps}
         result.evaluations.append(ev)
         if restore == "best" and ev[metric] > best[0]:
