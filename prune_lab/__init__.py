@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import criteria, datasets, distributed, masks, models
+from . import criteria, datasets, distributed, formats, masks, models
 from ._version import __version__
 from .allocation import list_allocations, register_allocation
 from .criteria import list_criteria, register_criterion
@@ -16,7 +16,7 @@ from .state import Event, Snapshot
 
 __all__ = [
     "Session", "LayerInfo", "Coverage", "Snapshot", "Event", "LabModel", "demo", "train", "datasets", "models", "criteria", "masks",
-    "distributed",
+    "distributed", "formats",
     "load_recipe", "load_state_dict", "register_criterion", "register_allocation",
     "list_criteria", "list_allocations", "plots", "Lab", "__version__",
 ]

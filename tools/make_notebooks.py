@@ -364,12 +364,143 @@ for c in (2, 4, 10, 20):
     print(f"{c:>2}x ({1 - 1 / c:.0%} sparse): best data-aware {best} {acc[(best, c)]:.2%} {verdict} magnitude {acc[('lamp', c)]:.2%}")"""),
 ]
 
+NB07 = [
+    ("md", """# 7 · Beyond masks: N:M sparsity, quantization and distillation
+
+Deep Compression (Han et al. 2016) made networks 35-49x smaller without losing accuracy, in three
+stages: **prune** (magnitude, with fine-tuning), **quantize** by weight sharing (k-means: every
+weight of a layer becomes one of 2^bits shared values), and **Huffman-code** the codes and the
+gaps between kept weights. The paper's LeNet-300-100 went from 1,070 KB to 27 KB (40x) at the
+dense accuracy. We reproduce the three stages on MNIST, with every size the length of a file we
+actually write. Then: 2:4 sparsity, the pattern GPUs accelerate, and distillation."""),
+    ("code", """import os
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import prune_lab as pl
+
+FAST = os.environ.get("PRUNE_LAB_FAST") == "1"   # the test suite sets this: fewer epochs
+root = Path(os.environ.get("PRUNE_LAB_MNIST", "../../shared/data/mnist"))
+if (root / "t10k-images-idx3-ubyte.gz").exists():
+    data = pl.datasets.mnist(root, train_from_test=8000)   # 8,000 images to train, 2,000 to test
+    name = "MNIST"
+else:
+    print(f"MNIST not found under {root} (set PRUNE_LAB_MNIST to the folder with t10k-images-idx3-ubyte.gz); "
+          "using the bundled 8x8 digits instead")
+    data = pl.datasets.digits()
+    name = "digits"
+model = pl.models.mlp(data)   # LeNet-300-100
+pl.train(model, data, epochs=4 if FAST else 15, lr=1e-3, progress=False)
+s = pl.Session(model, data.test)
+dense = s.evaluate()["accuracy"]
+sizes = {"dense fp32": s.dense_file_bytes()}
+print(f"LeNet-300-100 on {name}: dense accuracy {dense:.2%}, {pl.formats.fmt_bytes(sizes['dense fp32'])} as torch.save")"""),
+    ("md", """## Stage 1 — prune
+
+Each round removes 30% of the remaining weights (global magnitude) and fine-tunes with the masks
+held. We keep the last round within half a point of dense."""),
+    ("code", """kept = None
+for r in range(1, (7 if FAST else 12) + 1):
+    out = s.finetune(data.train, epochs=1 if FAST else 2, lr=0.01, target_sparsity=1 - 0.7 ** r, seed=r, progress=False)
+    acc = out.evaluations[-1]["accuracy"]
+    total = s.stats().total
+    print(f"round {r:>2}: {total['compression']:5.1f}x fewer weights, accuracy {acc:.2%}")
+    if acc >= dense - 0.005:
+        kept = (s.snapshot(), acc, total)
+s.restore(kept[0])
+acc_pruned, total = kept[1], kept[2]
+sizes["pruned"] = total["sparse_file_bytes"]
+print(f"kept: {total['compression']:.1f}x fewer weights at {acc_pruned:.2%}; "
+      f"file (gaps + float32 values): {pl.formats.fmt_bytes(sizes['pruned'])}")"""),
+    ("md", """## Stage 2 — quantize by weight sharing
+
+`set_global_bits(bits, method="kmeans")` replaces each layer's kept weights by the nearest of
+2^bits centroids fitted on them (pruned weights stay exactly 0). It is reversible like the masks:
+the float weights are kept, `reset()` is still exact. A short fine-tune adjusts the shared values."""),
+    ("code", """pruned_state = s.snapshot()
+for bits in (6, 5, 4, 3, 2):
+    s.restore(pruned_state)
+    s.set_global_bits(bits, method="kmeans")
+    print(f"{bits} bits: {s.evaluate()['accuracy']:.2%}, file {pl.formats.fmt_bytes(s.stats().total['sparse_file_bytes'])}")
+s.restore(pruned_state)
+s.set_global_bits(4, method="kmeans")
+acc_quantized = s.evaluate()["accuracy"]
+s.finetune(data.train, epochs=1, lr=0.002, progress=False)
+acc_final = s.evaluate()["accuracy"]
+print(f"4 bits: {acc_quantized:.2%} right after quantizing, {acc_final:.2%} after fine-tuning")
+print("fc1's weights now take", int(model.fc1.weight.unique().numel()), "distinct values (zero included)")"""),
+    ("md", """## Stage 3 — Huffman coding, and the file we write
+
+`export(path, sparse=True)` writes each pruned or quantized layer as Huffman-coded gaps between its
+nonzeros, Huffman-coded codes and its codebook; `stats()` reports that file's exact length, and
+`pl.load_state_dict` reads back the same weights."""),
+    ("code", """with tempfile.TemporaryDirectory() as d:
+    path = s.export(Path(d) / "lenet300.pt", sparse=True)["model"]
+    sizes["pruned + quantized + Huffman"] = path.stat().st_size
+    same = all((pl.load_state_dict(path)[k] == v).all() for k, v in model.state_dict().items())
+print(f"written: {pl.formats.fmt_bytes(sizes['pruned + quantized + Huffman'])}, equals stats(): "
+      f"{sizes['pruned + quantized + Huffman'] == s.stats().total['sparse_file_bytes']}, reads back exactly: {same}")
+print(f"{'stage':<30}{'size':>12}{'vs dense':>10}")
+for stage, b in sizes.items():
+    print(f"{stage:<30}{pl.formats.fmt_bytes(b):>12}{sizes['dense fp32'] / b:>9.1f}x")
+print(f"accuracy: dense {dense:.2%}, pruned {acc_pruned:.2%}, quantized {acc_quantized:.2%}, fine-tuned {acc_final:.2%}")
+print("Han et al. 2016, LeNet-300-100 on full MNIST: 1,070 KB -> 27 KB (40x), 1.64% -> 1.58% error")
+fig, ax = plt.subplots(figsize=(6, 2.6), dpi=100)
+ax.barh(list(sizes)[::-1], [b / 1024 for b in sizes.values()][::-1], color=["#8a8a8a", "#4c72b0", "#dd8452"][::-1])
+ax.set_xscale("log")
+ax.set_xlabel("file size (KiB, log scale)")
+ax.set_title("Deep Compression, measured")
+fig.tight_layout()"""),
+    ("md", """## 2:4 versus unstructured at 50%
+
+NVIDIA GPUs from compute capability 8.0 (A100, H100, RTX 30xx+) multiply a matrix faster when
+every group of 4 consecutive input weights has at most 2 nonzeros (2:4). Unstructured 50% keeps
+the same number of weights but anywhere, which dense kernels cannot skip. The price of 2:4 is
+accuracy: the pattern forbids keeping 3 large weights of one group."""),
+    ("code", """s.reset()
+for pattern in ("unstructured", "2:4"):
+    s.set_global_sparsity(0.5, pattern=pattern) if pattern == "2:4" else s.set_global_sparsity(0.5, allocation="uniform")
+    one_shot = s.evaluate()["accuracy"]
+    s.finetune(data.train, epochs=1, lr=0.005, progress=False)
+    print(f"{pattern:>12} 50%: one-shot {one_shot:.2%}, after one epoch of fine-tuning {s.evaluate()['accuracy']:.2%}")
+    s.reset()"""),
+    ("md", """On the CPU neither is faster: dense kernels multiply the zeros. On a CUDA GPU with compute
+capability >= 8.0, `torch.sparse.to_sparse_semi_structured` stores a 2:4 weight in half the space
+and runs it on the sparse tensor cores (`bench/nm.py` measures it where such a GPU exists).
+
+## Distillation
+
+Fine-tuning a heavily pruned network can also learn from the dense one: `distill={"temperature": T,
+"alpha": a}` adds the teacher's softened outputs to the loss (Hinton et al. 2015)."""),
+    ("code", """for distill in (None, {"temperature": 4.0, "alpha": 0.9}):
+    s.reset()
+    s.set_global_sparsity(0.98)
+    s.finetune(data.train, epochs=1 if FAST else 3, lr=0.01, distill=distill, progress=False)
+    print(f"98% sparse, fine-tuned {'with distillation' if distill else 'plainly':<18}: {s.evaluate()['accuracy']:.2%}")
+s.reset()"""),
+    ("md", """## Exercise
+
+1. Which stage saves the most bytes on this model, and why does quantization save less after
+   pruning than it would on the dense model?
+2. Lower the bits until accuracy drops more than half a point. Where is the knee?
+3. Why can 2:4 never go beyond 50% sparsity, and what would 1:4 cost?
+
+A reference answer for question 1, from the sizes above:"""),
+    ("code", """steps = list(sizes.items())
+savings = {f"{a} -> {b}": sa - sb for (a, sa), (b, sb) in zip(steps, steps[1:])}
+biggest = max(savings, key=savings.get)
+print(f"largest saving: {biggest} ({pl.formats.fmt_bytes(savings[biggest])}); "
+      f"pruning alone gives {sizes['dense fp32'] / sizes['pruned']:.1f}x, the rest {sizes['pruned'] / sizes['pruned + quantized + Huffman']:.1f}x more")"""),
+]
+
 if __name__ == "__main__":
     build("01_weights_and_masks.ipynb", NB01)
     build("02_layer_sensitivity.ipynb", NB02)
     build("03_interactive_lab.ipynb", NB03)
     build("04_tradeoffs.ipynb", NB04)
     build("05_criteria.ipynb", NB05)
+    build("07_deep_compression.ipynb", NB07)
     extra = sys.modules[__name__].__dict__.get("EXTRA_NOTEBOOKS", {})
     for name, cells in extra.items():
         build(name, cells)
