@@ -109,6 +109,8 @@ class LabModel:
         self.job = SweepJob()
         self.criterion = "magnitude"
         self.allocation = "global"
+        self.pattern = "unstructured"  # or "2:4": sliders then move between dense and 2:4
+        self.quant: Optional[tuple[int, str]] = None  # every layer quantized to (bits, method), or float
         self.locked: set[str] = set()
         self.status = ""
         self.last_error: Optional[BaseException] = None
@@ -185,22 +187,75 @@ class LabModel:
 
     # ------------------------------------------------------------------ pruning
     def set_layer(self, name: str, sparsity: float, coalesce: bool = False) -> None:
+        """Prune one layer. Under an N:M pattern the slider snaps: below half the pattern's
+        sparsity the layer is dense, from there on it takes the pattern."""
         self._check_idle("prune")
         self.session.check_sparsity(name, sparsity)
+        sparsity = self._snap(float(sparsity))
         self.push_undo(coalesce=f"layer:{name}" if coalesce else None)
         with self._act():
-            self.session.set_sparsity({name: float(sparsity)}, criterion=self.criterion)
+            self.session.set_sparsity({name: sparsity}, criterion=self.criterion, pattern=self.pattern)
+
+    def _snap(self, sparsity: float) -> float:
+        from .patterns import nm_sparsity, parse_nm
+
+        if parse_nm(self.pattern) is None:
+            return sparsity
+        level = nm_sparsity(self.pattern)
+        return level if sparsity >= level / 2 else 0.0
+
+    def set_pattern(self, pattern: str) -> None:
+        """Switch pattern: ``"2:4"`` (any N:M) prunes every unlocked layer it fits to it, and the
+        layers it does not fit are named in ``status``; ``"unstructured"`` re-applies the current
+        total with the allocation."""
+        from .patterns import normalize, parse_nm
+
+        self._check_idle("change the pattern")
+        pattern = normalize(pattern)  # a bad pattern raises with what is valid
+        self.pattern = pattern
+        if parse_nm(pattern) is not None:
+            self.set_global(1.0)
+        else:
+            total = self.session.total_sparsity()
+            self.set_global(total)
+
+    def set_quant(self, quant: Optional[tuple[int, str]]) -> None:
+        """Quantize every layer to ``(bits, method)`` (None: float weights), masks kept."""
+        from .quantize import check_bits
+
+        self._check_idle("quantize")
+        if quant is not None:
+            quant = check_bits(quant[0], quant[1])
+        self.push_undo()
+        self.quant = quant
+        with self._act():
+            if quant is None:
+                self.session.set_global_bits(None)
+            else:
+                self.session.set_global_bits(quant[0], method=quant[1])
 
     def set_global(self, sparsity: float, coalesce: bool = False) -> None:
         """Prune to a total sparsity with the current allocation, criterion and locks; an
         allocation that removes a whole layer is reported in ``status``."""
+        from .patterns import nm_sparsity, parse_nm
+
         self._check_idle("prune")
         self.push_undo(coalesce="global" if coalesce else None)
         with warnings.catch_warnings(record=True) as caught, self._act():
             warnings.simplefilter("always", LayerCollapseWarning)
-            self.session.set_global_sparsity(float(sparsity), allocation=self.allocation, criterion=self.criterion,
-                                             locked=sorted(self.locked))
-        collapse = [w for w in caught if issubclass(w.category, LayerCollapseWarning)]
+            if parse_nm(self.pattern) is not None:  # the global slider: dense, or the pattern wherever it fits
+                on = float(sparsity) > 0
+                level = nm_sparsity(self.pattern) if on else 0.0
+                if on:
+                    self.session.set_global_sparsity(level, criterion=self.criterion, locked=sorted(self.locked),
+                                                     pattern=self.pattern)
+                else:
+                    self.session.set_sparsity({i.name: 0.0 for i in self.session.layers if i.name not in self.locked})
+            else:
+                self.session.set_global_sparsity(float(sparsity), allocation=self.allocation, criterion=self.criterion,
+                                                 locked=sorted(self.locked))
+        collapse = [w for w in caught if issubclass(w.category, (LayerCollapseWarning, UserWarning))
+                    and ("pattern" in str(w.message) or issubclass(w.category, LayerCollapseWarning))]
         for w in caught:
             if w not in collapse:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -227,8 +282,12 @@ class LabModel:
             self.set_status(f"computing the {criterion} statistics on {cal.samples} training samples...")
         self.push_undo()
         self.criterion = criterion
+        by_pattern: dict[str, dict[str, float]] = {}
+        for n, sp in pruned.items():  # each layer keeps its pattern
+            by_pattern.setdefault(self.session.state.record(n).pattern, {})[n] = sp
         with self._act():
-            self.session.set_sparsity(pruned, criterion=criterion)
+            for pat, group in by_pattern.items():
+                self.session.set_sparsity(group, criterion=criterion, pattern=pat)
         if computing:
             self.set_status(f"{criterion}: statistics from {cal.samples} training samples")
 

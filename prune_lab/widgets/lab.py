@@ -26,6 +26,10 @@ SLIDER_MAX = 0.99
 DRAG_END_S = 0.35  # no slider event for this long ends a drag
 
 
+QUANT_OPTIONS = [("float32", None), ("8-bit uniform", (8, "uniform")), ("4-bit uniform", (4, "uniform")),
+                 ("6-bit k-means", (6, "kmeans")), ("4-bit k-means", (4, "kmeans")), ("2-bit k-means", (2, "kmeans"))]
+
+
 def css_name(layer: str) -> str:
     return (layer or "model").replace(".", "-")
 
@@ -143,6 +147,13 @@ class Lab:
         self.criterion = W.Dropdown(options=list_criteria(), value="magnitude", description="criterion", layout=W.Layout(width="220px"))
         self.criterion.add_class("prune-lab-criterion")
         self.criterion.observe(self._on_criterion, names="value")
+        self.pattern = W.Dropdown(options=[("weights", "unstructured"), ("2:4", "2:4")], value="unstructured",
+                                  description="pattern", layout=W.Layout(width="220px"))
+        self.pattern.add_class("prune-lab-pattern")
+        self.pattern.observe(self._on_pattern, names="value")
+        self.quant = W.Dropdown(options=QUANT_OPTIONS, value=None, description="weights", layout=W.Layout(width="220px"))
+        self.quant.add_class("prune-lab-quant")
+        self.quant.observe(self._on_quant, names="value")
 
         def button(label: str, role: str, handler: Callable, icon: str = "") -> W.Button:
             b = W.Button(description=label, icon=icon, layout=W.Layout(width="auto"))
@@ -189,6 +200,7 @@ class Lab:
         metrics.add_class("prune-lab-metrics")
         controls = W.VBox([
             W.HBox([self.global_slider, self.allocation, self.criterion]),
+            W.HBox([self.pattern, self.quant]),
             W.VBox(rows),
             W.HBox([self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.stop_button, self.plan_button, self.device]),
             W.HBox([self.export_path, self.export_button, self.progress]),
@@ -279,6 +291,16 @@ class Lab:
             self.model.set_criterion(change["new"])
 
     @_guard
+    def _on_pattern(self, change: dict) -> None:
+        if not self._syncing:
+            self.model.set_pattern(change["new"])
+
+    @_guard
+    def _on_quant(self, change: dict) -> None:
+        if not self._syncing:
+            self.model.set_quant(change["new"])
+
+    @_guard
     def _on_lock(self, name: str, change: dict) -> None:
         if not self._syncing:
             self.model.set_locked(name, bool(change["new"]))
@@ -329,6 +351,10 @@ class Lab:
             self.device.value = _device_name(self.session.device)
             self.criterion.value = self.model.criterion
             self.allocation.value = self.model.allocation
+            self.pattern.value = self.model.pattern
+            bits = set(self.session.bits.values())
+            held = self.model.quant if len(bits) == 1 and None not in bits else None
+            self.quant.value = held if held in dict((v, k) for k, v in QUANT_OPTIONS) else None
             for name, lock in self.locks.items():
                 lock.value = name in self.model.locked
         finally:
@@ -336,6 +362,7 @@ class Lab:
 
     def _set_controls_disabled(self, disabled: bool) -> None:
         for w in [*self.sliders.values(), *self.locks.values(), self.global_slider, self.allocation, self.criterion,
+                  self.pattern, self.quant,
                   self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.plan_button,
                   self.device, self.export_button, self.export_path, self.layer_select]:
             w.disabled = disabled

@@ -262,3 +262,29 @@ def test_data_aware_criterion_in_the_lab(demo_session, digits):
     assert demo_session.state.calibration.needs == ("grad",)
     lab.undo()  # the masks come back from the history: nothing is recomputed
     assert demo_session.criteria["fc1"] == "wanda" and demo_session.calibration_passes == 2
+
+
+def test_pattern_and_quantization_controls(demo_session):
+    from prune_lab.patterns import nm_groups
+
+    lab = pl.Lab(demo_session)
+    s = demo_session
+    lab.pattern.value = "2:4"  # every layer it fits takes 2:4; the others are named
+    assert "left as they were" in lab.model.status and "conv1" in lab.model.status
+    assert all(s.sparsity[n] == 0.5 for n in ("conv2", "fc1", "fc2", "fc3")) and s.sparsity["conv1"] == 0.0
+    assert bool((nm_groups(s.mask("fc1"), "Linear", 4).sum(1) == 2).all())
+    lab.sliders["fc2"].value = 0.2  # under a pattern a slider snaps: below half of 50% is dense
+    assert s.sparsity["fc2"] == 0.0 and lab.sliders["fc2"].value == 0.0
+    lab.sliders["fc2"].value = 0.3
+    assert s.sparsity["fc2"] == 0.5 and s.state.record("fc2").pattern == "2:4"
+    lab.global_slider.value = 0.0
+    assert s.total_sparsity() == 0.0
+    lab.global_slider.value = 0.3
+    assert s.sparsity["fc1"] == 0.5
+    lab.quant.value = (4, "kmeans")
+    assert set(s.bits.values()) == {4} and int(torch.unique(s.model.fc1.weight).numel()) <= 17
+    assert lab.labels["accuracy"].value  # measured again
+    lab.undo()
+    assert set(s.bits.values()) == {None} and lab.quant.value is None
+    lab.pattern.value = "unstructured"  # back: the same total, unstructured
+    assert s.state.record("fc1").pattern == "unstructured" and s.total_sparsity() > 0.4
