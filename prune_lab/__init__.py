@@ -11,12 +11,13 @@ from .export import load_recipe, load_state_dict
 from .lab_model import LabModel
 from .layers import Coverage, LayerInfo
 from .models import demo, train
+from .runtime import int8_dynamic, latency
 from .session import Session
 from .state import Event, Snapshot
 
 __all__ = [
     "Session", "LayerInfo", "Coverage", "Snapshot", "Event", "LabModel", "demo", "train", "datasets", "models", "criteria", "masks",
-    "distributed", "formats",
+    "distributed", "formats", "latency", "int8_dynamic",
     "load_recipe", "load_state_dict", "register_criterion", "register_allocation",
     "list_criteria", "list_allocations", "plots", "Lab", "__version__",
 ]

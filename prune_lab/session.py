@@ -536,6 +536,28 @@ class Session:
         recipe_path = _export.write_bytes(path.with_name(path.stem + ".recipe.json"), recipe)
         return {"model": model_path, "recipe": recipe_path}
 
+    def compact(self, semi_structured: bool = False) -> nn.Module:
+        """A new model holding the pruned weights in a form that runs faster; the session and
+        its model are untouched.
+
+        ``semi_structured=True``: Linear layers pruned with ``pattern="2:4"`` get
+        ``torch.sparse.to_sparse_semi_structured`` weights (CUDA, compute capability >= 8.0;
+        elsewhere a RuntimeError says why). Physical channel removal (structured pruning) is not
+        built yet."""
+        from .runtime import to_semi_structured
+
+        if not semi_structured:
+            raise NotImplementedError("compact() removes channels only with structured pruning, which prune_lab does not "
+                                      "have yet; compact(semi_structured=True) converts 2:4 Linear layers on CUDA")
+        eligible = [i.param.rsplit(".", 1)[0] for i in self.layers
+                    if self.state.record(i.name).pattern == "2:4" and i.kind == "Linear" and i.param.endswith(".weight")]
+        if not eligible:
+            raise ValueError("no Linear layer is pruned 2:4: set_sparsity({...: 0.5}, pattern='2:4') first")
+        if self.state.in_trial:
+            raise RuntimeError("cannot compact while a sweep holds trial masks in the model; stop the sweep first")
+        model, _ = to_semi_structured(self.model, eligible)
+        return model
+
     def to_torch_prune(self, model: nn.Module) -> nn.Module:
         """Hand this session's masks to ``model`` as ``torch.nn.utils.prune`` reparametrisation."""
         masks = {i.name: self.mask(i.name) for i in self.layers}

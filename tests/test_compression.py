@@ -253,3 +253,62 @@ def test_bad_distillation_settings_are_refused(digits):
         with pytest.raises(ValueError, match=match):
             s.finetune(digits.train, steps=1, distill=distill, progress=False)
         assert s.snapshot() == before
+
+
+def test_latency_is_measured_per_batch_size(digits):
+    model = pl.models.mlp(digits)
+    x = digits.test.tensors[0][:4]
+    lat = pl.latency(model, x, batch_sizes=(1, 8), repeats=3, warmup=1)
+    assert sorted(lat.ms) == [1, 8] and all(v > 0 for v in lat.ms.values())
+    assert lat.device == "cpu" and lat.threads == torch.get_num_threads() and lat.repeats == 3
+    assert model.training  # put back as it was
+    with pytest.raises(ValueError, match="batch sizes must be positive integers"):
+        pl.latency(model, x, batch_sizes=(0,))
+
+
+def test_int8_dynamic_quantization_is_a_copy_close_to_the_float_model(digits):
+    torch.manual_seed(0)
+    model = pl.models.mlp(digits)
+    pl.train(model, digits, epochs=3, progress=False)
+    s = pl.Session(model, digits.test, device="cpu")
+    s.set_global_sparsity(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = pl.int8_dynamic(s.model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the session's model untouched
+    x, y = s.data.inputs, s.data.targets
+    with torch.no_grad():
+        agree = float((q(x).argmax(1) == model(x).argmax(1)).float().mean())
+    assert agree >= 0.95
+    assert "DynamicQuantizedLinear" in repr(q.fc1)
+
+
+def test_semi_structured_compaction_says_why_it_cannot_run_here(nm):
+    from prune_lab.runtime import semi_structured_reason
+
+    s, model = nm
+    with pytest.raises(ValueError, match="no Linear layer is pruned 2:4"):
+        s.compact(semi_structured=True)
+    s.set_sparsity({"odd": 0.5}, pattern="2:4")
+    reason = semi_structured_reason()
+    if reason is None:
+        pytest.skip("a GPU with 2:4 kernels is here: test_semi_structured_compaction_on_cuda covers it")
+    with pytest.raises(RuntimeError, match="2:4 semi-structured weights needs"):
+        s.compact(semi_structured=True)
+    with pytest.raises(NotImplementedError, match="structured pruning"):
+        s.compact()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_semi_structured_compaction_on_cuda(digits):
+    from prune_lab.runtime import semi_structured_reason
+
+    if semi_structured_reason() is not None:
+        pytest.skip(semi_structured_reason())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).half()
+    x = torch.randn(64, 128).half()
+    s = pl.Session(model, (x, torch.randint(0, 64, (64,))), device="cuda")
+    s.set_sparsity({"0": 0.5, "2": 0.5}, pattern="2:4")
+    compact = s.compact(semi_structured=True)
+    with torch.no_grad():
+        assert torch.allclose(compact(x.cuda()).float(), model(x.cuda()).float(), atol=1e-2, rtol=1e-2)

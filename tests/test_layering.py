@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "prune_lab"
 
 RANKS = {
     "_version": 0, "registry": 0, "formats": 0, "cache": 0, "devices": 0,
-    "masks": 1, "datasets": 1, "patterns": 1, "quantize": 1, "compress": 1,
+    "masks": 1, "datasets": 1, "patterns": 1, "quantize": 1, "compress": 1, "runtime": 1,
     "criteria": 2, "layers": 2, "export": 2,
     "measure": 3, "state": 3,
     "allocation": 4, "incremental": 4, "stats": 4, "calibration": 4,
