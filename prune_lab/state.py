@@ -416,14 +416,17 @@ class PruningState:
             self._others_copy = (self.generation, others)
         return Snapshot(dict(self._records), dict(self._bases), self.generation, others)
 
+    def _check_snapshot(self, snapshot: Any, action: str) -> None:
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"{action} takes a Snapshot from snapshot(), got {type(snapshot).__name__}")
+        self._check_not_in_trial(f"{action} a snapshot")
+        if set(snapshot.records) != set(self._info):
+            raise ValueError("this snapshot belongs to another model (its layers differ)")
+
     def restore(self, snapshot: Snapshot) -> list[str]:
         """Bring back a :meth:`snapshot` exactly (all or nothing: it is validated first)."""
-        if not isinstance(snapshot, Snapshot):
-            raise TypeError(f"restore takes a Snapshot from snapshot(), got {type(snapshot).__name__}")
         with self.lock:
-            self._check_not_in_trial("restore a snapshot")
-            if set(snapshot.records) != set(self._info):
-                raise ValueError("this snapshot belongs to another model (its layers differ)")
+            self._check_snapshot(snapshot, "restore")
             if snapshot.generation != self.generation:
                 others = snapshot.others if snapshot.others is not None else {k: self._original[k] for k in self._other_keys}
                 current = self.other_tensors()
@@ -447,12 +450,8 @@ class PruningState:
         """Take a snapshot of *another* state of the same model (a distributed worker's copy):
         its bases, masks and other tensors, under fresh tokens (the other process's tokens mean
         nothing here) and a generation of this state's own."""
-        if not isinstance(snapshot, Snapshot):
-            raise TypeError(f"adopt takes a Snapshot, got {type(snapshot).__name__}")
         with self.lock:
-            self._check_not_in_trial("adopt a snapshot")
-            if set(snapshot.records) != set(self._info):
-                raise ValueError("this snapshot belongs to another model (its layers differ)")
+            self._check_snapshot(snapshot, "adopt")
             for name, b in snapshot.bases.items():
                 if tuple(b.shape) != self._info[name].shape:
                     raise ValueError(f"layer {name!r}: the snapshot's weight has shape {tuple(b.shape)}, not {self._info[name].shape}")
