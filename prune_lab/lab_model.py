@@ -76,8 +76,10 @@ class History:
 
 @dataclass
 class SweepJob:
-    """A sensitivity sweep: progress as measured points over the points it will measure."""
+    """A long job (a sensitivity sweep, or fine-tuning: ``kind``): progress as points measured
+    or steps taken over the total."""
 
+    kind: str = "sensitivity"
     total: int = 0
     done: int = 0
     running: bool = False
@@ -150,7 +152,8 @@ class LabModel:
 
     def _check_idle(self, what: str) -> None:
         if self.busy:
-            raise RuntimeError(f"cannot {what} while the sensitivity sweep runs; stop it first")
+            job = "fine-tuning" if self.job.kind == "finetune" and self.job.running else "the sensitivity sweep"
+            raise RuntimeError(f"cannot {what} while {job} runs; stop it first")
 
     # ------------------------------------------------------------------ history
     def push_undo(self, coalesce: Optional[str] = None, now: Optional[float] = None) -> None:
@@ -397,8 +400,73 @@ class LabModel:
         else:
             work()
 
+    def run_finetune(self, steps: int = 200, lr: float = 0.01, schedule: str = "oneshot", rounds: int = 3,
+                     background: bool = False) -> None:
+        """Fine-tune on the Lab's training data with the masks held (pruned weights stay 0).
+        ``schedule``: "oneshot" (train at the current masks), "iterative" or "agp" (reach the
+        current total sparsity in ``rounds`` pruning steps from the dense model, training
+        between). A point is measured before and after; undo goes back to before. Stop keeps
+        what was learned so far. ``background=True`` runs it in a thread."""
+        if self.train_data is None:
+            raise ValueError("fine-tuning in the Lab needs training data: open it with pl.Lab(session, train_data=...)")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"learning rate must be positive, got {lr!r}")
+        if schedule not in ("oneshot", "iterative", "agp"):
+            raise ValueError(f"schedule must be 'oneshot', 'iterative' or 'agp', got {schedule!r}")
+        self._check_idle("fine-tune")
+        target = self.session.total_sparsity()
+        if schedule != "oneshot" and target == 0:
+            raise ValueError(f"schedule {schedule!r} prunes to the current total sparsity, which is 0: prune first")
+        self.measure()  # the point before
+        self.push_undo()
+        phases = 1 if schedule == "oneshot" else rounds
+        job = SweepJob(kind="finetune", total=steps * phases, running=True)
+        self.job = job
+
+        def on_step(_step: int, _loss: float) -> None:
+            job.done += 1
+            self._emit("progress")
+            if job.stop_requested:
+                raise KeyboardInterrupt  # the trainer keeps what was learned and stops
+
+        def work() -> None:
+            try:
+                if schedule == "oneshot":
+                    with self._act():
+                        result = self.session.finetune(self.train_data, steps=steps, lr=lr, progress=False,
+                                                       on_step=on_step, criterion=self.criterion)
+                else:
+                    with self._act():
+                        self.session.reset()
+                        result = self.session.finetune(self.train_data, steps=steps, lr=lr, schedule=schedule,
+                                                       target_sparsity=target, rounds=rounds, allocation=self.allocation,
+                                                       progress=False, on_step=on_step, criterion=self.criterion)
+                job.result = result
+                after = self.measure()["evaluation"]
+                metric = self.session.metric_name
+                before = self.points[-2][metric] if len(self.points) >= 2 else float("nan")
+                state = "stopped after" if result.interrupted else "done:"
+                self.set_status(f"fine-tuning {state} {job.done} steps; {metric} {before:.2%} -> {after[metric]:.2%} "
+                                "(undo goes back to before)")
+            except Exception as e:
+                self.show_error(e)
+            finally:
+                job.running = False
+                self._emit("busy")
+                self._emit("state")
+
+        self._emit("busy")
+        if background:
+            job.thread = threading.Thread(target=work, daemon=True)
+            job.thread.start()
+        else:
+            work()
+
     def stop(self) -> None:
-        """Stop a running sweep after the current point; its partial result is kept."""
+        """Stop a running sweep after the current point, or fine-tuning after the current step;
+        what was done is kept."""
         self.job.stop_requested = True
 
     # ------------------------------------------------------------------ measuring

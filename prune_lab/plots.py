@@ -34,6 +34,15 @@ class PlotFigure(Figure):
         return buf.getvalue()
 
 
+def placeholder(figsize: tuple[float, float], text: str) -> PlotFigure:
+    """An empty panel saying what would be here and how to get it (instead of a broken image)."""
+    fig = new_figure(figsize)
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=11, color="#666", wrap=True, transform=ax.transAxes)
+    return fig
+
+
 def new_figure(figsize: tuple[float, float]) -> PlotFigure:
     return PlotFigure(figsize=figsize, layout="constrained")
 
@@ -144,7 +153,7 @@ def weight_histograms(
     for ax in axes[len(names):]:
         ax.set_visible(False)
     if names:
-        axes[0].legend(fontsize=8, loc="upper left")
+        axes[0].legend(fontsize=9, loc="upper left")
     return fig
 
 
@@ -173,7 +182,7 @@ def sensitivity(result: Any, key: Optional[str] = None, current: Optional[dict[s
     status = "" if result.complete else " (incomplete)"
     ax.set_title(f"Layer sensitivity - {result.criterion}{status}", fontsize=10)
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.legend(fontsize=7, ncol=2 if len(result.layers) > 8 else 1, loc="lower left")
+    ax.legend(fontsize=9, ncol=2 if len(result.layers) > 8 else 1, loc="lower left")
     return fig
 
 
@@ -187,9 +196,9 @@ def sensitivity_heatmap(result: Any, key: Optional[str] = None) -> Figure:
     vmax = float(np.nanmax(np.abs(drop))) if np.isfinite(drop).any() else 1.0
     im = ax.imshow(drop, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
     im.set_gid("heatmap")
-    ax.set_yticks(range(len(result.layers)), result.layers, fontsize=8)
+    ax.set_yticks(range(len(result.layers)), result.layers, fontsize=9)
     step = max(1, len(result.levels) // 10)
-    ax.set_xticks(range(0, len(result.levels), step), [f"{lv:.0%}" for lv in result.levels[::step]], fontsize=8)
+    ax.set_xticks(range(0, len(result.levels), step), [f"{lv:.0%}" for lv in result.levels[::step]], fontsize=9)
     ax.set_xlabel("sparsity")
     fig.colorbar(im, ax=ax, label=f"{key} drop" if key == result.metric else f"{key} increase")
     ax.set_title("Sensitivity heatmap", fontsize=10)
@@ -309,7 +318,7 @@ def tradeoff(result: Any, x: str = "compression") -> Figure:
     ax.set_xlabel(label)
     ax.set_ylabel(m)
     ax.set_title("Accuracy / size trade-off" + (" (cached)" if result.cached else ""), fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=9, ncol=2)
     ax.grid(alpha=0.3)
     return fig
 

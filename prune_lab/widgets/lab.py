@@ -26,6 +26,7 @@ SLIDER_MAX = 0.99
 DRAG_END_S = 0.35  # no slider event for this long ends a drag
 
 
+WIDE = {"description_width": "initial"}  # labels take the width they need: never cut
 QUANT_OPTIONS = [("float32", None), ("8-bit uniform", (8, "uniform")), ("4-bit uniform", (4, "uniform")),
                  ("6-bit k-means", (6, "kmeans")), ("4-bit k-means", (4, "kmeans")), ("2-bit k-means", (2, "kmeans"))]
 
@@ -70,7 +71,7 @@ class Lab:
         sensitivity: Any = None,
         preview_samples: int = 256,
         frame_budget_s: float = 0.05,
-        dpi: int = 72,
+        dpi: int = 96,
         defer: Optional[bool] = None,
         preview: str = "auto",
         train_data: Any = None,
@@ -141,17 +142,17 @@ class Lab:
                                            continuous_update=True, style={"description_width": "120px"}, layout=W.Layout(width="380px"))
         self.global_slider.add_class("prune-lab-global")
         self.global_slider.observe(self._on_global, names="value")
-        self.allocation = W.Dropdown(options=list_allocations(), value="global", description="allocation", layout=W.Layout(width="220px"))
+        self.allocation = W.Dropdown(options=list_allocations(), value="global", description="allocation", style=WIDE, layout=W.Layout(width="250px"))
         self.allocation.add_class("prune-lab-allocation")
         self.allocation.observe(self._on_allocation, names="value")
-        self.criterion = W.Dropdown(options=list_criteria(), value="magnitude", description="criterion", layout=W.Layout(width="220px"))
+        self.criterion = W.Dropdown(options=list_criteria(), value="magnitude", description="criterion", style=WIDE, layout=W.Layout(width="250px"))
         self.criterion.add_class("prune-lab-criterion")
         self.criterion.observe(self._on_criterion, names="value")
         self.pattern = W.Dropdown(options=[("weights", "unstructured"), ("2:4", "2:4")], value="unstructured",
-                                  description="pattern", layout=W.Layout(width="220px"))
+                                  description="pattern", style=WIDE, layout=W.Layout(width="250px"))
         self.pattern.add_class("prune-lab-pattern")
         self.pattern.observe(self._on_pattern, names="value")
-        self.quant = W.Dropdown(options=QUANT_OPTIONS, value=None, description="weights", layout=W.Layout(width="220px"))
+        self.quant = W.Dropdown(options=QUANT_OPTIONS, value=None, description="weights", style=WIDE, layout=W.Layout(width="250px"))
         self.quant.add_class("prune-lab-quant")
         self.quant.observe(self._on_quant, names="value")
 
@@ -168,13 +169,13 @@ class Lab:
         self.stop_button = button("stop", "stop", self.stop, "stop")
         self.stop_button.disabled = True
         self.plan_button = button("apply plan", "apply-plan", self.apply_plan, "magic")
-        self.export_path = W.Text(value="pruned_model.pt", description="export to", layout=W.Layout(width="300px"))
+        self.export_path = W.Text(value="pruned_model.pt", description="export to", style=WIDE, layout=W.Layout(width="420px"))
         self.export_button = button("export", "export", self.export, "save")
         devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        self.device = W.Dropdown(options=devices, value=_device_name(self.session.device), description="device", layout=W.Layout(width="200px"))
+        self.device = W.Dropdown(options=devices, value=_device_name(self.session.device), description="device", style=WIDE, layout=W.Layout(width="200px"))
         self.device.add_class("prune-lab-device")
         self.device.observe(self._on_device, names="value")
-        self.progress = W.IntProgress(value=0, min=0, max=1, description="sweep", layout=W.Layout(width="300px", visibility="hidden"))
+        self.progress = W.IntProgress(value=0, min=0, max=1, description="sweep", style=WIDE, layout=W.Layout(width="300px", visibility="hidden"))
         self.progress.add_class("prune-lab-progress")
 
         self.labels: dict[str, W.HTML] = {}
@@ -184,7 +185,7 @@ class Lab:
         self.status = W.HTML()
         self.status.add_class("prune-lab-status")
 
-        self.layer_select = W.Dropdown(options=[i.name for i in self.session.layers], description="histogram", layout=W.Layout(width="260px"))
+        self.layer_select = W.Dropdown(options=[i.name for i in self.session.layers], description="histogram", style=WIDE, layout=W.Layout(width="300px"))
         self.layer_select.observe(lambda _c: self._guarded_plots(), names="value")
         self.log_counts = W.Checkbox(value=False, description="log counts", indent=False)
         self.log_counts.observe(lambda _c: self._guarded_plots(), names="value")  # the log flag is part of the figure key
@@ -194,24 +195,64 @@ class Lab:
         for k, img in self.images.items():
             img.add_class(f"prune-lab-plot-{k}")
         self._figures: dict[str, Any] = {}
-        self.panels = {k: _BlitPanel(img, self.dpi) for k, img in self.images.items()}
+        # rendered at twice the CSS size: sharp on HiDPI screens, text at its point size at 100% zoom
+        self.panels = {k: _BlitPanel(img, 2 * self.dpi) for k, img in self.images.items()}
 
-        metrics = W.VBox([self.labels[k] for k in self.labels], layout=W.Layout(min_width="300px"))
+        # fine-tuning (needs training data: pl.Lab(session, train_data=...))
+        self.ft_steps = W.BoundedIntText(value=200, min=1, max=1_000_000, description="steps", style=WIDE,
+                                         layout=W.Layout(width="160px"))
+        self.ft_lr = W.BoundedFloatText(value=0.01, min=1e-6, max=10.0, step=0.001, description="learning rate", style=WIDE,
+                                        layout=W.Layout(width="210px"))
+        self.ft_schedule = W.Dropdown(options=[("train at these masks", "oneshot"), ("iterative to this sparsity", "iterative"),
+                                               ("AGP to this sparsity", "agp")], value="oneshot", description="schedule",
+                                      style=WIDE, layout=W.Layout(width="300px"))
+        for w_, role in ((self.ft_steps, "ft-steps"), (self.ft_lr, "ft-lr"), (self.ft_schedule, "ft-schedule")):
+            w_.add_class(f"prune-lab-{role}")
+        self.finetune_button = button("fine-tune", "finetune", self.run_finetune, "graduation-cap")
+        self.ft_stop_button = button("stop", "ft-stop", self.stop, "stop")
+        self.ft_stop_button.disabled = True
+        self.ft_progress = W.IntProgress(value=0, min=0, max=1, description="steps", style=WIDE,
+                                         layout=W.Layout(width="300px", visibility="hidden"))
+        self.ft_progress.add_class("prune-lab-ft-progress")
+        if self.model.train_data is None:
+            self.finetune_button.disabled = True
+            self.finetune_button.tooltip = "open the Lab with pl.Lab(session, train_data=...) to fine-tune"
+
+        metrics = W.HBox([self.labels[k] for k in self.labels], layout=W.Layout(flex_flow="row wrap", grid_gap="2px 18px"))
         metrics.add_class("prune-lab-metrics")
-        controls = W.VBox([
-            W.HBox([self.global_slider, self.allocation, self.criterion]),
-            W.HBox([self.pattern, self.quant]),
+        for label in self.labels.values():
+            label.layout = W.Layout(width="auto")
+        wrap = W.Layout(flex_flow="row wrap", align_items="center")
+        prune_tab = W.VBox([
+            W.HBox([self.global_slider], layout=wrap),
+            W.HBox([self.allocation, self.criterion], layout=wrap),
+            W.HBox([self.pattern, self.quant], layout=wrap),
             W.VBox(rows),
-            W.HBox([self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.stop_button, self.plan_button, self.device]),
-            W.HBox([self.export_path, self.export_button, self.progress]),
-            self.status,
+            W.HBox([self.reset_button, self.undo_button, self.redo_button], layout=wrap),
+            W.HBox([self.layer_select, self.log_counts], layout=wrap),
+            self.images["histogram"],
         ])
-        plots_box = W.VBox([
-            W.HBox([self.layer_select, self.log_counts]),
-            W.HBox([self.images["histogram"], self.images["sensitivity"]]),
+        sensitivity_tab = W.VBox([
+            W.HBox([self.sensitivity_button, self.stop_button, self.plan_button], layout=wrap),
+            self.progress,
+            self.images["sensitivity"],
+        ])
+        finetune_tab = W.VBox([
+            W.HBox([self.ft_steps, self.ft_lr], layout=wrap),
+            W.HBox([self.ft_schedule], layout=wrap),
+            W.HBox([self.finetune_button, self.ft_stop_button], layout=wrap),
+            self.ft_progress,
             self.images["tradeoff"],
         ])
-        self.widget = W.VBox([W.HBox([controls, metrics]), plots_box])
+        export_tab = W.VBox([
+            W.HBox([self.export_path, self.export_button], layout=wrap),
+            W.HBox([self.device], layout=wrap),
+        ])
+        self.tabs = W.Tab(children=[prune_tab, sensitivity_tab, finetune_tab, export_tab])
+        for i, title in enumerate(("prune", "sensitivity", "fine-tune", "export")):
+            self.tabs.set_title(i, title)
+        self.tabs.add_class("prune-lab-tabs")
+        self.widget = W.VBox([metrics, self.status, self.tabs], layout=W.Layout(max_width="820px"))
         self.widget.add_class("prune-lab")
 
     def _ipython_display_(self) -> None:
@@ -227,13 +268,18 @@ class Lab:
         elif kind == "busy":
             busy = self.model.busy
             self._set_controls_disabled(busy)
-            self.stop_button.disabled = not busy
-            self.progress.max = max(self.model.job.total, 1)
-            self.progress.value = self.model.job.done
-            self.progress.layout.visibility = "visible" if busy or self.model.job.total else "hidden"
+            job = self.model.job
+            bar = self.ft_progress if job.kind == "finetune" else self.progress
+            self.stop_button.disabled = not (busy and job.kind != "finetune")
+            self.ft_stop_button.disabled = not (busy and job.kind == "finetune")
+            bar.max = max(job.total, 1)
+            bar.value = job.done
+            bar.layout.visibility = "visible" if busy or job.total else "hidden"
         elif kind == "progress":
-            self.progress.max = max(self.model.job.total, 1)
-            self.progress.value = self.model.job.done
+            job = self.model.job
+            bar = self.ft_progress if job.kind == "finetune" else self.progress
+            bar.max = max(job.total, 1)
+            bar.value = job.done
         elif kind == "status":
             self.status.value = self.model.status
 
@@ -329,8 +375,18 @@ class Lab:
         self.model.run_sweep(levels, background=self._loop is not None)
 
     def stop(self) -> None:
-        """Stop a running sweep after the current point; its partial result is kept."""
+        """Stop a running sweep after the current point (or fine-tuning after the current
+        step); what was done is kept."""
         self.model.stop()
+
+    @_guard
+    def run_finetune(self, steps: Optional[int] = None, lr: Optional[float] = None, schedule: Optional[str] = None) -> None:
+        """Fine-tune with the panel's settings (or these); in a kernel it runs in a thread so Stop
+        stays clickable. Undo goes back to before it."""
+        self.model.run_finetune(steps if steps is not None else int(self.ft_steps.value),
+                                lr if lr is not None else float(self.ft_lr.value),
+                                schedule if schedule is not None else self.ft_schedule.value,
+                                background=self._loop is not None)
 
     @_guard
     def apply_plan(self, target: Optional[float] = None) -> None:
@@ -362,10 +418,12 @@ class Lab:
 
     def _set_controls_disabled(self, disabled: bool) -> None:
         for w in [*self.sliders.values(), *self.locks.values(), self.global_slider, self.allocation, self.criterion,
-                  self.pattern, self.quant,
+                  self.pattern, self.quant, self.finetune_button, self.ft_steps, self.ft_lr, self.ft_schedule,
                   self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.plan_button,
                   self.device, self.export_button, self.export_path, self.layer_select]:
             w.disabled = disabled
+        if self.model.train_data is None:
+            self.finetune_button.disabled = True
 
     # ------------------------------------------------------------------ refreshing
     def _changed(self) -> None:
@@ -457,6 +515,11 @@ class Lab:
         self._figures["histogram"] = hist.fig
 
         result = s.last_sensitivity
+        if result is None and getattr(self.panels["sensitivity"], "key", None) != "placeholder":
+            panel = self.panels["sensitivity"]
+            panel.show(plots.placeholder((7.0, 4.2), "No sensitivity sweep yet.\nClick 'run sensitivity' to measure\nhow each layer's accuracy falls as it is pruned."), [])
+            panel.key = "placeholder"
+            self._figures["sensitivity"] = panel.fig
         if result is not None:
             panel = self.panels["sensitivity"]
             if getattr(panel, "key", None) is not result:

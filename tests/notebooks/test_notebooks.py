@@ -20,16 +20,20 @@ def test_notebook_runs(path, tmp_path, monkeypatch, demo):  # demo: the kernels 
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel uses Jupyter's inline backend
     from tests.conftest import MNIST_ROOT
 
-    if path.name.startswith("04") and not (MNIST_ROOT / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"needs the MNIST test split under {MNIST_ROOT}")
     monkeypatch.setenv("PRUNE_LAB_MNIST", str(MNIST_ROOT))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     start = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - start
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.output_type == "error"]
     assert not errors
+    stderr = [o.get("text", "") for o in outputs if o.output_type == "stream" and o.get("name") == "stderr"]
+    assert not stderr, f"a cell wrote to stderr (a pink box for students): {stderr[0][:300]}"
+    text = json.dumps([o for o in outputs if o.output_type != "display_data" or "image/png" not in o.get("data", {})])
+    for private in {str(Path.home()), str(tmp_path), str(Path(__file__).resolve().parents[2])} - {"/"}:
+        assert private not in text, f"an output shows an absolute path ({private})"
     ARTIFACTS.mkdir(exist_ok=True)
     times_file = ARTIFACTS / "notebook_times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
@@ -40,3 +44,17 @@ def test_notebook_runs(path, tmp_path, monkeypatch, demo):  # demo: the kernels 
         assert "application/vnd.jupyter.widget-view+json" in kinds, "the Lab should be displayed"
     else:
         assert "image/png" in kinds, "the notebook should show its plots"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebooks_are_clean_sources(path):
+    """The .ipynb files are the source teachers edit: committed without outputs or execution
+    counts (nbstripout does it on commit), with stable, unique cell ids (no generator rewrites them)."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    ids = [c.get("id") for c in nb.cells]
+    assert all(ids) and len(set(ids)) == len(ids)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{path.name}: cell {c.id} has outputs; strip them"
+    assert not (Path(__file__).resolve().parents[2] / "tools" / "make_notebooks.py").exists()
