@@ -27,8 +27,16 @@ DRAG_END_S = 0.35  # no slider event for this long ends a drag
 
 
 WIDE = {"description_width": "initial"}  # labels take the width they need: never cut
-QUANT_OPTIONS = [("float32", None), ("8-bit uniform", (8, "uniform")), ("4-bit uniform", (4, "uniform")),
-                 ("6-bit k-means", (6, "kmeans")), ("4-bit k-means", (4, "kmeans")), ("2-bit k-means", (2, "kmeans"))]
+QUANT_OPTIONS = [("float32", "float32"), ("8-bit uniform", "8/uniform"), ("4-bit uniform", "4/uniform"),
+                 ("6-bit k-means", "6/kmeans"), ("4-bit k-means", "4/kmeans"), ("2-bit k-means", "2/kmeans")]
+
+
+def _quant_of(value: str) -> Optional[tuple[int, str]]:
+    """The dropdown's value as ``(bits, method)``, None for float32."""
+    if value == "float32":
+        return None
+    bits, method = value.split("/")
+    return int(bits), method
 
 
 def css_name(layer: str) -> str:
@@ -152,7 +160,7 @@ class Lab:
                                   description="pattern", style=WIDE, layout=W.Layout(width="250px"))
         self.pattern.add_class("prune-lab-pattern")
         self.pattern.observe(self._on_pattern, names="value")
-        self.quant = W.Dropdown(options=QUANT_OPTIONS, value=None, description="weights", style=WIDE, layout=W.Layout(width="250px"))
+        self.quant = W.Dropdown(options=QUANT_OPTIONS, value="float32", description="weights", style=WIDE, layout=W.Layout(width="250px"))
         self.quant.add_class("prune-lab-quant")
         self.quant.observe(self._on_quant, names="value")
 
@@ -307,6 +315,10 @@ class Lab:
             history.remove(value)
         history.append(value)
         del history[:-64]
+        if widget.value == value and self._loop is not None:
+            # the kernel already holds it, so ipywidgets would send nothing; a browser view that
+            # missed an update (a burst of changes from a cell) would keep showing a stale value
+            widget.send_state("value")
         widget.value = value
 
     @_guard
@@ -344,7 +356,7 @@ class Lab:
     @_guard
     def _on_quant(self, change: dict) -> None:
         if not self._syncing:
-            self.model.set_quant(change["new"])
+            self.model.set_quant(_quant_of(change["new"]))
 
     @_guard
     def _on_lock(self, name: str, change: dict) -> None:
@@ -410,7 +422,8 @@ class Lab:
             self.pattern.value = self.model.pattern
             bits = set(self.session.bits.values())
             held = self.model.quant if len(bits) == 1 and None not in bits else None
-            self.quant.value = held if held in dict((v, k) for k, v in QUANT_OPTIONS) else None
+            value = "float32" if held is None else f"{held[0]}/{held[1]}"
+            self.quant.value = value if value in dict((v, k) for k, v in QUANT_OPTIONS) else "float32"
             for name, lock in self.locks.items():
                 lock.value = name in self.model.locked
         finally:
@@ -447,6 +460,14 @@ class Lab:
             self._dragging = False
             if self.evaluation.get("preview"):
                 self.refresh()
+            self._resend_controls()
+
+    def _resend_controls(self) -> None:
+        """After a burst of changes (a drag, a cell setting many values), send every control's
+        value again: a browser view that dropped or overrode an update in the burst converges to
+        the session's true state."""
+        for w in [*self.sliders.values(), self.global_slider]:
+            w.send_state("value")
 
     @_guard
     def refresh(self, preview: bool = False) -> None:

@@ -281,10 +281,10 @@ def test_pattern_and_quantization_controls(demo_session):
     assert s.total_sparsity() == 0.0
     lab.global_slider.value = 0.3
     assert s.sparsity["fc1"] == 0.5
-    lab.quant.value = (4, "kmeans")
+    lab.quant.value = "4/kmeans"
     assert set(s.bits.values()) == {4} and int(torch.unique(s.model.fc1.weight).numel()) <= 17
     assert lab.labels["accuracy"].value  # measured again
     lab.undo()
-    assert set(s.bits.values()) == {None} and lab.quant.value is None
+    assert set(s.bits.values()) == {None} and lab.quant.value == "float32"
     lab.pattern.value = "unstructured"  # back: the same total, unstructured
     assert s.state.record("fc1").pattern == "unstructured" and s.total_sparsity() > 0.4
