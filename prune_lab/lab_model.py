@@ -323,8 +323,8 @@ class LabModel:
             self.session.set_sparsity(plan, criterion=self.criterion)
         measured = self.session.evaluate()[self.session.metric_name]
         self.set_status(
-            f"plan for {plan.total_sparsity:.1%}: predicted {self.session.metric_name} {plan.predicted:.4f} "
-            f"(from the curves) &middot; <b>measured {measured:.4f}</b>"
+            f"plan for {plan.total_sparsity:.1%}: predicted {self.session.metric_name} {plan.predicted:.2%} "
+            f"(a guess from the curves, relative to the state the sweep started from) &middot; <b>measured {measured:.2%}</b>"
         )
         return plan
 

@@ -10,6 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.ticker
 import numpy as np
 from matplotlib.axes import Axes
@@ -32,6 +33,16 @@ class PlotFigure(Figure):
         buf = io.BytesIO()
         self.savefig(buf, format="png")
         return buf.getvalue()
+
+
+LEGEND_LAYERS = 10  # beyond this many layers a legend names only the extremes
+
+
+def ratio_axis(axis: Any) -> None:
+    """A log axis of ratios labelled 1x 2x 4x ... (not 10^0 or 6x10^0)."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}x"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def placeholder(figsize: tuple[float, float], text: str) -> PlotFigure:
@@ -182,7 +193,23 @@ def sensitivity(result: Any, key: Optional[str] = None, current: Optional[dict[s
     status = "" if result.complete else " (incomplete)"
     ax.set_title(f"Layer sensitivity - {result.criterion}{status}", fontsize=10)
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.legend(fontsize=9, ncol=2 if len(result.layers) > 8 else 1, loc="lower left")
+    handles = {h.get_label(): h for h in ax.get_lines() if str(h.get_gid()).startswith("curve:")}
+    if len(handles) > LEGEND_LAYERS:
+        # many layers: name the most and the least sensitive, the rest are grey and grouped
+        ranking = list(result.ranking(max_drop=0.01))
+        named = ranking[: LEGEND_LAYERS // 2] + ranking[-(LEGEND_LAYERS // 2):]
+        for name, line in handles.items():
+            if name not in named:
+                line.set_color("#bbbbbb")
+                line.set_linewidth(0.8)
+                line.set_marker("")
+                line.set_zorder(0)
+        shown = [handles[n] for n in named if n in handles]
+        rest = matplotlib.lines.Line2D([], [], color="#bbbbbb", label=f"{len(handles) - len(shown)} other layers")
+        ax.legend(shown + [rest], [h.get_label() for h in shown] + [rest.get_label()], fontsize=9, loc="lower left",
+                  title="most / least prunable", title_fontsize=9)
+    else:
+        ax.legend(fontsize=9, ncol=2 if len(result.layers) > 8 else 1, loc="lower left")
     return fig
 
 
@@ -315,6 +342,8 @@ def tradeoff(result: Any, x: str = "compression") -> Figure:
     ax.plot([xs_all[i] for i in front], [ys_all[i] for i in front], color="gray", linewidth=3, alpha=0.35, zorder=0, gid="pareto", label="Pareto front")
     ax.axhline(result.dense[m], color="black", linestyle=":", linewidth=1, gid="dense")
     ax.set_xscale("log")
+    if key in ("compression", "speedup"):
+        ratio_axis(ax.xaxis)
     ax.set_xlabel(label)
     ax.set_ylabel(m)
     ax.set_title("Accuracy / size trade-off" + (" (cached)" if result.cached else ""), fontsize=10)

@@ -63,3 +63,47 @@ def test_random_mask_has_no_threshold_and_log_axis(demo_session):
 def test_unknown_layer(demo_session):
     with pytest.raises(ValueError, match="no prunable layer named 'fc9'"):
         pl.plots.weight_histograms(demo_session, layers=["fc9"])
+
+
+def test_predictions_are_clipped_to_what_was_measured(demo_session):
+    r = demo_session.sensitivity(levels=(0.0, 0.5, 0.9), progress=False)
+    for target in (0.1, 0.5, 0.8):
+        plan = r.allocate(target_sparsity=target)
+        best = max([rec["accuracy"] for rec in r.records] + [r.reference["accuracy"]])
+        assert 0.0 <= plan.predicted <= best
+    assert "predicted (not measured)" in repr(plan)
+
+
+def test_many_layer_legends_name_the_extremes_and_group_the_rest():
+    from prune_lab.workflows.sensitivity import SensitivityResult
+
+    layers = [f"block{i}.conv" for i in range(84)]
+    records = [{"layer": n, "level": lv, "accuracy": 0.9 - lv * (i % 7) / 10, "loss": 0.1} for i, n in enumerate(layers)
+               for lv in (0.0, 0.5)]
+    r = SensitivityResult(layers, [0.0, 0.5], {n: 10 for n in layers}, {n: 0.0 for n in layers}, "magnitude", "accuracy",
+                          {"accuracy": 0.9, "loss": 0.1}, {"accuracy": 0.9, "loss": 0.1}, records, True)
+    fig = pl.plots.sensitivity(r)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(labels) == 11 and labels[-1] == "74 other layers"
+    ranking = list(r.ranking(max_drop=0.01))
+    assert labels[:10] == ranking[:5] + ranking[-5:]
+
+
+def test_ratio_axes_read_1x_2x_4x(demo_session):
+    t = demo_session.tradeoff(strategies=["global"], compressions=(1, 2, 4, 8), cache=False, progress=False)
+    fig = t.plot(x="compression")
+    fig.canvas.draw()
+    ticks = [x.get_text() for x in fig.axes[0].get_xticklabels() if x.get_text()]
+    assert set(ticks) >= {"1x", "2x", "4x", "8x"} and not any("10^" in x or "times" in x for x in ticks)
+
+
+def test_a_plan_never_predicts_more_than_was_measured():
+    """Two layers that each gain 5 points when pruned: the additive model would predict 100%,
+    more than any measured point; the prediction stops at the best measured (95%)."""
+    from prune_lab.workflows.sensitivity import SensitivityResult
+
+    records = [{"layer": n, "level": lv, "accuracy": 0.9 if lv == 0 else 0.95, "loss": 0.1} for n in ("a", "b")
+               for lv in (0.0, 0.5)]
+    r = SensitivityResult(["a", "b"], [0.0, 0.5], {"a": 10, "b": 10}, {"a": 0.0, "b": 0.0}, "magnitude", "accuracy",
+                          {"accuracy": 0.9, "loss": 0.1}, {"accuracy": 0.9, "loss": 0.1}, records, True)
+    assert r.allocate(target_sparsity=0.5).predicted == 0.95

@@ -29,7 +29,9 @@ DEFAULT_LEVELS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
 
 class Plan(dict):
     """``{layer: sparsity}`` chosen from measured curves; ``predicted`` is the curves' guess of
-    the metric after applying it (an additive model of per-layer drops), never a measurement."""
+    the metric after applying it (an additive model of per-layer drops, clipped to the best value
+    measured and to [0, 1] for accuracy), never a measurement. It is relative to ``reference``:
+    the state the sweep started from."""
 
     def __init__(self, sparsities: dict[str, float], predicted: float, reference: float, total_sparsity: float):
         super().__init__(sparsities)
@@ -39,7 +41,8 @@ class Plan(dict):
 
     def __repr__(self) -> str:
         per = ", ".join(f"{k}: {v:.1%}" for k, v in self.items())
-        return f"Plan({self.total_sparsity:.1%} total, predicted {self.predicted:.4f} vs {self.reference:.4f}; {per})"
+        return (f"Plan({self.total_sparsity:.1%} total, predicted (not measured) {self.predicted:.4f} vs the sweep's "
+                f"reference {self.reference:.4f}; {per})")
 
 
 @dataclass
@@ -216,7 +219,17 @@ class SensitivityResult:
             pos[n] = j
         pruned.update(locked)
         sparsities = {n: pruned[n] / self.n_params[n] for n in self.layers}
-        return Plan(sparsities, self.reference[self.metric] - drop, self.reference[self.metric], sum(pruned.values()) / total)
+        return Plan(sparsities, self._clip(self.reference[self.metric] - drop), self.reference[self.metric],
+                    sum(pruned.values()) / total)
+
+    def _clip(self, predicted: float) -> float:
+        """A prediction kept within what is possible: never above the best value measured (the
+        per-layer drops add up without bound), never outside [0, 1] for accuracy."""
+        measured = [r[self.metric] for r in self.records] + [self.reference[self.metric]]
+        predicted = min(predicted, max(measured))
+        if self.metric == "accuracy":
+            predicted = min(max(predicted, 0.0), 1.0)
+        return predicted
 
 
 # ---------------------------------------------------------------------- the sweep

@@ -126,7 +126,7 @@ def test_apply_plan_shows_predicted_and_measured(lab):
     total = sum(i.n_params for i in s.layers)
     assert sum(s.pruned_counts.values()) == round(0.5 * total)
     measured = s.evaluate()["accuracy"]
-    assert f"measured {measured:.4f}" in lab.status.value and "predicted" in lab.status.value
+    assert f"measured {measured:.2%}" in lab.status.value and "predicted" in lab.status.value and "a guess" in lab.status.value
 
 
 def test_errors_show_in_the_lab(lab):
