@@ -55,6 +55,17 @@ def placeholder(figsize: tuple[float, float], text: str) -> PlotFigure:
 
 
 def new_figure(figsize: tuple[float, float]) -> PlotFigure:
+    """A figure; in a plain script (no IPython) it is also registered with pyplot, so
+    ``plt.show()`` shows it. In notebooks it is shown once, by its own display."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    in_ipython = ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+    headless = matplotlib.get_backend().lower() in {"agg", "pdf", "ps", "svg", "cairo", "pgf", "template"}
+    if not in_ipython and not headless and "matplotlib.pyplot" in sys.modules:
+        import matplotlib.pyplot as plt
+
+        return plt.figure(figsize=figsize, layout="constrained", FigureClass=PlotFigure)
     return PlotFigure(figsize=figsize, layout="constrained")
 
 
@@ -102,6 +113,7 @@ def draw_layer_histogram(
     ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("weight")
     ax.set_ylabel("count (log)" if log else "count")
+    ax.legend(handles=[kept_bars, pruned_bars], loc="upper right", fontsize=9, framealpha=0.8)
     update_layer_histogram(ax, keep, title)
 
 

@@ -107,3 +107,20 @@ def test_a_plan_never_predicts_more_than_was_measured():
     r = SensitivityResult(["a", "b"], [0.0, 0.5], {"a": 10, "b": 10}, {"a": 0.0, "b": 0.0}, "magnitude", "accuracy",
                           {"accuracy": 0.9, "loss": 0.1}, {"accuracy": 0.9, "loss": 0.1}, records, True)
     assert r.allocate(target_sparsity=0.5).predicted == 0.95
+
+
+def test_scripts_with_a_window_backend_get_pyplot_figures(demo_session, monkeypatch):
+    """plt.show() shows prune_lab's figures in a script with an interactive backend; headless
+    (Agg) and notebooks keep them out of pyplot (no duplicates, no leaks)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = set(plt.get_fignums())
+    pl.plots.weight_histograms(demo_session)
+    assert set(plt.get_fignums()) == before  # Agg: not registered
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "TkAgg")
+    fig = pl.plots.weight_histograms(demo_session)
+    try:
+        assert fig.number in plt.get_fignums()
+    finally:
+        plt.close(fig)

@@ -525,7 +525,8 @@ class Lab:
             if fig is None:
                 fig = plots.new_figure((4.6, 3.0))
                 fig.subplots()
-            ax = fig.axes[0]  # another layer: same figure and layout, new contents
+            ax = fig.axes[0]  # another layer: same figure, new contents, laid out again (tick widths change)
+            fig.set_layout_engine("constrained")
             plots.draw_layer_histogram(ax, base.detach().float().cpu().numpy(), keep, title, log=self.log_counts.value)
             hist.show(fig, plots.update_layer_histogram(ax, keep, title))
             hist.key = figure_key
