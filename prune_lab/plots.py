@@ -16,6 +16,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from .formats import fmt_bytes, fmt_count
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -256,6 +258,8 @@ def tradeoff_points(points: Sequence[dict[str, Any]], current: Optional[int] = N
         ax.plot([], [], "*", color=PRUNED_COLOR, markersize=14, markeredgecolor="black", gid="current")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        fmt = fmt_bytes if key == "sparse_bytes" else fmt_count  # 54.6 KB, 35,112: not 6x10^4
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos, fmt=fmt: fmt(v)))
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
