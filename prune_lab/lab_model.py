@@ -388,17 +388,8 @@ class LabModel:
                                     f"sensitivity: stopped, {len(r.records)}/{total} points kept (run again to resume)")
             except Exception as e:
                 self.show_error(e)
-            finally:
-                job.running = False
-                self._emit("busy")
-                self._emit("state")
 
-        self._emit("busy")
-        if background:
-            job.thread = threading.Thread(target=work, daemon=True)
-            job.thread.start()
-        else:
-            work()
+        self._start(job, work, background)
 
     def run_finetune(self, steps: int = 200, lr: float = 0.01, schedule: str = "oneshot", rounds: int = 3,
                      background: bool = False) -> None:
@@ -452,6 +443,15 @@ class LabModel:
                                 "(undo goes back to before)")
             except Exception as e:
                 self.show_error(e)
+
+        self._start(job, work, background)
+
+    def _start(self, job: SweepJob, work: Callable[[], None], background: bool) -> None:
+        """Run a job's ``work`` here or in a thread; whatever happens, the job ends and the view
+        follows ('busy', then 'state')."""
+        def run() -> None:
+            try:
+                work()
             finally:
                 job.running = False
                 self._emit("busy")
@@ -459,10 +459,10 @@ class LabModel:
 
         self._emit("busy")
         if background:
-            job.thread = threading.Thread(target=work, daemon=True)
+            job.thread = threading.Thread(target=run, daemon=True)
             job.thread.start()
         else:
-            work()
+            run()
 
     def stop(self) -> None:
         """Stop a running sweep after the current point, or fine-tuning after the current step;

@@ -288,3 +288,45 @@ def test_pattern_and_quantization_controls(demo_session):
     assert set(s.bits.values()) == {None} and lab.quant.value == "float32"
     lab.pattern.value = "unstructured"  # back: the same total, unstructured
     assert s.state.record("fc1").pattern == "unstructured" and s.total_sparsity() > 0.4
+
+
+def test_finetune_panel_trains_with_masks_held_and_undo_goes_back(demo_session, digits):
+    s = demo_session
+    no_data = pl.Lab(s)
+    assert no_data.finetune_button.disabled
+    with pytest.raises(ValueError, match=r"train_data=\.\.\."):
+        no_data.model.run_finetune(steps=5)
+    lab = pl.Lab(s, train_data=digits.train)
+    lab.global_slider.value = 0.8
+    before = s.snapshot()
+    pruned = {n: s.mask(n).clone() for n in s.pruned_counts}
+    points = len(lab.points)
+    lab.ft_steps.value, lab.ft_lr.value = 20, 0.02
+    lab.finetune_button.click()
+    assert lab.model.job.kind == "finetune" and lab.model.job.done == 20 and not lab.model.job.running
+    assert all(torch.equal(s.mask(n), m) for n, m in pruned.items())  # masks held
+    assert s.snapshot() != before and len(lab.points) >= points + 2  # a point before and after
+    assert "fine-tuning done: 20 steps" in lab.status.value
+    lab.undo()
+    assert s.snapshot() == before
+
+
+def test_finetune_stop_keeps_what_was_learned(demo_session, digits):
+    s = demo_session
+    lab = pl.LabModel(s, train_data=digits.train)
+    lab.set_global(0.5)
+    before = s.snapshot()
+    stops = []
+
+    def stop_after_3(kind):
+        if kind == "progress" and lab.job.done == 3:
+            stops.append(1)
+            lab.stop()
+
+    lab.observe(stop_after_3)
+    lab.run_finetune(steps=50, lr=0.02)
+    assert stops and lab.job.done == 3 and lab.job.result.steps == 3  # stopped right after the step that asked
+    assert lab.job.result.interrupted and s.snapshot() != before
+    assert "fine-tuning stopped after 3 steps" in lab.status
+    with pytest.raises(ValueError, match="schedule must be"):
+        lab.run_finetune(steps=5, schedule="cosine")
