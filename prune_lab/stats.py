@@ -41,12 +41,16 @@ class Stats:
 
     def __repr__(self) -> str:
         width = max([20] + [len(n) + 2 for n in self.layers])
-        head = f"{'layer':<{width}}{'params':>10}{'nonzeros':>10}{'sparsity':>9}{'bytes':>10}{'sparse B':>10}{'MACs':>13}{'eff. MACs':>13}"
+        bits = any(r.get("bits") for r in self.layers.values())  # a column only when something is quantized
+        head = (f"{'layer':<{width}}{'params':>10}{'nonzeros':>10}{'sparsity':>9}" + (f"{'bits':>6}" if bits else "")
+                + f"{'bytes':>10}{'sparse B':>10}{'MACs':>13}{'eff. MACs':>13}")
         lines = [head]
         for name, r in list(self.layers.items()) + [("total", self.total)]:
+            b = r.get("bits")
             lines.append(
                 f"{name or '(model)':<{width}}{r['params']:>10,}{r['nonzeros']:>10,}{r['sparsity']:>9.1%}"
-                f"{r['dense_bytes']:>10,}{r['sparse_bytes']:>10,}{r['macs']:>13,}{r['effective_macs']:>13,}"
+                + (f"{(b if b else ('' if name == 'total' else r['dense_bytes'] * 8 // max(r['params'], 1))):>6}" if bits else "")
+                + f"{r['dense_bytes']:>10,}{r['sparse_bytes']:>10,}{r['macs']:>13,}{r['effective_macs']:>13,}"
             )
         t = self.total
         lines.append(
