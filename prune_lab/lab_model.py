@@ -144,14 +144,28 @@ class LabModel:
 
     @property
     def busy(self) -> bool:
-        """True while trial masks are in the model (a sweep): pruning, export and locks wait."""
-        return self.session.state.in_trial or self.job.running
+        """True while a sweep or fine-tuning runs, or another thread holds trial masks in the
+        model: pruning, export and locks wait. A short trial of this thread (a dense baseline
+        measured for a preview) does not count: nothing can interleave with it."""
+        return self.job.running or self._foreign_trial(0.0)
+
+    def _foreign_trial(self, timeout: float) -> bool:
+        """Trial masks held by another thread (waiting up to ``timeout`` s for them to go)."""
+        state = self.session.state
+        if not state.in_trial:
+            return False
+        if not state.lock.acquire(timeout=timeout) if timeout > 0 else not state.lock.acquire(blocking=False):
+            return True  # another thread is inside a trial (it holds the lock throughout)
+        try:
+            return False  # this thread holds it (re-entrant) or the trial ended: not another thread's
+        finally:
+            state.lock.release()
 
     def _act(self) -> "_Acting":
         return _Acting(self)
 
     def _check_idle(self, what: str) -> None:
-        if self.busy:
+        if self.job.running or self._foreign_trial(2.0):  # a short trial elsewhere is waited for
             job = "fine-tuning" if self.job.kind == "finetune" and self.job.running else "the sensitivity sweep"
             raise RuntimeError(f"cannot {what} while {job} runs; stop it first")
 

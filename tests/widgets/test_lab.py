@@ -330,3 +330,34 @@ def test_finetune_stop_keeps_what_was_learned(demo_session, digits):
     assert "fine-tuning stopped after 3 steps" in lab.status
     with pytest.raises(ValueError, match="schedule must be"):
         lab.run_finetune(steps=5, schedule="cosine")
+
+
+def test_only_another_threads_trial_makes_the_lab_wait(demo_session):
+    """A sweep in another thread holds trial masks: the Lab is busy and pruning is refused with a
+    clear message. A short trial of the Lab's own thread (a preview baseline) is not 'busy'."""
+    import threading
+
+    s = demo_session
+    lab = pl.LabModel(s)
+    with s.state.trial({"fc1": None}):
+        assert not lab.busy
+    entered, release = threading.Event(), threading.Event()
+
+    def sweep():
+        with s.state.trial({"fc1": None}):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=sweep)
+    t.start()
+    try:
+        entered.wait(10)
+        assert lab.busy
+        with pytest.raises(RuntimeError, match="cannot prune while the sensitivity sweep runs"):
+            lab.set_layer("fc1", 0.5)
+    finally:
+        release.set()
+        t.join()
+    assert not lab.busy
+    lab.set_layer("fc1", 0.5)
+    assert s.sparsity["fc1"] == 0.5
