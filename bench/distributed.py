@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import prune_lab as pl  # noqa: E402
-from prune_lab.distributed import RayExecutor  # noqa: E402
+from prune_lab.workflows.distributed import RayExecutor  # noqa: E402
 
 MNIST = Path(os.environ.get("PRUNE_LAB_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 WORKERS = 2

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import criteria, datasets, distributed, formats, masks, models
+from . import criteria, datasets, formats, masks, models
+from .workflows import distributed
 from ._version import __version__
 from .allocation import list_allocations, register_allocation
 from .criteria import list_criteria, register_criterion

@@ -610,13 +610,13 @@ class Session:
         name (set the metric on the Session). ``resume`` continues an interrupted result.
         ``executor``: ``None`` measures in this process; ``"ray"`` (a local Ray runtime, or the
         one already initialised), a Ray address (``"ray://head:10001"``, ``"auto"``) or a
-        :class:`prune_lab.distributed.RayExecutor` spread the points over Ray workers, with the
+        :class:`prune_lab.workflows.distributed.RayExecutor` (also ``pl.distributed``) spread the points over Ray workers, with the
         same result (bit for bit on CPU). ``pattern="2:4"`` sweeps each layer at that N:M
         pattern (levels 0 and (M-N)/M).
         """
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
-        from .distributed import resolve_executor
+        from .workflows.distributed import resolve_executor
 
         ex = resolve_executor(executor, self)  # an unreachable cluster fails here, before any work
         self._fresh_calibration(criterion)
@@ -633,7 +633,7 @@ class Session:
         ``finetune={"train_data": ..., "steps": ..., ...}`` also after masked fine-tuning. Returns
         a ``TradeoffResult``; cached on disk by (model, data, config). The session is left exactly
         as it was found. ``executor`` as for :meth:`sensitivity` (fine-tuned points included)."""
-        from .distributed import resolve_executor
+        from .workflows.distributed import resolve_executor
 
         ex = resolve_executor(executor, self)
         loss = self.loss_fn if callable(self.loss_fn) else None

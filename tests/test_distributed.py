@@ -13,7 +13,7 @@ import ray
 import torch
 
 import prune_lab as pl
-from prune_lab.distributed import RayExecutor, _default_runtime_env
+from prune_lab.workflows.distributed import RayExecutor, _default_runtime_env
 
 
 @pytest.fixture(scope="module")

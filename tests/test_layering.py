@@ -19,7 +19,7 @@ RANKS = {
     "allocation": 4, "incremental": 4, "stats": 4, "calibration": 4,
     "evaluate": 5,
     "workflows": 6.9, "workflows.sensitivity": 6, "workflows.finetune": 6, "workflows.tradeoff": 6.5,
-    "distributed": 6.95,
+    "workflows.distributed": 6.8,
     "session": 7, "models": 7,
     "lab_model": 8,
     "plots": 9,

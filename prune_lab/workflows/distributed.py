@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .devices import resolve_device
+from ..devices import resolve_device
 
 RAY_HINT = 'Ray is not installed: pip install "prune_lab[distributed]" (or pip install ray)'
 
@@ -297,7 +297,7 @@ class RayExecutor:
     def tradeoff(self, state: Any, evaluator: Any, result: Any, points: list[tuple], train_data: Any,
                  finetune: dict[str, Any], progress: bool) -> Any:
         """Measure trade-off ``points`` on the workers; records in the in-process order."""
-        from .criteria import get_criterion
+        from ..criteria import get_criterion
 
         data_aware = any(get_criterion(p[3]).needs for p in points)
         spec = session_spec(state, evaluator, self.session_settings, calibration=data_aware)
@@ -388,7 +388,7 @@ class _Worker:
 
     def sensitivity_point(self, crit: Any, seed: int, layer: str, level: float, incremental: bool,
                           pattern: str = "unstructured") -> dict[str, Any]:
-        from .workflows.sensitivity import measure_point
+        from .sensitivity import measure_point
 
         s = self.session
         if not self._reference:  # the same evaluation the in-process sweep starts with (fills the same cache)
@@ -398,7 +398,7 @@ class _Worker:
             return measure_point(s.state, s.evaluator, crit, seed, layer, level, incremental, pattern)
 
     def tradeoff_point(self, point: tuple, finetuned: bool, finetune: dict[str, Any]) -> dict[str, Any]:
-        from .workflows.tradeoff import tradeoff_point
+        from .tradeoff import tradeoff_point
 
         s = self.session
         loss = s.loss_fn if callable(s.loss_fn) else None
