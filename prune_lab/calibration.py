@@ -67,21 +67,25 @@ class Calibration:
 
     ``ensure(needs)`` computes missing statistics from the stored samples with ``compute`` and
     then drops the ones ``needs`` does not list (unless ``pinned``), so at most one criterion's
-    statistics are held (see the module docstring); ``passes`` counts the computations."""
+    statistics are held (see the module docstring)."""
 
-    def __init__(self, names: Iterable[str], samples: int, hessian: str, fingerprint: str,
-                 compute: Optional[Compute] = None, key: tuple = (), data: Optional[tuple[Tensor, Tensor]] = None,
-                 settings: Optional[dict[str, Any]] = None):
+    def __init__(self, names: Iterable[str], data: tuple[Tensor, Tensor], settings: dict[str, Any], fingerprint: str,
+                 compute: Optional[Compute] = None, key: tuple = ()):
         self.layers: dict[str, LayerStats] = {n: LayerStats() for n in names}
         self.data = data  # the calibration samples (inputs, targets): what every statistic is computed from
-        self.settings = dict(settings or {})  # batch_size, hessian, probes, seed: to compute the same elsewhere
-        self.samples = samples
-        self.hessian = hessian
+        self.settings = dict(settings)  # batch_size, hessian, probes, seed: to compute the same elsewhere
         self.fingerprint = fingerprint
         self.key = key
-        self.passes = 0
         self.pinned: set[str] = set()
         self._compute = compute
+
+    @property
+    def samples(self) -> int:
+        return len(self.data[0])
+
+    @property
+    def hessian(self) -> str:
+        return self.settings.get("hessian", "fisher")
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -108,7 +112,6 @@ class Calibration:
                         stats.fisher, stats.hessian = fresh[name].fisher, fresh[name].hessian
                     else:
                         setattr(stats, need, getattr(fresh[name], need))
-            self.passes += 1
         if keep:
             self.pinned |= set(wanted)
         for stats in self.layers.values():
@@ -164,17 +167,6 @@ def as_tensors(data: Any, samples: int) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------- activations (Wanda)
-def activation_sq(model: nn.Module, weights: Mapping[str, Tensor], batches: Iterable[Tensor]) -> dict[str, Tensor]:
-    """Per weight entry, the sum of squares of the input feature it multiplies, over every
-    sample and position of ``batches`` (each use of the weight counted)."""
-    acc = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
-    with unfused(model):
-        for x in batches:
-            with activation_recorder(weights, acc):
-                model(x)
-    return acc
-
-
 def activation_recorder(weights: Mapping[str, Tensor], acc: dict[str, Tensor]) -> Any:
     """A dispatch mode adding, for every matrix product and convolution that reads a weight, the
     squared input features to ``acc`` (weight-shaped, float32). Active only in the forward pass."""
@@ -297,7 +289,7 @@ class _FisherHooks:
     input and hooks its output's gradient, which adds sum_n G_n^2 to ``acc`` during the backward
     pass. A layer whose module ran other than once in a batch is reported in ``failed``."""
 
-    def __init__(self, model: nn.Module, owners: Mapping[str, nn.Module], acc: dict[str, Tensor]):
+    def __init__(self, owners: Mapping[str, nn.Module], acc: dict[str, Tensor]):
         self.owners, self.acc = owners, acc
         self.calls: dict[str, int] = {}
         self.failed: set[str] = set()
@@ -339,19 +331,13 @@ def _closed_form_owners(model: nn.Module, layers: list) -> dict[str, nn.Module]:
     read exactly once per forward by a product (weight uses recorded at the ATen level)."""
     out: dict[str, nn.Module] = {}
     for info in layers:
-        if info.aliases or not info.param.endswith("weight"):  # tied to another name: not the module's alone
+        path, _, attr = info.param.rpartition(".")
+        if info.aliases or attr != "weight":  # tied to another name, or not a module's own weight
             continue
-        path = info.param.rsplit(".", 1)[0] if "." in info.param else ""
         module = model.get_submodule(path)
-        if info.param.rsplit(".", 1)[-1] == "weight" and _closed_form(module) is not None:
+        if _closed_form(module) is not None:
             out[info.name] = module
     return out
-
-
-def mean_gradient(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss_fn: LossFn,
-                  batch_size: int) -> dict[str, Tensor]:
-    """Gradient of the mean of the per-sample losses: one backward pass per batch."""
-    return collect(model, params, x, y, ("grad",), loss_fn, batch_size)["grad"]
 
 
 def per_sample_sq_gradient(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss_fn: LossFn,
@@ -447,7 +433,7 @@ def collect(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor
         uses, _ = weight_uses(model, dict(params), x[:1])
         owners = {n: m for n, m in owners.items() if len(uses[n]) == 1}
     fallback = set(params) - set(owners) if want_fisher else set()
-    hooks = _FisherHooks(model, owners, fisher)
+    hooks = _FisherHooks(owners, fisher)
     names, tensors = list(params), list(params.values())
     with (unfused(model, grad=want_grad or want_fisher) if want_act else eval_mode(model)), \
             torch.set_grad_enabled(want_grad or want_fisher), _requiring_grad(tensors):
@@ -472,7 +458,8 @@ def collect(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor
     if want_fisher:
         fallback |= hooks.failed
         if fallback:
-            qualified = {_param_name(layers, n): n for n in fallback}
+            param_of = {i.name: i.param for i in layers or ()}
+            qualified = {param_of.get(n, n): n for n in fallback}
             sq = per_sample_sq_gradient(model, {q: params[n] for q, n in qualified.items()}, x, y, loss_fn, batch_size)
             for q, n in qualified.items():
                 fisher[n] = sq[q] * len(x)
@@ -481,13 +468,6 @@ def collect(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor
     for n in grad:
         grad[n] /= len(x)
     return {"act_norm": act, "grad": grad, "fisher": fisher}
-
-
-def _param_name(layers: Optional[list], name: str) -> str:
-    for info in layers or ():
-        if info.name == name:
-            return info.param
-    return name
 
 
 def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: Tensor, y: Tensor, needs: Iterable[str],
@@ -526,5 +506,4 @@ def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: 
     return stats
 
 
-__all__ = ["Calibration", "LayerStats", "calibrate", "collect", "activation_sq", "mean_gradient",
-           "per_sample_sq_gradient", "hutchinson_diagonal", "as_tensors", "data_fingerprint"]
+__all__ = ["Calibration", "LayerStats", "calibrate", "collect", "activation_recorder", "per_sample_sq_gradient", "hutchinson_diagonal", "as_tensors", "data_fingerprint"]

@@ -1,9 +1,9 @@
 """The compressed export (Deep Compression's storage, Han et al. 2016): for each pruned or
 quantized weight, the positions of its nonzeros as gaps between them and, for its values, either
 the float values or (quantized) the codes and the codebook; gaps and codes are Huffman-coded.
-Everything else is stored raw. The file's length is what :func:`compressed_size` returns
-(computed without writing, exactly), and :func:`read_compressed` gives back the same float
-weights bit for bit.
+Everything else is stored raw. :class:`Planner` plans a state_dict's file; :func:`file_size` of
+its entries is the file's exact length (computed without encoding), :func:`file_bytes` writes
+it, and :func:`read_compressed` gives back the same float weights bit for bit.
 
 Layout: ``MAGIC``, a little-endian uint32 header length, the JSON header (tensors in order, each
 with its kind, shape, dtype and per-part byte counts; Huffman tables as canonical code lengths),
@@ -130,10 +130,11 @@ def huffman_decode(data: bytes, count: int, lengths: Mapping[int, int]) -> np.nd
 
 # ---------------------------------------------------------------------- one tensor
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                              torch.int16, torch.int8, torch.uint8, torch.bool)}
+                              torch.int16, torch.int8, torch.uint8, torch.bool)}  # keyed as str(dtype): "torch.float32"
 
 
-def _raw(t: Tensor) -> bytes:
+def raw_bytes(t: Tensor) -> bytes:
+    """A tensor's bytes, row-major, as stored in the exports."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -153,7 +154,7 @@ def plan_tensor(t: Tensor, quant: Optional[Any] = None) -> tuple[dict[str, Any],
     parts: list = [lambda: huffman_encode(gaps, gap_lengths)]
     if quant is None:
         entry["values_bytes"] = int(pos.size) * flat.element_size()
-        parts.append(lambda: _raw(flat[torch.from_numpy(pos)]))
+        parts.append(lambda: raw_bytes(flat[torch.from_numpy(pos)]))
     else:
         codes = quant.codes.detach().cpu().reshape(-1).numpy().astype(np.int64)[pos]
         code_lengths, code_bits = huffman_bits(codes)
@@ -161,7 +162,7 @@ def plan_tensor(t: Tensor, quant: Optional[Any] = None) -> tuple[dict[str, Any],
         entry.update({"quant": quant.method, "bits": quant.bits, "channel_dim": quant.channel_dim,
                       "codes": [[s, ln] for s, ln in sorted(code_lengths.items())], "code_bytes": _nbytes(code_bits),
                       "codebook": book.numel(), "codebook_bytes": book.numel() * 4})
-        parts += [lambda: huffman_encode(codes, code_lengths), lambda: _raw(book)]
+        parts += [lambda: huffman_encode(codes, code_lengths), lambda: raw_bytes(book)]
     return entry, parts
 
 
@@ -222,7 +223,7 @@ class Planner:
                         self._cache[key] = (token, dict(entry))  # entries only: payloads are rebuilt to write
             else:
                 entry = {"kind": "raw", "shape": list(t.shape), "dtype": str(t.dtype), "bytes": t.numel() * t.element_size()}
-                makers = [lambda t=t: _raw(t)]
+                makers = [lambda t=t: raw_bytes(t)]
             if ident is not None:
                 seen.setdefault(ident, key)
             entry["key"] = key
@@ -231,17 +232,8 @@ class Planner:
         return entries, parts
 
 
-def _plan(state_dict: Mapping[str, Tensor], compressed: Mapping[str, Optional[Any]]) -> tuple[list[dict], list]:
-    return Planner().plan(state_dict, {k: (lambda q=q: q) for k, q in compressed.items()}, parts_wanted=True)
-
-
-def payload_bytes(entry: Mapping[str, Any]) -> int:
-    """Bytes a header entry's tensor takes after the header."""
-    return _payload_bytes(entry)
-
-
 def file_size(entries: list[dict]) -> int:
-    return len(MAGIC) + 4 + len(_header(entries)) + sum(_payload_bytes(e) for e in entries)
+    return len(MAGIC) + 4 + len(_header(entries)) + sum(payload_bytes(e) for e in entries)
 
 
 def file_bytes(entries: list[dict], parts: list) -> bytes:
@@ -253,24 +245,13 @@ def _header(entries: list[dict]) -> bytes:
     return json.dumps({"prune_lab_compressed": FORMAT, "tensors": entries}, separators=(",", ":")).encode()
 
 
-def _payload_bytes(e: Mapping[str, Any]) -> int:
+def payload_bytes(e: Mapping[str, Any]) -> int:
+    """Bytes a header entry's tensor takes after the header."""
     if e["kind"] == "alias":
         return 0
     if e["kind"] == "raw":
         return e["bytes"]
     return e["gap_bytes"] + e.get("values_bytes", 0) + e.get("code_bytes", 0) + e.get("codebook_bytes", 0)
-
-
-def compressed_size(state_dict: Mapping[str, Tensor], compressed: Mapping[str, Optional[Any]]) -> int:
-    """The exact length of :func:`compressed_bytes` for the same arguments, without encoding."""
-    entries, _ = _plan(state_dict, compressed)
-    return file_size(entries)
-
-
-def compressed_bytes(state_dict: Mapping[str, Tensor], compressed: Mapping[str, Optional[Any]]) -> bytes:
-    """The compressed export: keys in ``compressed`` stored as gaps + values or codes (their
-    ``Quantized`` or None), the rest raw."""
-    return file_bytes(*_plan(state_dict, compressed))
 
 
 def read_compressed(data: bytes, source: str = "compressed export") -> dict[str, Tensor]:
@@ -306,5 +287,5 @@ def read_compressed(data: bytes, source: str = "compressed export") -> dict[str,
     return out
 
 
-__all__ = ["MAGIC", "Planner", "file_size", "file_bytes", "payload_bytes", "compressed_bytes", "compressed_size", "read_compressed", "huffman_lengths", "canonical_codes",
+__all__ = ["MAGIC", "Planner", "file_size", "file_bytes", "payload_bytes", "read_compressed", "huffman_lengths", "canonical_codes",
            "huffman_encode", "huffman_decode", "huffman_bits"]

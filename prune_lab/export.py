@@ -15,6 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ._version import __version__
+from .compress import _DTYPES as _COMPRESS_DTYPES
+from .compress import MAGIC as COMPRESSED
+from .compress import raw_bytes, read_compressed
 
 RECIPE_FORMAT = 2  # 2: 'pattern' and optional packed 'mask' per layer; 1 is read too
 SPARSE_FORMAT = 1
@@ -81,14 +84,11 @@ def decode_sparse(entry: Mapping[str, Any]) -> Tensor:
     return out.reshape(shape)
 
 
-# The sparse export file: MAGIC, an 8-byte little-endian header length, a JSON header listing
-# every tensor (key, layout, shape, dtype, nonzeros), then the raw buffers in header order. Its
-# exact length follows from the nonzero counts alone, so stats() reports it without writing.
+# The earlier sparse export file: MAGIC, an 8-byte little-endian header length, a JSON header
+# listing every tensor (key, layout, shape, dtype, nonzeros), then the raw buffers in header
+# order. Still read by load_state_dict; new exports use the compressed format (compress.py).
 MAGIC = b"PRUNE_LAB_SPARSE"
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
-    torch.int16, torch.int32, torch.int64, torch.bool,
-)}
+_DTYPES = {str(d).removeprefix("torch."): d for d in _COMPRESS_DTYPES.values()}  # keyed "float32" here
 
 
 def _header(meta: list[tuple[str, tuple[int, ...], torch.dtype, int, bool]]) -> bytes:
@@ -105,28 +105,10 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _payload(n: int, nnz: int, itemsize: int, layout: str) -> int:
-    return sparse_layouts(n, nnz, itemsize)[layout]
-
-
-def sparse_file_size(meta: list[tuple[str, tuple[int, ...], torch.dtype, int, bool]]) -> int:
-    """Exact byte length of :func:`write_sparse`'s file for tensors described by
-    ``(key, shape, dtype, nonzeros, encode_sparse)``."""
-    header = _header(meta)
-    body = 0
-    for (key, shape, dtype, nnz, sparse), entry in zip(meta, json.loads(header)["tensors"]):
-        n = math.prod(shape)
-        body += _payload(n, nnz, _itemsize(dtype), entry["layout"]) if sparse else n * _itemsize(dtype)
-    return len(MAGIC) + 8 + len(header) + body
-
-
-def _raw(t: Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def sparse_bytes(state_dict: Mapping[str, Tensor], sparse_keys: Iterable[str]) -> bytes:
-    """The sparse export of a state_dict: ``sparse_keys`` encoded (:func:`encode_sparse`),
-    everything else dense."""
+    """The earlier sparse export (before the compressed one) of a state_dict: ``sparse_keys``
+    encoded (:func:`encode_sparse`), everything else dense. Files in this format still load
+    with :func:`load_state_dict`; this writer is what tests that."""
     sparse_keys = set(sparse_keys)
     meta, buffers = [], []
     for key, t in state_dict.items():
@@ -134,10 +116,10 @@ def sparse_bytes(state_dict: Mapping[str, Tensor], sparse_keys: Iterable[str]) -
             entry = encode_sparse(t)
             nnz = t.numel() if entry["layout"] == "dense" else entry["values"].numel()
             parts = [entry.get("bitmap"), entry.get("indices"), entry["values"]]
-            buffers += [_raw(p) for p in parts if p is not None]
+            buffers += [raw_bytes(p) for p in parts if p is not None]
         else:
             nnz = t.numel()
-            buffers.append(_raw(t))
+            buffers.append(raw_bytes(t))
         meta.append((key, tuple(t.shape), t.dtype, nnz, key in sparse_keys))
     header = _header(meta)
     return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *buffers])
@@ -191,8 +173,6 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
 
 def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Tensor]:
     """A dense state_dict from a dense (``torch.save``) or sparse export, for ``model.load_state_dict``."""
-    from .compress import MAGIC as COMPRESSED, read_compressed
-
     with open(path, "rb") as f:
         head = f.read(max(len(MAGIC), len(COMPRESSED)))
     if head.startswith(COMPRESSED):

@@ -172,6 +172,15 @@ def check_fraction(value: object, what: str) -> float:
     return v
 
 
+def check_count(value: object, what: str, minimum: int = 1) -> int:
+    """The one validator for counts (steps, samples, workers...): an int >= ``minimum`` (a bool
+    is not one), else a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{what} must be {wanted}, got {value!r}")
+    return value
+
+
 def count_to_prune(sparsity: float, n: int) -> int:
     """Zeros for a sparsity fraction: ``round(sparsity * n)``, as ``torch.nn.utils.prune`` rounds."""
     return int(round(sparsity * n))

@@ -46,11 +46,22 @@ def input_dim(kind: str) -> int:
     return 0 if kind == "Conv1D" else 1
 
 
+class PatternWarning(UserWarning):
+    """An N:M pattern applied to the whole model left the layers it does not fit as they were."""
+
+
+def nm_fits(kind: str, shape: tuple[int, ...], m: int) -> bool:
+    """Whether groups of ``m`` tile the weight's input dimension."""
+    return len(shape) >= 2 and shape[input_dim(kind)] % m == 0
+
+
 def check_nm(name: str, kind: str, shape: tuple[int, ...], pattern: str) -> tuple[int, int, int]:
     """``(N, M, input dim)`` when ``pattern`` fits the layer, else a clear error."""
     nm = parse_nm(pattern)
     assert nm is not None
     n, m = nm
+    if nm_fits(kind, shape, m):
+        return n, m, input_dim(kind)
     if len(shape) < 2:
         raise ValueError(f"layer {name!r}: an N:M pattern needs a matrix or convolution weight, not shape {shape}")
     dim = input_dim(kind)
@@ -85,4 +96,4 @@ def nm_groups(t: Tensor, kind: str, m: int) -> Tensor:
     return _grouped(t, tuple(t.shape), input_dim(kind), m)
 
 
-__all__ = ["UNSTRUCTURED", "parse_nm", "normalize", "nm_sparsity", "check_nm", "nm_mask", "nm_groups", "input_dim"]
+__all__ = ["UNSTRUCTURED", "PatternWarning", "nm_fits", "parse_nm", "normalize", "nm_sparsity", "check_nm", "nm_mask", "nm_groups", "input_dim"]

@@ -23,10 +23,10 @@ from .criteria import Criterion, get_criterion
 from .devices import DeviceLike, model_device, resolve_device
 from .evaluate import Evaluator
 from .layers import Coverage, LayerInfo, find_prunable
-from .masks import check_fraction, count_to_prune
+from .masks import check_count, check_fraction, count_to_prune
 from .measure import AUTO, EvalData, Metric, Scorer, weight_uses
 from .registry import close_names, describe
-from .patterns import check_nm, parse_nm
+from .patterns import PatternWarning, check_nm, nm_fits, parse_nm
 from .patterns import normalize as normalize_pattern
 from .state import Event, PruningState, Snapshot
 from .stats import NonzeroCounter, Stats, compute_stats
@@ -230,16 +230,10 @@ class Session:
             import warnings
 
             crit = get_criterion(criterion)
-            fits, skipped = {}, []
-            for i in self.layers:
-                if i.name in locked:
-                    continue
-                try:
-                    fits[i.name] = self._count_for(i.name, sparsity, pattern)
-                except ValueError as e:
-                    if "does not divide" not in str(e) and "needs a matrix" not in str(e):
-                        raise
-                    skipped.append(i.name)
+            m = parse_nm(pattern)[1]  # type: ignore[index]
+            unlocked = [i for i in self.layers if i.name not in locked]
+            fits = {i.name: self._count_for(i.name, sparsity, pattern) for i in unlocked if nm_fits(i.kind, i.shape, m)}
+            skipped = [i.name for i in unlocked if i.name not in fits]
             if not fits:
                 raise ValueError(f"pattern {pattern}: no layer fits it (input dimensions must be multiples of M): "
                                  f"{', '.join(skipped)}")
@@ -247,7 +241,7 @@ class Session:
             self.state.set_counts(fits, crit, self.seed if seed is None else int(seed), pattern=pattern)
             if skipped:
                 warnings.warn(f"pattern {pattern}: left as they were (input dimension not a multiple of M): "
-                              f"{', '.join(skipped)}", UserWarning, stacklevel=2)
+                              f"{', '.join(skipped)}", PatternWarning, stacklevel=2)
             return self
         self._fresh_calibration(criterion)
         result, crit, seed = allocate(self.state, sparsity, allocation, criterion, seed, locked, self.last_sensitivity)
@@ -295,14 +289,11 @@ class Session:
         from .calibration import Calibration, as_tensors, calibrate, data_fingerprint
         from .criteria import needs_of
 
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_count(samples, "samples")
+        check_count(batch_size, "batch_size")
         if hessian not in ("fisher", "hutchinson"):
             raise ValueError(f"hessian must be 'fisher' or 'hutchinson', got {hessian!r}")
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"probes must be a positive integer, got {probes!r}")
+        check_count(probes, "probes")
         needs = needs_of(list(criteria)) if criteria is not None else ()
         x, y = as_tensors(train_data, samples)
         x, y = x.to(self.device), y.to(self.device)
@@ -328,8 +319,8 @@ class Session:
             self.calibration_passes += 1
             return out
 
-        result = Calibration([i.name for i in self.layers], len(x), hessian, fingerprint, compute, key, (x, y),
-                             dict(batch_size=batch_size, hessian=hessian, probes=probes, seed=seed))
+        result = Calibration([i.name for i in self.layers], (x, y),
+                             dict(batch_size=batch_size, hessian=hessian, probes=probes, seed=seed), fingerprint, compute, key)
         result.ensure(needs, keep=True)
         self.state.calibration = result
         return result
@@ -396,9 +387,6 @@ class Session:
 
         with self.state.lock:
             return file_size(self._compressed_plan()[0])
-
-    def _sparse_keys(self) -> set[str]:
-        return {k for i in self.layers for k in (i.param, *i.aliases)}
 
     # ------------------------------------------------------------------ devices
     def to(self, device: DeviceLike) -> "Session":

@@ -203,6 +203,18 @@ class PruningState:
         """A copy of the model's state_dict as it was when the state was made (CPU tensors)."""
         return {k: v.detach().cpu().clone() for k, v in self._original.items()}
 
+    def original_model(self) -> nn.Module:
+        """A separate copy of the model with every parameter and buffer as when the state was
+        made (a distillation teacher, a distributed worker's starting point)."""
+        import copy
+
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            current = model.state_dict(keep_vars=True)
+            for k, v in self._original.items():
+                current[k].copy_(v)
+        return model
+
     def _calibration_id(self, criterion: Criterion) -> str:
         if not criterion.needs:
             return ""
@@ -344,10 +356,7 @@ class PruningState:
             for name, q in settings.items():
                 self.info(name)
                 q = None if q is None else check_bits(q[0], q[1], name)
-                old = self._records[name]
-                if old.quant != q:
-                    new[name] = replace(old, token=next(_serials), bits=None if q is None else q[0],
-                                        qmethod="" if q is None else q[1])
+                new[name] = self.with_quant(self._records[name], q)
             return self.apply(new, "quant")
 
     @contextlib.contextmanager

@@ -6,7 +6,6 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from . import export as _export
 from .measure import WeightUse, count_macs
 
 
@@ -99,13 +98,3 @@ def compute_stats(model: torch.nn.Module, layers: list, weights: Mapping[str, Te
     total["file_compression"] = total["dense_file_bytes"] / total["sparse_file_bytes"]
     total["speedup"] = total["macs"] / max(total["effective_macs"], 1)
     return Stats(rows, total)
-
-
-def sparse_file_bytes(model: torch.nn.Module, sparse_keys: set, nonzeros: Optional[NonzeroCounter] = None) -> int:
-    """Exact length of the sparse export's file for the model's current weights."""
-    nonzeros = nonzeros or NonzeroCounter()
-    meta = [
-        (key, tuple(t.shape), t.dtype, nonzeros(t) if key in sparse_keys else t.numel(), key in sparse_keys)
-        for key, t in model.state_dict(keep_vars=True).items()
-    ]
-    return _export.sparse_file_size(meta)

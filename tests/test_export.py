@@ -93,3 +93,14 @@ def test_recipe_unknown_criterion_leaves_session_unchanged(demo_session):
     with pytest.raises(ValueError, match="unknown criterion 'magnitud'.*'magnitude'"):
         demo_session.apply_recipe(r)
     assert demo_session.pruned_counts["fc1"] == 0
+
+
+def test_files_in_the_earlier_sparse_format_still_load(demo_session, tmp_path):
+    from prune_lab.export import sparse_bytes
+
+    demo_session.set_sparsity({"fc1": 0.97, "conv2": 0.5})
+    state = demo_session.model.state_dict()
+    path = tmp_path / "old.pt"
+    path.write_bytes(sparse_bytes(state, {i.param for i in demo_session.layers}))
+    loaded = pl.load_state_dict(path)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())

@@ -106,12 +106,12 @@ class RayExecutor:
     def __init__(self, address: Optional[str] = None, workers: Optional[int] = None, num_cpus: Optional[int] = None,
                  gpus_per_worker: Optional[float] = None, threads_per_worker: int = 1, max_retries: int = 2,
                  runtime_env: Optional[dict[str, Any]] = None):
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
-        if isinstance(threads_per_worker, bool) or not isinstance(threads_per_worker, int) or threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be a positive integer, got {threads_per_worker!r}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        from ..masks import check_count
+
+        if workers is not None:
+            check_count(workers, "workers")
+        check_count(threads_per_worker, "threads_per_worker")
+        check_count(max_retries, "max_retries", minimum=0)
         if address is not None and address != "auto":
             _host_port(address)
         self.address = address
@@ -274,8 +274,7 @@ class RayExecutor:
                     should_stop: Optional[Callable[[], bool]], pattern: str = "unstructured") -> Any:
         """Measure ``todo`` (layer, level) points of a sensitivity sweep on the workers and merge
         them into ``result`` in the in-process order."""
-        spec = session_spec(state, evaluator, self.session_settings, criterion=crit)
-        spec["session_class"] = self.session_class
+        spec = session_spec(state, evaluator, self.session_settings, self.session_class, criterion=crit)
         found: dict[tuple[str, float], dict] = {}
 
         def on_result(point: Any, record: dict) -> None:
@@ -300,8 +299,7 @@ class RayExecutor:
         from ..criteria import get_criterion
 
         data_aware = any(get_criterion(p[3]).needs for p in points)
-        spec = session_spec(state, evaluator, self.session_settings, calibration=data_aware)
-        spec["session_class"] = self.session_class
+        spec = session_spec(state, evaluator, self.session_settings, self.session_class, calibration=data_aware)
         if train_data is not None:
             spec["train_data"] = train_data
         found: dict[int, dict] = {}
@@ -324,20 +322,14 @@ def _is_cuda(state: Any) -> bool:
     return next(iter(state.weights.values())).device.type == "cuda"
 
 
-def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] = None, criterion: Any = None,
-                 calibration: bool = False) -> dict[str, Any]:
+def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] = None, session_class: Any = None,
+                 criterion: Any = None, calibration: bool = False) -> dict[str, Any]:
     """What a worker needs to rebuild the session: the model with its original weights (on the
     CPU), the session settings, the current state (snapshot), the eval data and, for data-aware
     criteria, the calibration samples and settings."""
-    import copy
-
     from dataclasses import replace
 
-    model = copy.deepcopy(state.model).cpu()
-    with torch.no_grad():
-        current = model.state_dict(keep_vars=True)
-        for k, v in state.original_state().items():
-            current[k].copy_(v)
+    model = state.original_model().cpu()
     snap = state.snapshot()
     snap = type(snap)({n: (r if r.mask is None else replace(r, mask=r.mask.detach().cpu())) for n, r in snap.records.items()},
                       {n: b.detach().cpu() for n, b in snap.bases.items()}, snap.generation,
@@ -349,7 +341,7 @@ def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] 
         payload = data.loader
     cal = state.calibration
     needs_cal = calibration or (criterion is not None and bool(getattr(criterion, "needs", ())))
-    spec = {"model": model, "settings": dict(settings or {}), "snapshot": snap, "data": payload, "batch_size": data.batch_size,
+    spec = {"model": model, "settings": dict(settings or {}), "session_class": session_class, "snapshot": snap, "data": payload, "batch_size": data.batch_size,
             "calibration": None}
     if needs_cal and cal is not None:
         x, y = cal.data

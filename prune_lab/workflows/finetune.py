@@ -159,13 +159,7 @@ def distillation_loss(student: Tensor, teacher: Tensor, targets: Tensor, loss_fn
 
 def make_teacher(state: PruningState) -> torch.nn.Module:
     """The dense original model as a frozen copy (the session's model is never the teacher)."""
-    import copy
-
-    teacher = copy.deepcopy(state.model)
-    with torch.no_grad():
-        current = teacher.state_dict(keep_vars=True)
-        for k, v in state.original_state().items():
-            current[k].copy_(v)
+    teacher = state.original_model()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()

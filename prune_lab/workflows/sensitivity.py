@@ -255,7 +255,7 @@ def sweep(
     ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead."""
     from tqdm.auto import tqdm
 
-    from ..patterns import check_nm, nm_sparsity, normalize, parse_nm
+    from ..patterns import check_nm, nm_fits, nm_sparsity, normalize, parse_nm
 
     crit = get_criterion(criterion)
     seed = state.seed if seed is None else int(seed)
@@ -272,7 +272,7 @@ def sweep(
             raise ValueError(f"pattern {pattern}: levels can only be 0 and {nm_sparsity(pattern):g}, got {lv!r}")
     names = [i.name for i in state.layers] if layers is None else list(layers)
     if nm is not None and layers is None:  # by default the layers the pattern fits
-        names = [i.name for i in state.layers if len(i.shape) >= 2 and i.shape[1 if i.kind != "Conv1D" else 0] % nm[1] == 0]
+        names = [i.name for i in state.layers if nm_fits(i.kind, i.shape, nm[1])]
     for n in names:
         info = state.layer(n)
         if nm is not None:
