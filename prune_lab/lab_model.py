@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .allocation import LayerCollapseWarning, get_allocation
+from .patterns import PatternWarning
 from .formats import fmt_bytes
+from .masks import check_count
 from .session import Session
 from .state import Event, Snapshot
 from .workflows.sensitivity import DEFAULT_LEVELS
@@ -112,7 +114,6 @@ class LabModel:
         self.criterion = "magnitude"
         self.allocation = "global"
         self.pattern = "unstructured"  # or "2:4": sliders then move between dense and 2:4
-        self.quant: Optional[tuple[int, str]] = None  # every layer quantized to (bits, method), or float
         self.locked: set[str] = set()
         self.status = ""
         self.last_error: Optional[BaseException] = None
@@ -236,6 +237,12 @@ class LabModel:
             total = self.session.total_sparsity()
             self.set_global(total)
 
+    @property
+    def quant(self) -> Optional[tuple[int, str]]:
+        """``(bits, method)`` when every layer is quantized alike, else None (float or mixed)."""
+        held = {r.quant for r in self.session.state.records.values()}
+        return held.pop() if len(held) == 1 else None
+
     def set_quant(self, quant: Optional[tuple[int, str]]) -> None:
         """Quantize every layer to ``(bits, method)`` (None: float weights), masks kept."""
         from .quantize import check_bits
@@ -244,7 +251,6 @@ class LabModel:
         if quant is not None:
             quant = check_bits(quant[0], quant[1])
         self.push_undo()
-        self.quant = quant
         with self._act():
             if quant is None:
                 self.session.set_global_bits(None)
@@ -260,6 +266,7 @@ class LabModel:
         self.push_undo(coalesce="global" if coalesce else None)
         with warnings.catch_warnings(record=True) as caught, self._act():
             warnings.simplefilter("always", LayerCollapseWarning)
+            warnings.simplefilter("always", PatternWarning)
             if parse_nm(self.pattern) is not None:  # the global slider: dense, or the pattern wherever it fits
                 on = float(sparsity) > 0
                 level = nm_sparsity(self.pattern) if on else 0.0
@@ -271,8 +278,7 @@ class LabModel:
             else:
                 self.session.set_global_sparsity(float(sparsity), allocation=self.allocation, criterion=self.criterion,
                                                  locked=sorted(self.locked))
-        collapse = [w for w in caught if issubclass(w.category, (LayerCollapseWarning, UserWarning))
-                    and ("pattern" in str(w.message) or issubclass(w.category, LayerCollapseWarning))]
+        collapse = [w for w in caught if issubclass(w.category, (LayerCollapseWarning, PatternWarning))]
         for w in caught:
             if w not in collapse:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -414,8 +420,7 @@ class LabModel:
         what was learned so far. ``background=True`` runs it in a thread."""
         if self.train_data is None:
             raise ValueError("fine-tuning in the Lab needs training data: open it with pl.Lab(session, train_data=...)")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_count(steps, "steps")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"learning rate must be positive, got {lr!r}")
         if schedule not in ("oneshot", "iterative", "agp"):
@@ -424,7 +429,8 @@ class LabModel:
         target = self.session.total_sparsity()
         if schedule != "oneshot" and target == 0:
             raise ValueError(f"schedule {schedule!r} prunes to the current total sparsity, which is 0: prune first")
-        self.measure()  # the point before
+        metric = self.session.metric_name
+        before = self.measure()["evaluation"][metric]  # the point before
         self.push_undo()
         phases = 1 if schedule == "oneshot" else rounds
         job = SweepJob(kind="finetune", total=steps * phases, running=True)
@@ -449,11 +455,9 @@ class LabModel:
                                                        target_sparsity=target, rounds=rounds, allocation=self.allocation,
                                                        progress=False, on_step=on_step, criterion=self.criterion)
                 job.result = result
-                after = self.measure()["evaluation"]
-                metric = self.session.metric_name
-                before = self.points[-2][metric] if len(self.points) >= 2 else float("nan")
+                after = self.measure()["evaluation"][metric]
                 state = "stopped after" if result.interrupted else "done:"
-                self.set_status(f"fine-tuning {state} {job.done} steps; {metric} {before:.2%} -> {after[metric]:.2%} "
+                self.set_status(f"fine-tuning {state} {job.done} steps; {metric} {before:.2%} -> {after:.2%} "
                                 "(undo goes back to before)")
             except Exception as e:
                 self.show_error(e)

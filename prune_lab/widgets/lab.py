@@ -284,19 +284,21 @@ class Lab:
             busy = self.model.busy
             self._set_controls_disabled(busy)
             job = self.model.job
-            bar = self.ft_progress if job.kind == "finetune" else self.progress
             self.stop_button.disabled = not (busy and job.kind != "finetune")
             self.ft_stop_button.disabled = not (busy and job.kind == "finetune")
-            bar.max = max(job.total, 1)
-            bar.value = job.done
-            bar.layout.visibility = "visible" if busy or job.total else "hidden"
+            self._job_bar().layout.visibility = "visible" if busy or job.total else "hidden"
         elif kind == "progress":
-            job = self.model.job
-            bar = self.ft_progress if job.kind == "finetune" else self.progress
-            bar.max = max(job.total, 1)
-            bar.value = job.done
+            self._job_bar()
         elif kind == "status":
             self.status.value = self.model.status
+
+    def _job_bar(self) -> Any:
+        """The running job's progress bar (sweep or fine-tune), moved to where the job is."""
+        job = self.model.job
+        bar = self.ft_progress if job.kind == "finetune" else self.progress
+        bar.max = max(job.total, 1)
+        bar.value = job.done
+        return bar
 
     # ------------------------------------------------------------------ control callbacks
     def _is_echo(self, widget: Any, value: float) -> bool:
@@ -322,10 +324,6 @@ class Lab:
             history.remove(value)
         history.append(value)
         del history[:-64]
-        if widget.value == value and self._loop is not None:
-            # the kernel already holds it, so ipywidgets would send nothing; a browser view that
-            # missed an update (a burst of changes from a cell) would keep showing a stale value
-            widget.send_state("value")
         widget.value = value
 
     @_guard
@@ -427,8 +425,7 @@ class Lab:
             self.criterion.value = self.model.criterion
             self.allocation.value = self.model.allocation
             self.pattern.value = self.model.pattern
-            bits = set(self.session.bits.values())
-            held = self.model.quant if len(bits) == 1 and None not in bits else None
+            held = self.model.quant
             value = "float32" if held is None else f"{held[0]}/{held[1]}"
             self.quant.value = value if value in dict((v, k) for k, v in QUANT_OPTIONS) else "float32"
             for name, lock in self.locks.items():
@@ -467,14 +464,6 @@ class Lab:
             self._dragging = False
             if self.evaluation.get("preview"):
                 self.refresh()
-            self._resend_controls()
-
-    def _resend_controls(self) -> None:
-        """After a burst of changes (a drag, a cell setting many values), send every control's
-        value again: a browser view that dropped or overrode an update in the burst converges to
-        the session's true state."""
-        for w in [*self.sliders.values(), self.global_slider]:
-            w.send_state("value")
 
     @_guard
     def refresh(self, preview: bool = False) -> None:
