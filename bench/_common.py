@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: fresh-process runs and peak-memory measurement."""
+"""Helpers shared by the benchmarks: fresh-process runs, peak-memory measurement, the MNIST split."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +69,22 @@ def run_fresh(script: Path, *args: str) -> dict:
     """Run ``script`` in a new interpreter; it prints one JSON line last."""
     out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- the MNIST split
+MNIST = Path(os.environ.get("PRUNE_LAB_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+
+
+def trained_on_mnist(factory: str, epochs: int = 0, lr: float = 1e-3, batch_size: int = 64) -> tuple[Any, Any]:
+    """``(model, data)``: ``pl.models.<factory>`` trained on the shared MNIST split (8,000 train /
+    2,000 test) on the CPU, seeded, so every benchmark starts from the same model."""
+    import torch
+
+    import prune_lab as pl
+
+    data = pl.datasets.mnist(MNIST, train_from_test=8000)
+    torch.manual_seed(0)
+    model = getattr(pl.models, factory)(data)
+    if epochs:
+        pl.train(model, data, epochs=epochs, lr=lr, batch_size=batch_size, device="cpu", progress=False)
+    return model, data

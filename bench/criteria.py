@@ -9,29 +9,26 @@ the same criteria with the ``lamp`` allocation (counts from magnitudes, so only 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+from _common import trained_on_mnist  # noqa: E402
+
 
 import prune_lab as pl  # noqa: E402
 
-MNIST = Path(os.environ.get("PRUNE_LAB_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 LEVELS = (0.8, 0.9, 0.95)
 CRITERIA = ("magnitude", "taylor", "obd", "wanda", "random")
 
 
 def main() -> None:
     warnings.simplefilter("ignore")
-    data = pl.datasets.mnist(MNIST, train_from_test=8000)
-    torch.manual_seed(0)
-    model = pl.models.lenet5(data)
-    pl.train(model, data, epochs=4, lr=2e-3, batch_size=64, device="cpu", progress=False)
+    model, data = trained_on_mnist("lenet5", epochs=4, lr=2e-3, batch_size=64)
     t = time.perf_counter()
     pl.train(model, data, epochs=1, lr=5e-4, batch_size=64, device="cpu", progress=False)  # the timed epoch
     epoch_s = time.perf_counter() - t

@@ -9,19 +9,19 @@ LeNet-300-100 on full MNIST.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+from _common import trained_on_mnist  # noqa: E402
+
 
 import prune_lab as pl  # noqa: E402
 
-MNIST = Path(os.environ.get("PRUNE_LAB_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 TOLERANCE = 0.005
 PER_ROUND = 0.3
 ROUNDS = 12
@@ -31,10 +31,7 @@ BITS = (6, 5, 4, 3)
 
 def main() -> None:
     start = time.perf_counter()
-    data = pl.datasets.mnist(MNIST, train_from_test=8000)
-    torch.manual_seed(0)
-    model = pl.models.mlp(data)
-    pl.train(model, data, epochs=15, lr=1e-3, batch_size=64, device="cpu", progress=False)
+    model, data = trained_on_mnist("mlp", epochs=15, lr=1e-3, batch_size=64)
     s = pl.Session(model, data.test, device="cpu")
     dense = s.evaluate()["accuracy"]
     dense_bytes = s.dense_file_bytes()

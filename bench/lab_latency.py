@@ -16,7 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import trained_on_mnist  # noqa: E402
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
@@ -24,7 +27,6 @@ from torch.nn.utils import prune  # noqa: E402
 
 import prune_lab as pl  # noqa: E402
 
-MNIST = Path(os.environ.get("PRUNE_LAB_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 # drags: 8 moves of one slider, then the next layer's slider (a layer switch redraws its histogram)
 DRAG = 8
 VALUES = [0.1 * (i % DRAG + 1) for i in range(5 * DRAG)]
@@ -102,9 +104,7 @@ def main() -> None:
     baseline = naive_times(model, data, layers, result)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    mnist = pl.datasets.mnist(MNIST, train_from_test=8000)
-    torch.manual_seed(0)
-    resnet = pl.models.small_resnet(mnist)
+    resnet, mnist = trained_on_mnist("small_resnet")  # untrained: only its timings are measured
     rs = pl.Session(resnet, mnist.test, device=device, batch_size=500)
     r_numbers, _ = lab_times(rs, [i.name for i in rs.layers])
 

@@ -7,25 +7,22 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+from _common import trained_on_mnist  # noqa: E402
+
 
 import prune_lab as pl  # noqa: E402
 
-MNIST = Path(os.environ.get("PRUNE_LAB_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 
 
 def main() -> None:
-    data = pl.datasets.mnist(MNIST, train_from_test=8000)
-    torch.manual_seed(0)
-    model = pl.models.small_resnet(data)
-    pl.train(model, data, epochs=1, lr=3e-3, batch_size=128, device="cpu", progress=False)
+    model, data = trained_on_mnist("small_resnet", epochs=1, lr=3e-3, batch_size=128)
     s = pl.Session(model, data.test, device="cpu", batch_size=500)
     s.evaluate()  # trace and fill the cache outside the timed region, as a Lab session would have
     t = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +15,6 @@ Metric = Callable[[Tensor, Tensor], Tensor]
 
 #: materialise eval data into device tensors up to this many bytes; larger data streams
 MATERIALISE_LIMIT_BYTES = 1 << 30
-
-
-def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Top-1 accuracy of a batch, a fraction in [0, 1]."""
-    return (outputs.argmax(dim=-1) == targets).sum(dtype=torch.float64) / len(targets)
 
 
 class EvalData:
