@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -63,36 +64,47 @@ def jupyterlab(tmp_path, demo):
     settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port, token = _free_port(), "prune-lab-test-token"
+    token = "prune-lab-test-token"
     log = tmp_path / "jupyterlab.log"
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "PRUNE_LAB_FAST": "1"}
     env.pop("MPLBACKEND", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
-         "--allow-root"],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    # kernels on Unix sockets (a TCP port picked as free can be taken before the kernel binds it)
+    socket_dir = tempfile.mkdtemp(prefix="plk-", dir="/tmp")
+    proc = None
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+        for attempt in range(3):  # the server's own port can be taken the same way: no retries, a new port
+            port = _free_port()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+                 "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+                 "--ServerApp.open_browser=False", "--allow-root", "--KernelManager.transport=ipc",
+                 f"--KernelManager.ip={socket_dir}/k"],
+                env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.time() + 120
+            while proc.poll() is None:
+                try:
+                    urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"JupyterLab did not start:\n{log.read_text()[-3000:]}")
+                    time.sleep(0.5)
+            if proc.poll() is None:
                 break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"JupyterLab did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"JupyterLab did not start:\n{log.read_text()[-3000:]}")
         yield url, token
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def _open_sidebar(page) -> None:

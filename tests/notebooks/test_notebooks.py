@@ -3,15 +3,32 @@ test-artifacts/notebook_times.json, never asserted: CI machines are shared."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from traitlets.config import Config
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def _kernel_config(socket_dir: str) -> Config:
+    """Kernels talk over Unix sockets where there are any: a TCP port picked as free can be taken
+    by anything else on a shared CI machine before the kernel binds it (CI once lost a kernel's
+    heartbeat that way, and nbclient then hung on shutdown). The socket directory is short (Unix
+    socket paths are limited to about 100 characters) and absolute (kernel and client run in
+    different working directories)."""
+    config = Config()
+    if os.name == "posix":
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = os.path.join(socket_dir, "k")
+    return config
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -22,9 +39,14 @@ def test_notebook_runs(path, tmp_path, monkeypatch, demo):  # demo: the kernels 
 
     monkeypatch.setenv("PRUNE_LAB_MNIST", str(MNIST_ROOT))
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    socket_dir = tempfile.mkdtemp(prefix="plk-", dir="/tmp" if os.name == "posix" else None)
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
+                            config=_kernel_config(socket_dir))
     start = time.perf_counter()
-    client.execute()
+    try:
+        client.execute()
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
     elapsed = time.perf_counter() - start
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     errors = [o for o in outputs if o.output_type == "error"]
