@@ -417,3 +417,16 @@ def count_macs(weight: Tensor, uses: list[WeightUse], nonzeros: Optional[int] = 
         nnz = nonzeros if whole and nonzeros is not None else int(torch.count_nonzero(u.region(weight)))
         effective += per_entry * nnz
     return macs, effective
+
+
+def model_macs(model: nn.Module, sample: Tensor) -> int:
+    """Per-sample MACs of every matrix product and convolution that uses a prunable weight of
+    ``model`` (counted in a forward pass of ``sample``, one sample), dense."""
+    from .layers import find_prunable
+
+    infos, _ = find_prunable(model, ())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weights = {i.name: params[i.param] for i in infos}
+    with eval_mode(model), torch.no_grad():
+        uses, _ = weight_uses(model, weights, sample[:1])
+    return sum(count_macs(weights[n], u)[0] for n, u in uses.items())

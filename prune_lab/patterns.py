@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 UNSTRUCTURED = "unstructured"
+CHANNELS = "channels"  # whole output channels and everything coupled to them (``groups.py``)
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -25,7 +26,7 @@ def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
         return None
     m = _NM.match(str(pattern)) if isinstance(pattern, str) else None
     if m is None:
-        raise ValueError(f"pattern {pattern!r}: use 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')")
+        raise ValueError(f"pattern {pattern!r}: use 'unstructured', 'channels' or 'N:M' with 0 < N < M (e.g. '2:4')")
     n, mm = int(m.group(1)), int(m.group(2))
     if not 0 < n < mm:
         raise ValueError(f"pattern {pattern!r}: N:M needs 0 < N < M (N kept of every M), got N={n}, M={mm}")

@@ -107,6 +107,7 @@ class Session:
         self._planner = Planner()
         self.version = 0  # bumped on every recorded change of weights or device
         self.last_sensitivity: Any = None  # the latest SensitivityResult, for allocation="sensitivity"
+        self.last_compact: Any = None  # the CompactReport of the latest compact(measure=True)
         self._calibration_args: Optional[dict] = None
         self.calibration_passes = 0  # how many times calibrate() computed statistics (not served from cache)
         self.state.subscribe(self._on_event)
@@ -179,17 +180,30 @@ class Session:
 
     # ------------------------------------------------------------------ pruning
     def set_sparsity(self, sparsities: Mapping[str, float], criterion: Union[str, Callable, Criterion] = "magnitude",
-                     seed: Optional[int] = None, pattern: str = "unstructured") -> "Session":
+                     seed: Optional[int] = None, pattern: str = "unstructured", round_to: Optional[int] = None) -> "Session":
         """Prune each named layer to ``round(s * n)`` zeros by ``criterion``; other layers keep theirs.
 
         ``pattern="N:M"`` (e.g. ``"2:4"``) keeps the N most important of every M consecutive
         weights along the input dimension; the sparsity given must then be (M-N)/M, or 0 to
-        un-prune."""
+        un-prune.
+
+        ``pattern="channels"``: the value is the fraction of the layer's *output channels* to
+        remove, with everything coupled to them (its channel group, see :attr:`groups`):
+        ``round(s * channels)`` whole channels, or with ``round_to=8`` a multiple of 8 kept.
+        ``criterion``: a group criterion, ``"l1"`` (``"magnitude"`` means it), ``"l2"``,
+        ``"bn_scale"``, ``"taylor"``/``"obd"`` (after :meth:`calibrate`) or ``"random"``. The
+        masks zero every member of the group at those channels (weights, biases, BatchNorm,
+        the readers' input columns), so the model computes what :meth:`compact` 's physically
+        smaller model computes."""
         if not isinstance(sparsities, Mapping):
             raise TypeError(
                 "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
                 f"got {type(sparsities).__name__}"
             )
+        if pattern == "channels":
+            return self._set_channels(sparsities, criterion, seed, round_to)
+        if round_to is not None:
+            raise ValueError("round_to applies to pattern='channels' only")
         crit = get_criterion(criterion)
         pattern = normalize_pattern(pattern)
         counts = {name: self._count_for(name, v, pattern) for name, v in sparsities.items()}
@@ -224,6 +238,8 @@ class Session:
         (``sparsity`` must be (M-N)/M; the allocation does not apply) and the others are left as
         they are, named in a warning.
         """
+        if pattern == "channels":
+            return self._set_global_channels(sparsity, allocation, criterion, seed, locked)
         pattern = normalize_pattern(pattern)
         if parse_nm(pattern) is not None:
             import warnings
@@ -245,6 +261,123 @@ class Session:
         self._fresh_calibration(criterion)
         result, crit, seed = allocate(self.state, sparsity, allocation, criterion, seed, locked, self.last_sensitivity)
         self.state.set_counts(result.counts, crit, seed, result.masks)
+        return self
+
+    # ------------------------------------------------------------------ channels
+    @property
+    def groups(self) -> Any:
+        """The model's channel groups (``groups.Groups``), found by Torch-Pruning on first use:
+        ``.groups`` by name, ``.by_layer`` (a producing layer's group), ``.excluded`` (why a
+        layer has none)."""
+        if self.state.groups is None:
+            from .groups import find_groups
+
+            with self.state.lock:
+                self.state.groups = find_groups(self.model, self.layers, self.data.sample(2)[0])
+        return self.state.groups
+
+    @property
+    def channels(self) -> dict[str, tuple[int, int]]:
+        """Per channel group: ``(kept, total)`` channels (every group, pruned or not)."""
+        removed = {g: c.count for g, c in self.state.channels.items()}
+        return {g: (grp.size - removed.get(g, 0), grp.size) for g, grp in self.groups.groups.items()}
+
+    def channel_keep(self, group: str) -> Tensor:
+        """The keep-mask over a group's channels (True = kept)."""
+        grp = self.groups.of(group)
+        c = self.state.channels.get(grp.name)
+        return torch.ones(grp.size, dtype=torch.bool) if c is None else c.keep.clone()
+
+    def _channel_criterion(self, criterion: Any) -> tuple[str, str]:
+        """(group criterion name, calibration fingerprint) for a channel criterion."""
+        from .groups import GROUP_CRITERIA
+
+        if not isinstance(criterion, str):
+            raise TypeError(f"pattern 'channels' takes a group criterion name ({', '.join(GROUP_CRITERIA)}), "
+                            f"got {type(criterion).__name__}")
+        name = "l1" if criterion == "magnitude" else criterion
+        if name not in GROUP_CRITERIA:
+            raise ValueError(f"unknown channel criterion {criterion!r}.{close_names(name, list(GROUP_CRITERIA))} Valid: "
+                             f"{', '.join(GROUP_CRITERIA)} ('magnitude' means 'l1')")
+        calibration = ""
+        if name in ("taylor", "obd"):
+            self._fresh_calibration(name)
+            calibration = self.state._calibration_id(get_criterion(name))
+        return name, calibration
+
+    def channel_scores(self, group: str, criterion: str = "l1", seed: Optional[int] = None) -> Tensor:
+        """Importance of each channel of ``group`` (float64; the lowest are removed first), from
+        the base weights; see ``groups.channel_scores`` for each criterion's formula."""
+        from .groups import channel_scores
+
+        grp = self.groups.of(group)
+        name, _ = self._channel_criterion(criterion)
+        seed = self.seed if seed is None else int(seed)
+        element = None
+        if name in ("taylor", "obd"):
+            crit = get_criterion(name)
+            element = {self.layer(n).param: self.state.keys([n], crit, seed)[0] for n in grp.layers}
+        tensors = {m.key: self.state.channel_member_base(m.key) for m in grp.members}
+        return channel_scores(grp, tensors, name, seed, element)
+
+    def _channel_counts(self, sparsities: Mapping[str, Any], round_to: Optional[int]) -> dict[str, int]:
+        from .groups import channels_to_remove
+
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive integer (channels kept are a multiple of it), got {round_to!r}")
+        counts: dict[str, int] = {}
+        asked: dict[str, str] = {}
+        for layer, value in sparsities.items():
+            grp = self.groups.of(layer)
+            fraction = check_fraction(value, f"layer {layer!r}: channel sparsity")
+            k = channels_to_remove(fraction, grp.size, round_to)
+            if k >= grp.size:
+                raise ValueError(f"layer {layer!r}: sparsity {fraction:g} would remove every one of its {grp.size} channels "
+                                 f"(group {grp.name!r}); at most {grp.size - 1} can go (sparsity < {1 - 0.5 / grp.size:.3g})")
+            if grp.name in counts and counts[grp.name] != k:
+                raise ValueError(f"layers {asked[grp.name]!r} and {layer!r} share channel group {grp.name!r}: give one value")
+            counts[grp.name], asked[grp.name] = k, layer
+        return counts
+
+    def _set_channels(self, sparsities: Mapping[str, Any], criterion: Any, seed: Optional[int], round_to: Optional[int],
+                      replace_unstructured: bool = False) -> "Session":
+        counts = self._channel_counts(sparsities, round_to)
+        name, calibration = self._channel_criterion(criterion)
+        seed = self.seed if seed is None else int(seed)
+        channels, records = self.state.compute_channels(counts, lambda g: self.channel_scores(g, name, seed), name, seed,
+                                                        replace_unstructured=replace_unstructured, calibration=calibration)
+        self.state.apply_channels(channels, records)
+        return self
+
+    def _set_global_channels(self, sparsity: Any, allocation: Any, criterion: Any, seed: Optional[int],
+                             locked: Sequence[str], round_to: Optional[int] = None) -> "Session":
+        """``uniform``: every unlocked group loses the same fraction; ``global``: the channels
+        with the lowest importance, each group's scores divided by their mean so groups of
+        different size and scale compare (Torch-Pruning's global pruning), at least one kept."""
+        fraction = check_fraction(sparsity, "channel sparsity")
+        locked_groups = {self.groups.of(n).name for n in locked}
+        free = [g for g in self.groups.groups if g not in locked_groups]
+        if allocation == "uniform":
+            return self._set_channels({g: fraction for g in free}, criterion, seed, round_to, replace_unstructured=True)
+        if allocation != "global":
+            raise ValueError(f"pattern 'channels' takes allocation 'uniform' or 'global', not {allocation!r}")
+        name, calibration = self._channel_criterion(criterion)
+        seed = self.seed if seed is None else int(seed)
+        scores = {g: self.channel_scores(g, name, seed) for g in free}
+        total = sum(self.groups.groups[g].size for g in free)
+        target = int(round(fraction * total))
+        pool = []
+        for g, sc in scores.items():
+            norm = sc / sc.mean().clamp(min=1e-300)
+            order = torch.argsort(sc, stable=True)
+            pool += [(float(norm[i]), g, int(rank)) for rank, i in enumerate(order[:-1])]  # the best channel always stays
+        pool.sort()
+        counts = {g: 0 for g in free}
+        for _, g, _rank in pool[:target]:
+            counts[g] += 1
+        channels, records = self.state.compute_channels(counts, lambda g: scores[g], name, seed,
+                                                        replace_unstructured=True, calibration=calibration)
+        self.state.apply_channels(channels, records)
         return self
 
     def reset(self) -> "Session":
@@ -523,27 +656,46 @@ class Session:
         recipe_path = _export.write_bytes(path.with_name(path.stem + ".recipe.json"), recipe)
         return {"model": model_path, "recipe": recipe_path}
 
-    def compact(self, semi_structured: bool = False) -> nn.Module:
-        """A new model holding the pruned weights in a form that runs faster; the session and
-        its model are untouched.
+    def compact(self, semi_structured: bool = False, measure: bool = True, check_samples: int = 256) -> nn.Module:
+        """A new, physically smaller model: every channel removed by ``pattern="channels"``
+        taken out (Torch-Pruning), the other masks kept as zeros. The session and its model
+        are untouched. Its outputs are checked against the masked model's on the first
+        ``check_samples`` eval samples (max abs difference <= 1e-4 of the output scale; a
+        RuntimeError otherwise). Save it with ``pl.save_compact`` and rebuild it from the
+        original architecture with ``pl.load_compact``. ``measure=True`` measures MACs,
+        parameters, file bytes and latency (batch 1 and 64) of both models: ``last_compact``
+        and the ``compact`` rows of :meth:`stats`.
 
-        ``semi_structured=True``: Linear layers pruned with ``pattern="2:4"`` get
+        ``semi_structured=True`` instead gives Linear layers pruned with ``pattern="2:4"``
         ``torch.sparse.to_sparse_semi_structured`` weights (CUDA, compute capability >= 8.0;
-        elsewhere a RuntimeError says why). Physical channel removal (structured pruning) is not
-        built yet."""
-        from .runtime import to_semi_structured
+        elsewhere a RuntimeError says why)."""
+        from .workflows.compact import CompactReport, check_outputs, compact_copy, measure_pair
 
-        if not semi_structured:
-            raise NotImplementedError("compact() removes channels only with structured pruning, which prune_lab does not "
-                                      "have yet; compact(semi_structured=True) converts 2:4 Linear layers on CUDA")
-        eligible = [i.param.rsplit(".", 1)[0] for i in self.layers
-                    if self.state.record(i.name).pattern == "2:4" and i.kind == "Linear" and i.param.endswith(".weight")]
-        if not eligible:
-            raise ValueError("no Linear layer is pruned 2:4: set_sparsity({...: 0.5}, pattern='2:4') first")
         if self.state.in_trial:
             raise RuntimeError("cannot compact while a sweep holds trial masks in the model; stop the sweep first")
-        model, _ = to_semi_structured(self.model, eligible)
-        return model
+        if semi_structured:
+            from .runtime import to_semi_structured
+
+            eligible = [i.param.rsplit(".", 1)[0] for i in self.layers
+                        if self.state.record(i.name).pattern == "2:4" and i.kind == "Linear" and i.param.endswith(".weight")]
+            if not eligible:
+                raise ValueError("no Linear layer is pruned 2:4: set_sparsity({...: 0.5}, pattern='2:4') first")
+            model, _ = to_semi_structured(self.model, eligible)
+            return model
+        with self.state.lock:
+            channels = self.state.channels
+            if not channels:
+                raise ValueError("no channels are removed, so compact() would return the same shapes: prune with "
+                                 "set_sparsity({layer: s}, pattern='channels') (or set_global_sparsity(..., pattern='channels'))")
+            groups = self.groups
+            removed = {groups.groups[g].root_module: torch.nonzero(~c.keep).flatten().tolist() for g, c in channels.items()}
+            example = self.data.sample(min(check_samples, len(self.data)))[0]
+            small = compact_copy(self.model, removed, example)
+            diff, scale = check_outputs(self.model, small, example)
+            if measure:
+                dense_row, small_row = measure_pair(self.model, small, example)
+                self.last_compact = CompactReport(dense_row, small_row, diff, scale, device=str(self.device))
+        return small
 
     def to_torch_prune(self, model: nn.Module) -> nn.Module:
         """Hand this session's masks to ``model`` as ``torch.nn.utils.prune`` reparametrisation."""

@@ -27,6 +27,7 @@ from .masks import k_smallest_masks
 from .registry import close_names
 
 UNSTRUCTURED = "unstructured"
+CHANNELS = "channels"
 _serials = itertools.count(1)
 
 
@@ -58,6 +59,24 @@ class Record:
 
 
 @dataclass(frozen=True)
+class ChannelRecord:
+    """How one channel group is pruned: ``count`` of its ``size`` channels removed, chosen by
+    the group ``criterion`` (seeded); ``keep`` the channel keep-mask (True = kept)."""
+
+    count: int
+    criterion: str = "l1"
+    seed: int = 0
+    size: int = 0
+    keep: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    token: int = field(default=0, repr=False, compare=False)
+    calibration: str = field(default="", repr=False, compare=False)
+
+    @property
+    def settings(self) -> tuple[int, str, int]:
+        return (self.count, self.criterion, self.seed)
+
+
+@dataclass(frozen=True)
 class Event:
     """What changed: ``kind`` is one of 'masks', 'reset', 'restore', 'finetune', 'rewind',
     'device', 'trial-start', 'trial-end'; ``tensors`` names the layers whose weights changed."""
@@ -75,6 +94,8 @@ class Snapshot:
     bases: Mapping[str, Tensor] = field(repr=False)
     generation: int = 0
     others: Optional[Mapping[str, Tensor]] = field(default=None, repr=False)
+    channels: Mapping[str, ChannelRecord] = field(default_factory=dict)
+    member_bases: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def settings(self) -> dict[str, tuple[str, int, str, int]]:
@@ -84,14 +105,17 @@ class Snapshot:
         if not isinstance(other, Snapshot):
             return NotImplemented
         return (self.generation == other.generation and
-                {n: r.token for n, r in self.records.items()} == {n: r.token for n, r in other.records.items()})
+                {n: r.token for n, r in self.records.items()} == {n: r.token for n, r in other.records.items()} and
+                {n: c.token for n, c in self.channels.items()} == {n: c.token for n, c in other.channels.items()})
 
     def __hash__(self) -> int:
-        return hash((self.generation, tuple(sorted((n, r.token) for n, r in self.records.items()))))
+        return hash((self.generation, tuple(sorted((n, r.token) for n, r in self.records.items())),
+                     tuple(sorted((n, c.token) for n, c in self.channels.items()))))
 
     def __repr__(self) -> str:
         pruned = {n: r.count for n, r in self.records.items() if r.count}
-        return f"Snapshot(generation {self.generation}, {len(pruned)} pruned layers: {pruned})"
+        channels = f", channels removed: { {g: c.count for g, c in self.channels.items()} }" if self.channels else ""
+        return f"Snapshot(generation {self.generation}, {len(pruned)} pruned layers: {pruned}{channels})"
 
 
 Listener = Callable[[Event], None]
@@ -121,6 +145,9 @@ class PruningState:
         self._trial_depth = 0
         self.lock = threading.RLock()
         self.calibration: Any = None  # statistics for data-aware criteria (``calibration.Calibration``)
+        self.groups: Any = None  # channel groups (``groups.Groups``), found when channel pruning is first asked for
+        self._channels: dict[str, ChannelRecord] = {}
+        self._member_bases: dict[str, Tensor] = {}  # group members that are not layers (biases, BatchNorm): unmasked values
 
     # ------------------------------------------------------------------ bookkeeping
     def _bind(self) -> None:
@@ -293,6 +320,9 @@ class PruningState:
                     raise ValueError(f"layer {name!r}: pattern {pattern} prunes exactly {info.n_params // m * (m - n_keep)} "
                                      f"of {info.n_params} weights (sparsity {(m - n_keep) / m:g}) or none, not {k}")
             old = self._records[name]
+            if old.pattern == CHANNELS:
+                raise ValueError(f"layer {name!r} has whole channels removed (pattern 'channels', {old.count} weights): change "
+                                 f"them with set_sparsity({{...}}, pattern='channels') or reset() before pruning it {pattern}")
             new_settings = (pattern, k, criterion.name, seed)
             given = masks is not None and name in masks
             calib = self._calibration_id(criterion)
@@ -336,6 +366,152 @@ class PruningState:
     def set_counts(self, counts: Mapping[str, int], criterion: Criterion, seed: int,
                    masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED) -> list[str]:
         return self.apply(self.compute(counts, criterion, seed, masks, pattern))
+
+    # ------------------------------------------------------------------ channel groups
+    @property
+    def channels(self) -> dict[str, ChannelRecord]:
+        """Per channel group with channels removed, its :class:`ChannelRecord`."""
+        return dict(self._channels)
+
+    def _param_layers(self) -> dict[str, str]:
+        return {i.param: i.name for i in self.layers}
+
+    def _member_tensor(self, key: str) -> Tensor:
+        return dict(self.model.named_parameters(remove_duplicate=False))[key]
+
+    def _structural(self, channels: Mapping[str, ChannelRecord]) -> dict[str, Tensor]:
+        """Keep-masks per member tensor (qualified parameter name) for ``channels``: the AND of
+        every group's mask over that tensor (a reader of a concatenation is in several groups)."""
+        out: dict[str, Tensor] = {}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for g, c in channels.items():
+            if c.keep is None:
+                continue
+            for m in self.groups.groups[g].members:
+                t = params[m.key]
+                mask = m.mask(c.keep.to(t.device), t.shape)
+                out[m.key] = mask if m.key not in out else out[m.key] & mask
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def channel_member_base(self, key: str) -> Tensor:
+        """The unmasked value of a group member: a layer's base, else the member's own base."""
+        layer = self._param_layers().get(key)
+        if layer is not None:
+            return self._bases[layer]
+        return self._member_bases.get(key, self._member_tensor(key).detach())
+
+    def compute_channels(self, counts: Mapping[str, int], scores: Callable[[str], Tensor], criterion: str, seed: int,
+                         keeps: Optional[Mapping[str, Tensor]] = None, replace_unstructured: bool = False,
+                         calibration: str = "") -> tuple[dict[str, ChannelRecord], dict[str, Record]]:
+        """New channel records for ``counts`` (channels removed per group: the lowest
+        ``scores(group)``, or the given ``keeps``) and the layer records they imply (pattern
+        'channels', the structural masks). Writes nothing; checks everything."""
+        from .groups import keep_mask
+
+        if self.groups is None:
+            raise RuntimeError("channel groups are not known yet (Session finds them on first use)")
+        new = dict(self._channels)
+        for g, k in counts.items():
+            group = self.groups.groups[g]
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < group.size:
+                raise ValueError(f"group {g!r}: cannot remove {k} of its {group.size} channels (0 to {group.size - 1}: "
+                                 "at least one channel must stay)")
+            old = new.get(g)
+            if k == 0:
+                new.pop(g, None)
+                continue
+            given = keeps is not None and g in keeps
+            if old is not None and old.settings == (k, criterion, seed) and not given and old.calibration == calibration:
+                continue
+            keep = keeps[g].to(torch.bool).cpu() if given else keep_mask(scores(g), k)  # type: ignore[index]
+            if tuple(keep.shape) != (group.size,) or int((~keep).sum()) != k:
+                raise ValueError(f"group {g!r}: a channel keep-mask must be bool of shape ({group.size},) removing {k}")
+            new[g] = ChannelRecord(k, criterion, seed, group.size, keep, next(_serials), calibration)
+        masks = self._structural(new)
+        by_param = self._param_layers()
+        affected = {n for g in set(self._channels) | set(new) for n in self.groups.groups[g].layers}
+        records: dict[str, Record] = {}
+        for name in sorted(affected):
+            info = self._info[name]
+            old_r = self._records[name]
+            m = masks.get(info.param)
+            if m is None or bool(m.all()):
+                if old_r.pattern == CHANNELS:
+                    records[name] = Record(UNSTRUCTURED, 0, old_r.criterion, old_r.seed, None, next(_serials),
+                                           bits=old_r.bits, qmethod=old_r.qmethod)
+                continue
+            if old_r.pattern != CHANNELS and old_r.count and not replace_unstructured:
+                raise ValueError(f"layer {name!r} is pruned {old_r.pattern} ({old_r.count} weights); removing channels "
+                                 f"would discard that mask: set it to 0 first (set_sparsity({{{name!r}: 0}}))")
+            if old_r.pattern == CHANNELS and old_r.mask is not None and torch.equal(old_r.mask, m):
+                continue
+            owner = next((g for g in new if name in self.groups.groups[g].producers), None) or \
+                next(g for g in new if name in self.groups.groups[g].layers)
+            records[name] = Record(CHANNELS, int(m.numel() - m.sum()), new[owner].criterion, new[owner].seed,
+                                   m.to(self.weights[name].device), next(_serials), True, new[owner].calibration,
+                                   old_r.bits, old_r.qmethod)
+        assert all(by_param.get(self._info[n].param) == n for n in records)
+        return new, records
+
+    def apply_channels(self, channels: Mapping[str, ChannelRecord], records: Mapping[str, Record],
+                       kind: str = "masks") -> list[str]:
+        """Install channel records and the layer records they imply; write the group members
+        that are not layers (biases, BatchNorm) from their bases. Returns the layers changed."""
+        with self.lock:
+            self._check_not_in_trial("change the channels")
+            old_keys = set(self._structural(self._channels))
+            self._channels = dict(channels)
+            self._write_members(old_keys)
+            changed = [n for n, r in records.items() if r.token != self._records[n].token]
+            for name in changed:
+                self._write(name, records[name].mask, records[name].token, records[name].quant)
+                self._records[name] = records[name]
+            if changed:
+                self._notify(kind, changed)
+            return changed
+
+    def _write_members(self, extra_keys: Any = ()) -> None:
+        """Write every non-layer group member as base * (its structural mask), bases kept."""
+        by_param = self._param_layers()
+        masks = self._structural(self._channels) if self._channels else {}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for key in set(masks) | set(extra_keys) | set(self._member_bases):
+                if key in by_param:
+                    continue
+                t = params[key]
+                base = self._member_bases.setdefault(key, t.detach().clone())
+                if key in masks:
+                    torch.mul(base, masks[key], out=t.data)
+                else:
+                    t.data.copy_(base)
+
+    def member_masks(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Non-layer group members with channels removed: ``{key: (tensor, keep-mask)}`` (what
+        fine-tuning holds at zero besides the layers' masks)."""
+        by_param = self._param_layers()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        return {k: (params[k], m) for k, m in self._structural(self._channels).items() if k not in by_param}
+
+    def channel_trial_masks(self, group: str, keep: Tensor) -> dict[str, Tensor]:
+        """Layer masks for trying ``keep`` on ``group`` (other groups as they are): the masks a
+        :meth:`trial` writes. Zeroing a removed channel's readers makes the outputs exactly
+        those of the model with the channel removed, so the biases and BatchNorm entries of a
+        trial stay as they are."""
+        channels = dict(self._channels)
+        size = self.groups.groups[group].size
+        channels[group] = ChannelRecord(int((~keep).sum()), "trial", 0, size, keep.to(torch.bool).cpu())
+        masks = self._structural(channels)
+        by_param = self._param_layers()
+        out: dict[str, Tensor] = {}
+        for name in self.groups.groups[group].layers:
+            m = masks[self._info[name].param]
+            own = self._records[name]
+            if own.pattern != CHANNELS and own.mask is not None:
+                m = m & own.mask
+            out[name] = m
+        assert all(by_param[self._info[n].param] == n for n in out)
+        return out
 
     @staticmethod
     def with_quant(record: Record, quant: Optional[tuple[int, str]]) -> Record:
@@ -423,7 +599,8 @@ class PruningState:
         if gen != self.generation:
             others = {k: t.detach().clone() for k, t in self.other_tensors().items()}
             self._others_copy = (self.generation, others)
-        return Snapshot(dict(self._records), dict(self._bases), self.generation, others)
+        return Snapshot(dict(self._records), dict(self._bases), self.generation, others, dict(self._channels),
+                        dict(self._member_bases))
 
     def _check_snapshot(self, snapshot: Any, action: str) -> None:
         if not isinstance(snapshot, Snapshot):
@@ -447,6 +624,10 @@ class PruningState:
                 changed = list(self._info)
             else:
                 changed = [n for n, r in snapshot.records.items() if r.token != self._records[n].token]
+            old_keys = set(self._structural(self._channels))
+            self._channels = dict(snapshot.channels)
+            self._member_bases = dict(snapshot.member_bases)
+            self._write_members(old_keys)
             for name in changed:
                 r = snapshot.records[name]
                 self._write(name, r.mask, r.token, r.quant)
@@ -475,6 +656,10 @@ class PruningState:
                 self._next_generation += 1
             else:
                 self.generation = 0
+            self._channels = {g: replace(c, token=next(_serials)) for g, c in snapshot.channels.items()}
+            self._member_bases = {k: b.to(device) for k, b in snapshot.member_bases.items()}
+            if self._channels or self._member_bases:
+                self._write_members()
             for name, r in snapshot.records.items():
                 r = replace(r, mask=None if r.mask is None else r.mask.to(device), token=next(_serials))
                 self._records[name] = r
@@ -490,6 +675,7 @@ class PruningState:
                     t.copy_(self._original[key])
             self._bases = {i.name: self._original_of(i) for i in self.layers}
             self.generation = 0
+            self._channels, self._member_bases = {}, {}
             for i in self.layers:
                 self._records[i.name] = Record(seed=self.seed, token=next(_serials))
                 self._mark_written(i.name, self._records[i.name].token)
@@ -501,6 +687,10 @@ class PruningState:
         with self.lock:
             self.generation = self._next_generation  # never reused: restore() may go back to any earlier one
             self._next_generation += 1
+            for key, (t, m) in self.member_masks().items():
+                self._member_bases[key] = torch.where(m, t.detach(), self._member_bases[key])
+            for key in [k for k in self._member_bases if k not in self.member_masks()]:
+                self._member_bases[key] = self._member_tensor(key).detach().clone()
             for name, w in self.weights.items():
                 r = self._records[name]
                 trained = w.detach().clone()
@@ -543,6 +733,7 @@ class PruningState:
             self._original = {k: mv(v) for k, v in self._original.items()}  # type: ignore[misc]
             self._bases = {n: mv(b) for n, b in self._bases.items()}  # type: ignore[misc]
             self._records = {n: replace(r, mask=mv(r.mask)) for n, r in self._records.items()}
+            self._member_bases = {k: mv(b) for k, b in self._member_bases.items()}  # type: ignore[misc]
             gen, others = self._others_copy
             if others is not None:
                 self._others_copy = (gen, {k: mv(v) for k, v in others.items()})  # type: ignore[misc]

@@ -97,6 +97,8 @@ def masked_train(
     model = state.model
     masks = {name: state.mask(name) for name, k in state.counts.items() if k}
     weights = {name: state.weights[name] for name in masks}
+    for key, (t, m) in state.member_masks().items():  # biases and BatchNorm entries of removed channels
+        masks[key], weights[key] = m, t
     opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
     was_training = model.training
     device = next(iter(state.weights.values())).device

@@ -1,0 +1,350 @@
+"""Channel groups: the output channels that must be removed together, found by Torch-Pruning.
+
+A *channel group* is one set of channels and every tensor entry that belongs to them: the
+producing layers' output rows and biases, the BatchNorm entries after them, and the input
+columns of every layer that reads them, across residual adds (all members of an add share the
+indices), concatenations (offsets), flattening (each channel's block of features) and depthwise
+convolutions. Torch-Pruning's ``DependencyGraph`` traces the model and finds the coupling; this
+module turns its groups into plain data: for each member tensor the dimension the channels index
+and, per position along it, the group channel it belongs to.
+
+Masking every member at a channel's positions makes the model compute what the physically
+smaller model computes: a removed channel's readers see zero weights, whatever the channel
+holds. That holds only for members prune_lab can mask exactly (Conv/Linear weights and biases,
+BatchNorm, depthwise convolutions); a group that reaches anything else (LayerNorm, grouped
+convolutions, attention, RNNs, raw parameters) or the model's output is not offered, and
+:attr:`Groups.excluded` says why for each layer.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .registry import close_names
+
+GROUP_CRITERIA = ("l1", "l2", "bn_scale", "random", "taylor", "obd")
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One tensor of a group: ``key`` its qualified parameter name, ``dim`` the dimension the
+    channels index, ``root[j]`` the group channel that position ``j`` along ``dim`` belongs to
+    (-1: none). ``role``: 'out' (a producer's rows or bias), 'in' (a reader's columns), 'bn'
+    (a BatchNorm scale) or 'bn_bias'."""
+
+    key: str
+    dim: int
+    root: Tensor = field(repr=False)
+    role: str = "out"
+
+    def mask(self, keep: Tensor, shape: Sequence[int]) -> Tensor:
+        """Bool keep-mask of the member's full shape for the group's channel keep-mask."""
+        root = self.root.to(keep.device)
+        along = torch.where(root >= 0, keep[root.clamp(min=0)], torch.ones_like(root, dtype=torch.bool))
+        view = [1] * len(shape)
+        view[self.dim] = -1
+        return along.view(view).expand(*shape)
+
+    def per_channel(self, values: Tensor, size: int) -> Tensor:
+        """``values`` (this member's tensor, already made elementwise scores) summed per group
+        channel: a float64 vector of ``size``."""
+        other = [d for d in range(values.dim()) if d != self.dim]
+        along = values.double().sum(other) if other else values.double()
+        root = self.root.to(along.device)
+        out = torch.zeros(size, dtype=torch.float64, device=along.device)
+        valid = root >= 0
+        return out.index_add_(0, root[valid], along[valid])
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """``name``: the first producing layer in model order; ``size``: channels; ``producers``:
+    prunable layers whose outputs these channels are; ``layers``: prunable layers with entries in
+    the group (producers and readers); ``members``: every tensor masked with it."""
+
+    name: str
+    size: int
+    producers: tuple[str, ...]
+    layers: tuple[str, ...]
+    members: tuple[Member, ...] = field(repr=False)
+    root_module: str = ""
+
+    def __repr__(self) -> str:
+        readers = [n for n in self.layers if n not in self.producers]
+        return (f"ChannelGroup({self.name!r}, {self.size} channels, produced by {', '.join(self.producers)}; "
+                f"read by {', '.join(readers) or 'nothing prunable'})")
+
+
+@dataclass(eq=False)
+class Groups:
+    """The channel groups of a model: ``groups`` by name, ``by_layer`` (a producing layer's
+    group), ``excluded`` (a prunable layer without a group: why)."""
+
+    groups: dict[str, ChannelGroup]
+    by_layer: dict[str, str]
+    excluded: dict[str, str]
+    example_shape: tuple[int, ...] = ()
+    example_dtype: str = "float32"
+
+    def of(self, layer: str) -> ChannelGroup:
+        """The group whose channels ``layer`` produces; a ValueError says why there is none."""
+        if layer in self.by_layer:
+            return self.groups[self.by_layer[layer]]
+        if layer in self.groups:
+            return self.groups[layer]
+        if layer in self.excluded:
+            raise ValueError(f"layer {layer!r} has no channel group: {self.excluded[layer]}. Layers with one: "
+                             f"{', '.join(self.by_layer) or 'none'}")
+        raise ValueError(f"no layer {layer!r} produces channels here.{close_names(layer, list(self.by_layer))} "
+                         f"Layers with a channel group: {', '.join(self.by_layer) or 'none'}")
+
+    def member_keys(self) -> set[str]:
+        return {m.key for g in self.groups.values() for m in g.members}
+
+    def __repr__(self) -> str:
+        return f"Groups({len(self.groups)} channel groups: {', '.join(self.groups)}; {len(self.excluded)} layers without one)"
+
+
+def _tp():
+    try:
+        import torch_pruning as tp
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise ImportError("channel pruning needs Torch-Pruning: pip install torch-pruning") from e
+    return tp
+
+
+def _example(example_input: Any) -> Any:
+    return example_input[:2] if isinstance(example_input, Tensor) else example_input
+
+
+def build_graph(model: nn.Module, example_input: Any) -> Any:
+    """Torch-Pruning's dependency graph of ``model`` (traced once with autograd, eval mode, so
+    BatchNorm statistics are not touched)."""
+    tp = _tp()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=_example(example_input), verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def _tensor_members(module: nn.Module, modname: str, out: bool, depthwise_fn: bool) -> tuple[list[tuple[str, int, str]], str]:
+    """(key, dim, role) of the tensors of one group item, or a reason it cannot be masked exactly."""
+    prefix = f"{modname}." if modname else ""
+    if isinstance(module, _CONV):
+        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        if module.groups > 1 and not depthwise:
+            return [], f"it reaches the grouped convolution {modname!r} (groups={module.groups})"
+        if depthwise or out or depthwise_fn:
+            rows = [(prefix + "weight", 0, "out")]
+            return rows + ([(prefix + "bias", 0, "out")] if module.bias is not None else []), ""
+        return [(prefix + "weight", 1, "in")], ""
+    if isinstance(module, nn.Linear):
+        if out:
+            return [(prefix + "weight", 0, "out")] + ([(prefix + "bias", 0, "out")] if module.bias is not None else []), ""
+        return [(prefix + "weight", 1, "in")], ""
+    if isinstance(module, _BN):
+        return ([(prefix + "weight", 0, "bn"), (prefix + "bias", 0, "bn_bias")] if module.affine else []), ""
+    if isinstance(module, nn.Module) and not any(True for _ in module.parameters(recurse=False)) \
+            and not any(True for _ in module.children()):
+        return [], ""  # an operation without weights: an add, a concatenation, a reshape, an activation
+    kind = "a parameter" if isinstance(module, nn.Parameter) else type(module).__name__
+    return [], f"it reaches {modname or 'a tensor'!r} ({kind}), which channel masks cannot follow exactly"
+
+
+def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> Groups:
+    """The channel groups of ``model`` (not modified: a copy is traced), for the prunable
+    ``layers`` (``LayerInfo``: name and qualified parameter name). Never raises for a model
+    Torch-Pruning cannot trace: every layer is then excluded, with the reason."""
+    param_to_layer = {i.param: i.name for i in layers}
+    names = [i.name for i in layers]
+    shape = tuple(example_input.shape) if isinstance(example_input, Tensor) else ()
+    dtype = str(example_input.dtype).replace("torch.", "") if isinstance(example_input, Tensor) else "float32"
+    twin = copy.deepcopy(model)
+    try:
+        graph = build_graph(twin, example_input)
+        raw = list(graph.get_all_groups(root_module_types=(*_CONV, nn.Linear)))
+    except Exception as e:  # untraceable: no groups, each layer says why
+        reason = f"Torch-Pruning could not trace the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return Groups({}, {}, {n: reason for n in names}, shape, dtype)
+    module_names = {m: n for n, m in twin.named_modules()}
+    params = dict(twin.named_parameters(remove_duplicate=False))
+    order = {n: i for i, (n, _) in enumerate(twin.named_modules())}
+    groups: dict[str, ChannelGroup] = {}
+    by_layer: dict[str, str] = {}
+    excluded: dict[str, str] = {}
+    for g in raw:
+        size = len(g[0].idxs)
+        reason = ""
+        members: dict[tuple[str, int], tuple[Tensor, str]] = {}
+        producers: list[str] = []
+        touched: list[str] = []
+        for item in g:
+            dep = item.dep
+            node, module = dep.target, dep.target.module
+            modname = module_names.get(module, getattr(node, "name", "?"))
+            is_out = graph.is_out_channel_pruning_fn(dep.handler)
+            if is_out and len(node.outputs) == 0:  # what this node outputs is the model's output
+                reason = reason or f"its channels are the model's output (at {modname!r})"
+
+            fn = getattr(dep.handler, "__name__", "")
+            tensors, why = _tensor_members(module, modname, is_out, "depthwise" in fn)
+            reason = reason or why
+            for key, dim, role in tensors:
+                t = params.get(key)
+                if t is None:
+                    continue
+                root = members.get((key, dim), (torch.full((t.shape[dim],), -1, dtype=torch.long), role))[0]
+                idxs = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
+                roots = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+                if len(idxs) and int(idxs.max()) >= t.shape[dim]:
+                    reason = reason or f"Torch-Pruning's indices for {key!r} exceed its shape"
+                    continue
+                root[idxs] = roots
+                members[(key, dim)] = (root, role)
+                if key in param_to_layer:
+                    touched.append(param_to_layer[key])
+                    if role == "out":
+                        producers.append(param_to_layer[key])
+        producers = sorted(dict.fromkeys(producers), key=lambda n: order.get(n, 1 << 30))
+        if not producers:
+            continue
+        if reason:
+            for p in producers:
+                excluded.setdefault(p, reason)
+            continue
+        name = producers[0]
+        root_module = module_names.get(g[0].dep.target.module, "")
+        groups[name] = ChannelGroup(name, size, tuple(producers), tuple(dict.fromkeys(producers + touched)),
+                                    tuple(Member(k, d, r, role) for (k, d), (r, role) in members.items()), root_module)
+        for p in producers:
+            by_layer[p] = name
+    for name in _unfaithful(model, groups, example_input):
+        for p in groups[name].producers:
+            excluded[p] = ("Torch-Pruning's removal of these channels does not compute what the masks compute "
+                           "(checked on the example input)")
+            by_layer.pop(p, None)
+        del groups[name]
+    for n in names:
+        if n not in by_layer and n not in excluded:
+            excluded[n] = "Torch-Pruning found no output channels to remove here (not a Conv/Linear output)"
+    return Groups(groups, by_layer, excluded, shape, dtype)
+
+
+def _masked_minus_removed(model: nn.Module, groups: Sequence[ChannelGroup], example_input: Any) -> bool:
+    """Whether removing channel 0 of each group physically computes what masking it computes."""
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    params = dict(masked.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for g in groups:
+            keep = torch.ones(g.size, dtype=torch.bool)
+            keep[0] = False
+            for m in g.members:
+                params[m.key].mul_(m.mask(keep, params[m.key].shape))
+    try:
+        remove_channels(small, example_input, {g.root_module: [0] for g in groups})
+        masked.eval(), small.eval()
+        with torch.no_grad():
+            a, b = _logits(masked(_example(example_input))), _logits(small(_example(example_input)))
+        return tuple(a.shape) == tuple(b.shape) and float((a - b).abs().max()) <= 1e-4 * max(float(a.abs().max()), 1e-12)
+    except Exception:
+        return False
+
+
+def _logits(out: Any) -> Tensor:
+    from .measure import model_logits
+
+    return model_logits(out).double()
+
+
+def _unfaithful(model: nn.Module, groups: Mapping[str, ChannelGroup], example_input: Any) -> list[str]:
+    """Groups whose physical removal (Torch-Pruning) does not match their masks: all checked at
+    once (the usual case: none), one by one only when that fails."""
+    if not groups or _masked_minus_removed(model, list(groups.values()), example_input):
+        return []
+    return [n for n, g in groups.items() if not _masked_minus_removed(model, [g], example_input)]
+
+
+# ---------------------------------------------------------------------- importance
+def channel_scores(group: ChannelGroup, tensors: Mapping[str, Tensor], criterion: str, seed: int,
+                   element_scores: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+    """Importance of each channel of ``group`` (float64, ``size``), higher = keep.
+
+    - ``"l1"``: sum of ``|w|`` over every member entry of the channel (weights, biases,
+      BatchNorm scale and shift; the readers' columns included, as Torch-Pruning's group norm);
+    - ``"l2"``: the square root of the sum of ``w**2`` over the same entries;
+    - ``"bn_scale"``: ``|gamma|`` of the group's BatchNorm(s), summed (network slimming, Liu et al. 2017);
+    - ``"taylor"``/``"obd"``: the elementwise scores of the data-aware criteria
+      (``element_scores``, by parameter name) summed over the channel's entries in prunable layers;
+    - ``"random"``: uniform, seeded by ``seed``.
+    """
+    size = group.size
+    if criterion == "random":
+        g = torch.Generator().manual_seed(int(seed) + sum(map(ord, group.name)))
+        return torch.rand(size, generator=g, dtype=torch.float64)
+    out = torch.zeros(size, dtype=torch.float64)
+    if criterion in ("l1", "l2"):
+        for m in group.members:
+            t = tensors[m.key].detach()
+            out += m.per_channel(t.abs() if criterion == "l1" else t.double() ** 2, size).cpu()
+        return out.sqrt() if criterion == "l2" else out
+    if criterion == "bn_scale":
+        bns = [m for m in group.members if m.role == "bn"]
+        if not bns:
+            raise ValueError(f"criterion 'bn_scale': group {group.name!r} has no BatchNorm; use 'l1' or 'l2'")
+        for m in bns:
+            out += m.per_channel(tensors[m.key].detach().abs(), size).cpu()
+        return out
+    if criterion in ("taylor", "obd"):
+        assert element_scores is not None
+        for m in group.members:
+            if m.key in element_scores:
+                out += m.per_channel(element_scores[m.key], size).cpu()
+        return out
+    raise ValueError(f"unknown channel criterion {criterion!r}.{close_names(criterion, list(GROUP_CRITERIA))} "
+                     f"Valid: {', '.join(GROUP_CRITERIA)} ('magnitude' means 'l1')")
+
+
+def channels_to_remove(fraction: float, size: int, round_to: Optional[int] = None) -> int:
+    """``round(fraction * size)`` channels, or with ``round_to`` the count that leaves a
+    multiple of ``round_to`` kept channels nearest to that (at least ``round_to``)."""
+    removed = int(round(fraction * size))
+    if round_to and fraction > 0:
+        kept = max(round_to, int(round((size - removed) / round_to)) * round_to)
+        removed = max(0, size - kept)
+    return removed
+
+
+def keep_mask(scores: Tensor, removed: int) -> Tensor:
+    """Keep-mask removing the ``removed`` lowest-scored channels (ties: the lower index goes)."""
+    order = torch.argsort(scores, stable=True)
+    keep = torch.ones(len(scores), dtype=torch.bool)
+    keep[order[:removed]] = False
+    return keep
+
+
+# ---------------------------------------------------------------------- physical removal
+def remove_channels(model: nn.Module, example_input: Any, removed: Mapping[str, Sequence[int]]) -> nn.Module:
+    """Physically remove channels from ``model`` (in place) with Torch-Pruning: for each group
+    root module name, the group channel indices to drop. Channel indices of different groups
+    never shift each other (each dimension belongs to one group), so the order does not matter."""
+    graph = build_graph(model, example_input)
+    modules = dict(model.named_modules())
+    for root, idxs in removed.items():
+        if not idxs:
+            continue
+        if root not in modules:
+            raise ValueError(f"no module {root!r} in {type(model).__name__} (another architecture?)")
+        module = modules[root]
+        pruner = graph.get_pruner_of_module(module)
+        group = graph.get_pruning_group(module, pruner.prune_out_channels, [int(i) for i in idxs])
+        group.prune()
+    return model

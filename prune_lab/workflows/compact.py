@@ -1,0 +1,147 @@
+"""Physical removal: the channels a session masked, taken out of a copy of the model.
+
+The copy holds the live (masked) weights; Torch-Pruning removes each group's channels from it.
+Its outputs are checked against the masked model's before it is returned. It is saved as its
+state_dict plus the structure (the removed channel indices per group root module and the example
+input's shape) that rebuilds its shape from the original architecture: nothing is pickled.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..groups import remove_channels
+from ..measure import model_logits
+
+STRUCTURE_FORMAT = 1
+
+
+@dataclass
+class CompactReport:
+    """Dense vs compact, all measured: per-sample MACs of the matrix products and convolutions,
+    parameters, file bytes of ``torch.save(state_dict)``, median latency (ms) per batch size,
+    and the largest output difference from the masked model on the check batch."""
+
+    dense: dict[str, Any]
+    compact: dict[str, Any]
+    max_abs_diff: float
+    output_scale: float
+    threads: int = field(default_factory=torch.get_num_threads)
+    device: str = "cpu"
+
+    def ratios(self) -> dict[str, float]:
+        """dense / compact for every figure both sides have (2.0: half the MACs, twice as fast)."""
+        return {k: self.dense[k] / self.compact[k] for k in self.dense if k in self.compact and self.compact[k]}
+
+    def rows(self) -> list[tuple[str, Any, Any, float]]:
+        return [(k, self.dense[k], self.compact[k], r) for k, r in self.ratios().items()]
+
+    def __repr__(self) -> str:
+        lines = [f"CompactReport (measured on {self.device}, {self.threads} threads; outputs within "
+                 f"{self.max_abs_diff:.2g} of the masked model's, scale {self.output_scale:.3g})"]
+        for k, d, c, r in self.rows():
+            lines.append(f"  {k:<18} {d:>14,.4g} {c:>14,.4g}  {r:5.2f}x")
+        return "\n".join(lines)
+
+
+def structure_of(model: nn.Module) -> dict[str, Any]:
+    structure = getattr(model, "prune_lab_structure", None)
+    if not isinstance(structure, dict):
+        raise ValueError("this model has no prune_lab structure: make it with Session.compact()")
+    return structure
+
+
+def compact_copy(model: nn.Module, removed: Mapping[str, list[int]], example_input: Tensor) -> nn.Module:
+    """A deep copy of ``model`` with ``removed`` (group root module -> channel indices) taken out."""
+    small = copy.deepcopy(model)
+    remove_channels(small, example_input, removed)
+    small.prune_lab_structure = {  # type: ignore[assignment]
+        "prune_lab_structure": STRUCTURE_FORMAT,
+        "removed": {k: [int(i) for i in v] for k, v in removed.items() if v},
+        "example_shape": [1, *example_input.shape[1:]],
+        "example_dtype": str(example_input.dtype).replace("torch.", ""),
+    }
+    return small
+
+
+@torch.no_grad()
+def output_difference(a: nn.Module, b: nn.Module, x: Tensor) -> tuple[float, float]:
+    """(max |a(x) - b(x)|, max |a(x)|), both models in eval mode for the call."""
+    modes = (a.training, b.training)
+    a.eval(), b.eval()
+    try:
+        ya, yb = model_logits(a(x)).double(), model_logits(b(x)).double()
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    return float((ya - yb).abs().max()), float(ya.abs().max())
+
+
+def save_compact(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write a compact model: ``torch.save({"state_dict": ..., "structure": <json>})`` (tensors
+    and a string, loadable with ``weights_only=True``). Rebuild it with :func:`load_compact`."""
+    structure = structure_of(model)
+    path = Path(path)
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "structure": json.dumps(structure)}, path)
+    return path
+
+
+def load_compact(path: Union[str, Path], model: nn.Module) -> nn.Module:
+    """The compact model saved at ``path``, rebuilt from ``model`` (a fresh instance of the
+    original architecture, modified in place and returned): its channels removed as recorded,
+    then the saved weights loaded (``weights_only=True``; shapes must match exactly)."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or "structure" not in data or "state_dict" not in data:
+        raise ValueError(f"{path}: not a compact model written by save_compact()")
+    structure = json.loads(data["structure"])
+    if structure.get("prune_lab_structure") != STRUCTURE_FORMAT:
+        raise ValueError(f"{path}: unknown structure format {structure.get('prune_lab_structure')!r}")
+    dtype = getattr(torch, structure["example_dtype"])
+    example = torch.zeros(structure["example_shape"], dtype=dtype, device=next(model.parameters()).device)
+    remove_channels(model, example, structure["removed"])
+    own = model.state_dict()
+    bad = [k for k, v in data["state_dict"].items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"{path}: the saved weights do not fit this architecture ({', '.join(bad[:3])}); "
+                         "pass a fresh instance of the model the session pruned")
+    model.load_state_dict(data["state_dict"])
+    model.prune_lab_structure = structure  # type: ignore[assignment]
+    return model
+
+
+def measure_pair(dense: nn.Module, small: nn.Module, example_input: Tensor, latency: bool = True,
+                 batch_sizes: tuple[int, ...] = (1, 64), repeats: int = 20) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Measured figures of both models (see :class:`CompactReport`)."""
+    from ..export import serialize
+    from ..measure import model_macs
+    from ..runtime import latency as measure_latency
+
+    out = []
+    for m in (dense, small):
+        row: dict[str, Any] = {
+            "macs": model_macs(m, example_input[:1]),
+            "params": sum(p.numel() for p in m.parameters()),
+            "file_bytes": len(serialize({k: v.detach().cpu() for k, v in m.state_dict().items()})),
+        }
+        out.append(row)
+    if latency:  # interleaved, so both see the same machine load
+        for b in batch_sizes:
+            for row, m in zip(out, (dense, small)):
+                row[f"latency_ms_b{b}"] = measure_latency(m, example_input, batch_sizes=(b,), repeats=repeats).ms[b]
+    return out[0], out[1]
+
+
+def check_outputs(masked: nn.Module, small: nn.Module, x: Tensor, tolerance: float = 1e-4) -> tuple[float, float]:
+    diff, scale = output_difference(masked, small, x)
+    if not diff <= tolerance * max(scale, 1e-12):
+        raise RuntimeError(f"the compact model's outputs differ from the masked model's by {diff:.3g} (output scale "
+                           f"{scale:.3g}): some coupling in this architecture is not followed exactly. Please report it "
+                           "with the model; the session is unchanged")
+    return diff, scale
+
