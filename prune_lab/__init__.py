@@ -15,11 +15,12 @@ from .models import demo, train
 from .runtime import int8_dynamic, latency
 from .session import Session
 from .state import Event, Snapshot
+from .workflows.compact import load_compact, save_compact
 
 __all__ = [
     "Session", "LayerInfo", "Coverage", "Snapshot", "Event", "LabModel", "demo", "train", "datasets", "models", "criteria", "masks",
     "distributed", "formats", "latency", "int8_dynamic",
-    "load_recipe", "load_state_dict", "register_criterion", "register_allocation",
+    "load_recipe", "load_state_dict", "save_compact", "load_compact", "register_criterion", "register_allocation",
     "list_criteria", "list_allocations", "plots", "Lab", "__version__",
 ]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -108,6 +109,7 @@ class Session:
         self.version = 0  # bumped on every recorded change of weights or device
         self.last_sensitivity: Any = None  # the latest SensitivityResult, for allocation="sensitivity"
         self.last_compact: Any = None  # the CompactReport of the latest compact(measure=True)
+        self._compact_version = -1  # stats() shows it while the weights are those it measured
         self._calibration_args: Optional[dict] = None
         self.calibration_passes = 0  # how many times calibrate() computed statistics (not served from cache)
         self.state.subscribe(self._on_event)
@@ -488,8 +490,11 @@ class Session:
         """
         with self.state.lock:
             entries, _ = self._compressed_plan()
-            return compute_stats(self.model, self.layers, self.state.weights, self._uses, self._nonzeros,
-                                 self.dense_file_bytes(), entries, self.bits)
+            stats = compute_stats(self.model, self.layers, self.state.weights, self._uses, self._nonzeros,
+                                  self.dense_file_bytes(), entries, self.bits)
+            if self.last_compact is not None and self._compact_version == self.version:
+                stats.compact = self.last_compact
+            return stats
 
     def _compressed_plan(self, parts_wanted: bool = False) -> tuple[list, list]:
         """The compressed export of the live weights: pruned or quantized layers as gaps +
@@ -549,7 +554,7 @@ class Session:
             if r.bits is not None:
                 entry["bits"], entry["quant_method"] = r.bits, r.qmethod
             layers[i.name] = entry
-        return {
+        recipe = {
             "prune_lab_recipe": _export.RECIPE_FORMAT,
             "prune_lab_version": __version__,
             "model": type(self.model).__name__,
@@ -557,6 +562,10 @@ class Session:
             "weights_sha256": _export.weights_digest([self.state.base(i.name) for i in self.layers]),
             "layers": layers,
         }
+        if self.state.channels:  # the channel keep-masks, always stored: a few bytes per group
+            recipe["channels"] = {g: {"size": c.size, "removed": c.count, "criterion": c.criterion, "seed": c.seed,
+                                      "keep": _export.pack_mask(c.keep)} for g, c in self.state.channels.items()}
+        return recipe
 
     @staticmethod
     def load_recipe(path: Union[str, Path, Mapping[str, Any]]) -> dict[str, Any]:
@@ -581,18 +590,45 @@ class Session:
         missing = [i.name for i in self.layers if i.name not in layers]
         if missing:
             raise ValueError(f"recipe has no entry for layer(s) {', '.join(missing)} of this model (another architecture?)")
+        channels = data.get("channels") or {}
+        if not isinstance(channels, Mapping):
+            raise ValueError("recipe 'channels' must be an object of group name -> settings")
+        keeps = {}
+        for g, entry in channels.items() if channels or self.state.channels else ():
+            if g not in self.groups.groups or self.groups.groups[g].size != entry.get("size"):
+                raise ValueError(f"recipe channel group {g!r} ({entry.get('size')} channels) is not in this model; its groups: "
+                                 f"{ {n: grp.size for n, grp in self.groups.groups.items()} }")
+            keeps[g] = _export.unpack_mask(entry["keep"], (entry["size"],))
         records = {}
         weight_dependent = False
         for name, entry in layers.items():
+            if entry.get("pattern") == "channels":
+                continue  # rebuilt from the recipe's channel groups
             seed = int(entry.get("seed", data.get("seed", 0)))
             if "mask" in entry:
                 mask = _export.unpack_mask(entry["mask"], self.layer(name).shape).to(self.device)
                 crit = Criterion(entry["criterion"], lambda w, **_: w, reproducible=False)
-                records.update(self.state.compute({name: entry["pruned"]}, crit, seed, {name: mask}, entry.get("pattern", "unstructured")))
+                records.update(self.state.compute({name: entry["pruned"]}, crit, seed, {name: mask}, entry.get("pattern", "unstructured"),
+                                                  over_channels=True))
             else:
                 crit = get_criterion(entry["criterion"])  # unknown names fail here, before any change
                 weight_dependent |= crit.weight_dependent and entry["pruned"] > 0
-                records.update(self.state.compute({name: entry["pruned"]}, crit, seed, None, entry.get("pattern", "unstructured")))
+                records.update(self.state.compute({name: entry["pruned"]}, crit, seed, None, entry.get("pattern", "unstructured"),
+                                                  over_channels=True))
+        new_channels: dict = {}
+        if channels or self.state.channels:
+            new_channels, channel_records = self.state.compute_channels(
+                {g: int(e["removed"]) for g, e in channels.items()}, lambda g: keeps[g].double(), "recipe", 0, keeps=keeps,
+                replace_unstructured=True, start={})
+            for g, e in channels.items():
+                new_channels[g] = replace(new_channels[g], criterion=str(e.get("criterion", "l1")), seed=int(e.get("seed", 0)))
+            for n, r in channel_records.items():
+                if r.pattern == "channels":
+                    owner = next((g for g in channels if n in self.groups.groups[g].producers), None) or \
+                        next(g for g in channels if n in self.groups.groups[g].layers)
+                    records[n] = replace(r, criterion=new_channels[owner].criterion, seed=new_channels[owner].seed)
+                elif n not in records:
+                    records[n] = r
         if weight_dependent and data.get("weights_sha256") not in (None, self.recipe(masks=False)["weights_sha256"]):
             import warnings
 
@@ -602,7 +638,7 @@ class Session:
             )
         records = {n: self.state.with_quant(r, (layers[n]["bits"], layers[n]["quant_method"]) if "bits" in layers[n] else None)
                    for n, r in records.items()}
-        self.state.apply(records, "restore")
+        self.state.apply_channels(new_channels, records, "restore")
         return self
 
     # ------------------------------------------------------------------ quantization
@@ -695,6 +731,7 @@ class Session:
             if measure:
                 dense_row, small_row = measure_pair(self.model, small, example)
                 self.last_compact = CompactReport(dense_row, small_row, diff, scale, device=str(self.device))
+                self._compact_version = self.version
         return small
 
     def to_torch_prune(self, model: nn.Module) -> nn.Module:
@@ -751,12 +788,21 @@ class Session:
         one already initialised), a Ray address (``"ray://head:10001"``, ``"auto"``) or a
         :class:`prune_lab.workflows.distributed.RayExecutor` (also ``pl.distributed``) spread the points over Ray workers, with the
         same result (bit for bit on CPU). ``pattern="2:4"`` sweeps each layer at that N:M
-        pattern (levels 0 and (M-N)/M).
+        pattern (levels 0 and (M-N)/M). ``pattern="channels"`` sweeps each channel group (the
+        fraction of its channels removed, by a group criterion such as ``"l1"``; in process).
         """
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
         from .workflows.distributed import resolve_executor
 
+        if pattern == "channels":  # per channel group, by a group criterion
+            name, _ = self._channel_criterion(criterion)
+            self.groups  # found before the sweep starts
+            result = _sensitivity.sweep(self.state, self.evaluator, levels, name, layers, resume, incremental, progress,
+                                        on_step, should_stop, executor=executor, pattern=pattern,
+                                        channel_scores=lambda g: self.channel_scores(g, name))
+            self.last_sensitivity = result
+            return result
         ex = resolve_executor(executor, self)  # an unreachable cluster fails here, before any work
         self._fresh_calibration(criterion)
         result = _sensitivity.sweep(self.state, self.evaluator, levels, criterion, layers, resume, incremental, progress,

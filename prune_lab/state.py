@@ -302,7 +302,8 @@ class PruningState:
         self._mark_written(name, token)
 
     def compute(self, counts: Mapping[str, int], criterion: Criterion, seed: int,
-                masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED) -> dict[str, Record]:
+                masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED,
+                over_channels: bool = False) -> dict[str, Record]:
         """New records for ``counts`` (exact k-smallest masks by ``criterion`` on the base
         weights, or the given ``masks``); layers whose settings are unchanged keep their record.
         Writes nothing."""
@@ -320,12 +321,14 @@ class PruningState:
                     raise ValueError(f"layer {name!r}: pattern {pattern} prunes exactly {info.n_params // m * (m - n_keep)} "
                                      f"of {info.n_params} weights (sparsity {(m - n_keep) / m:g}) or none, not {k}")
             old = self._records[name]
-            if old.pattern == CHANNELS:
+            if old.pattern == CHANNELS and not over_channels:
                 raise ValueError(f"layer {name!r} has whole channels removed (pattern 'channels', {old.count} weights): change "
                                  f"them with set_sparsity({{...}}, pattern='channels') or reset() before pruning it {pattern}")
             new_settings = (pattern, k, criterion.name, seed)
             given = masks is not None and name in masks
             calib = self._calibration_id(criterion)
+            if old.pattern == CHANNELS:
+                old = Record(seed=seed, bits=old.bits, qmethod=old.qmethod)  # replaced as a whole (a recipe)
             if old.settings == new_settings and criterion.reproducible and not given and old.calibration == calib \
                     and (k == 0 or old.mask is not None):
                 out[name] = old
@@ -402,7 +405,8 @@ class PruningState:
 
     def compute_channels(self, counts: Mapping[str, int], scores: Callable[[str], Tensor], criterion: str, seed: int,
                          keeps: Optional[Mapping[str, Tensor]] = None, replace_unstructured: bool = False,
-                         calibration: str = "") -> tuple[dict[str, ChannelRecord], dict[str, Record]]:
+                         calibration: str = "", start: Optional[Mapping[str, ChannelRecord]] = None,
+                         ) -> tuple[dict[str, ChannelRecord], dict[str, Record]]:
         """New channel records for ``counts`` (channels removed per group: the lowest
         ``scores(group)``, or the given ``keeps``) and the layer records they imply (pattern
         'channels', the structural masks). Writes nothing; checks everything."""
@@ -410,8 +414,10 @@ class PruningState:
 
         if self.groups is None:
             raise RuntimeError("channel groups are not known yet (Session finds them on first use)")
-        new = dict(self._channels)
+        new = dict(self._channels if start is None else start)
         for g, k in counts.items():
+            if g not in self.groups.groups:
+                raise ValueError(f"no channel group {g!r}; groups: {', '.join(self.groups.groups)}")
             group = self.groups.groups[g]
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < group.size:
                 raise ValueError(f"group {g!r}: cannot remove {k} of its {group.size} channels (0 to {group.size - 1}: "

@@ -28,15 +28,19 @@ class NonzeroCounter:
 class Stats:
     """``stats.layers[name][key]`` and ``stats.total[key]``; prints as a table."""
 
-    def __init__(self, layers: dict[str, dict[str, Any]], total: dict[str, Any]):
+    def __init__(self, layers: dict[str, dict[str, Any]], total: dict[str, Any], compact: Any = None):
         self.layers = layers
         self.total = total
+        self.compact = compact  # a CompactReport: measured dense vs compact, when compact() ran on these masks
 
     def __getitem__(self, key: str) -> Any:
         return self.total if key == "total" else self.layers[key]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "total": self.total}
+        out = {"layers": self.layers, "total": self.total}
+        if self.compact is not None:
+            out["compact"] = {"dense": self.compact.dense, "compact": self.compact.compact, "ratios": self.compact.ratios()}
+        return out
 
     def __repr__(self) -> str:
         width = max([20] + [len(n) + 2 for n in self.layers])
@@ -56,6 +60,8 @@ class Stats:
             f"files: dense {t['dense_file_bytes']:,} B, sparse {t['sparse_file_bytes']:,} B "
             f"({t['file_compression']:.2f}x); compression {t['compression']:.2f}x; speedup {t['speedup']:.2f}x (theoretical)"
         )
+        if self.compact is not None:
+            lines.append(f"measured after compact(): {self.compact!r}")
         return "\n".join(lines)
 
 

@@ -45,8 +45,10 @@ class CompactReport:
     def __repr__(self) -> str:
         lines = [f"CompactReport (measured on {self.device}, {self.threads} threads; outputs within "
                  f"{self.max_abs_diff:.2g} of the masked model's, scale {self.output_scale:.3g})"]
+        lines.append(f"  {'':<18} {'dense':>14} {'compact':>14}  dense/compact")
         for k, d, c, r in self.rows():
-            lines.append(f"  {k:<18} {d:>14,.4g} {c:>14,.4g}  {r:5.2f}x")
+            fmt = (lambda v: f"{v:>14,}") if isinstance(d, int) else (lambda v: f"{v:>14.3f}")
+            lines.append(f"  {k:<18} {fmt(d)} {fmt(c)}  {r:5.2f}x")
         return "\n".join(lines)
 
 

@@ -247,18 +247,43 @@ def sweep(
     seed: Optional[int] = None,
     executor: Any = None,
     pattern: str = "unstructured",
+    channel_scores: Optional[Callable[[str], "torch.Tensor"]] = None,
 ) -> SensitivityResult:
     """Prune each layer alone to each level (the others as they are), evaluate, put it back.
 
     Every trial mask lives inside ``state.trial``, so the model is restored exactly whatever
     happens; Ctrl-C or ``should_stop()`` returns the partial result (``complete=False``).
-    ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead."""
-    from tqdm.auto import tqdm
+    ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead.
 
-    from ..patterns import check_nm, nm_fits, nm_sparsity, normalize, parse_nm
+    ``pattern="channels"``: each *channel group* (named by its first producing layer) loses
+    each level's fraction of its channels, lowest ``channel_scores(group)`` first (at least one
+    channel stays); ``n_params`` then holds each group's channel count."""
+    from ..patterns import CHANNELS, check_nm, nm_fits, nm_sparsity, normalize, parse_nm
 
-    crit = get_criterion(criterion)
     seed = state.seed if seed is None else int(seed)
+    if pattern == CHANNELS:
+        if state.groups is None or channel_scores is None:
+            raise RuntimeError("a channel sweep needs the session's channel groups and scores (use Session.sensitivity)")
+        if executor is not None:
+            raise NotImplementedError("pattern='channels' sweeps run in this process: pass executor=None")
+        crit = Criterion(str(criterion), lambda w, **_: w)
+        groups = state.groups
+        names = list(groups.groups) if layers is None else list(dict.fromkeys(groups.of(n).name for n in layers))
+        levels = list(DEFAULT_LEVELS if levels is None else levels)
+        for lv in levels:
+            check_fraction(lv, "sensitivity level")
+        scores = {g: channel_scores(g) for g in names}
+        if resume is not None and resume.pattern != CHANNELS:
+            raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not 'channels'")
+        reference = evaluator.evaluate()
+        result = resume or SensitivityResult(
+            layers=names, levels=levels, n_params={g: groups.groups[g].size for g in names},
+            current={g: (state.channels[g].count / groups.groups[g].size if g in state.channels else 0.0) for g in names},
+            criterion=crit.name, metric=evaluator.metric_name, reference=reference, dense=evaluator.baseline(),
+            pattern=CHANNELS)
+        return _run(state, evaluator, result, progress, on_step, should_stop,
+                    lambda g, lv: measure_channels(state, evaluator, g, lv, scores[g], incremental))
+    crit = get_criterion(criterion)
     pattern = normalize(pattern)
     nm = parse_nm(pattern)
     if nm is not None and levels is None:
@@ -297,21 +322,36 @@ def sweep(
         dense=evaluator.baseline(),
         pattern=pattern,
     )
-    result.complete = False
-    done = result.done()
-    todo = [(n, lv) for n in names for lv in levels if (n, lv) not in done]
-    result.missing = []  # retried now
-    total = len(names) * len(levels)
     if executor is not None:
+        result.complete = False
+        done = result.done()
+        todo = [(n, lv) for n in names for lv in levels if (n, lv) not in done]
+        result.missing = []  # retried now
         return executor.sensitivity(state, evaluator, result, todo, crit, seed, incremental, progress, on_step, should_stop,
                                     pattern)
+    return _run(state, evaluator, result, progress, on_step, should_stop,
+                lambda n, lv: measure_point(state, evaluator, crit, seed, n, lv, incremental, pattern))
+
+
+def _run(state: PruningState, evaluator: Evaluator, result: SensitivityResult, progress: bool,
+         on_step: Optional[Callable[[dict[str, Any]], None]], should_stop: Optional[Callable[[], bool]],
+         measure: Callable[[str, float], dict[str, Any]]) -> SensitivityResult:
+    """The points ``result`` lacks, measured in this process; Ctrl-C or ``should_stop()``
+    returns it partial."""
+    from tqdm.auto import tqdm
+
+    result.complete = False
+    done = result.done()
+    todo = [(n, lv) for n in result.layers for lv in result.levels if (n, lv) not in done]
+    result.missing = []
+    total = len(result.layers) * len(result.levels)
     bar = tqdm(total=total, initial=total - len(todo), desc="sensitivity", disable=not progress, leave=False)
     try:
         with state.trial():  # listeners see one sweep, not every point
             for name, level in todo:
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt
-                record = measure_point(state, evaluator, crit, seed, name, level, incremental, pattern)
+                record = measure(name, level)
                 result.records.append(record)
                 bar.update(1)
                 if on_step is not None:
@@ -322,6 +362,21 @@ def sweep(
     finally:
         bar.close()
     return result
+
+
+def measure_channels(state: PruningState, evaluator: Evaluator, group: str, level: float, scores: "torch.Tensor",
+                     incremental: bool = True) -> dict[str, Any]:
+    """One channel sweep point: ``group`` losing ``level`` of its channels (at most all but
+    one), the lowest ``scores`` first; the readers' columns are zeroed, which computes exactly
+    what removing the channels computes."""
+    from ..groups import channels_to_remove, keep_mask
+
+    size = state.groups.groups[group].size
+    k = min(channels_to_remove(level, size), size - 1)
+    masks = state.channel_trial_masks(group, keep_mask(scores, k)) if k else {}
+    with state.trial(masks):
+        r = evaluator.evaluate(commit=False, incremental=incremental)
+    return {"layer": group, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
 
 
 def measure_point(state: PruningState, evaluator: Evaluator, crit: Criterion, seed: int, name: str, level: float,
