@@ -209,15 +209,43 @@ class LabModel:
         sparsity the layer is dense, from there on it takes the pattern."""
         self._check_idle("prune")
         self.session.check_sparsity(name, sparsity)
+        if self.pattern == "channels":
+            self.session.groups.of(name)  # a layer without a channel group says why, before anything changes
         sparsity = self._snap(float(sparsity))
         self.push_undo(coalesce=f"layer:{name}" if coalesce else None)
         with self._act():
             self.session.set_sparsity({name: sparsity}, criterion=self.criterion, pattern=self.pattern)
 
+    def channel_fraction(self, name: str) -> Optional[float]:
+        """Under the channels pattern: the fraction of ``name`` 's channel group removed (None
+        when the layer has no group)."""
+        g = self.session.groups.by_layer.get(name)
+        if g is None:
+            return None
+        kept, total = self.session.channels[g]
+        return (total - kept) / total
+
+    def channel_text(self, name: str) -> str:
+        """"45 of 64 channels" for a producing layer; why not, for the others."""
+        g = self.session.groups.by_layer.get(name)
+        if g is None:
+            return "no channel group: " + self.session.groups.excluded.get(name, "not a Conv/Linear output")
+        kept, total = self.session.channels[g]
+        shared = [p for p in self.session.groups.groups[g].producers if p != name]
+        return f"{kept} of {total} channels" + (f" (with {', '.join(shared)})" if shared else "")
+
+    def measure_speed(self) -> Any:
+        """Compact the model (channels removed for real) and measure both: the session's
+        ``last_compact`` report (MACs, params, file bytes, latency at batch 1 and 64)."""
+        self._check_idle("measure the speed")
+        with self._act():
+            self.session.compact(measure=True)
+        return self.session.last_compact
+
     def _snap(self, sparsity: float) -> float:
         from .patterns import nm_sparsity, parse_nm
 
-        if parse_nm(self.pattern) is None:
+        if self.pattern == "channels" or parse_nm(self.pattern) is None:
             return sparsity
         level = nm_sparsity(self.pattern)
         return level if sparsity >= level / 2 else 0.0
@@ -229,7 +257,23 @@ class LabModel:
         from .patterns import normalize, parse_nm
 
         self._check_idle("change the pattern")
+        if pattern == "channels":  # whole channels: the weight masks go, every group starts whole
+            groups = self.session.groups
+            if not groups.groups:
+                raise ValueError("this model has no channel group to prune: " + "; ".join(
+                    f"{n}: {why}" for n, why in list(groups.excluded.items())[:3]))
+            self.push_undo()
+            with self._act():
+                self.session.set_sparsity({i.name: 0.0 for i in self.session.layers
+                                           if self.session.state.record(i.name).pattern != "channels"})
+            self.pattern = "channels"
+            self._emit("state")
+            return
         pattern = normalize(pattern)  # a bad pattern raises with what is valid
+        if self.pattern == "channels" and self.session.state.channels:  # back to weights: channels restored first
+            self.push_undo()
+            with self._act():
+                self.session.set_global_sparsity(0.0, allocation="uniform", pattern="channels")
         self.pattern = pattern
         if parse_nm(pattern) is not None:
             self.set_global(1.0)
@@ -267,7 +311,10 @@ class LabModel:
         with warnings.catch_warnings(record=True) as caught, self._act():
             warnings.simplefilter("always", LayerCollapseWarning)
             warnings.simplefilter("always", PatternWarning)
-            if parse_nm(self.pattern) is not None:  # the global slider: dense, or the pattern wherever it fits
+            if self.pattern == "channels":  # the fraction of every group's channels (locked groups kept)
+                self.session.set_global_sparsity(float(sparsity), allocation="global" if self.allocation == "global" else "uniform",
+                                                 criterion=self.criterion, locked=sorted(self.locked), pattern="channels")
+            elif parse_nm(self.pattern) is not None:  # the global slider: dense, or the pattern wherever it fits
                 on = float(sparsity) > 0
                 level = nm_sparsity(self.pattern) if on else 0.0
                 if on:
@@ -319,9 +366,15 @@ class LabModel:
         get_allocation(allocation)  # an unknown name raises with the valid ones and the closest
         self._check_idle("change the allocation")
         self.allocation = allocation
-        total = self.session.total_sparsity()
+        total = self.channel_total() if self.pattern == "channels" else self.session.total_sparsity()
         if total > 0:
             self.set_global(total)
+
+    def channel_total(self) -> float:
+        """The fraction of all channel groups' channels removed (what the global slider shows
+        under the channels pattern)."""
+        held = self.session.channels.values()
+        return sum(n - k for k, n in held) / max(sum(n for _, n in held), 1)
 
     def set_locked(self, name: str, locked: bool) -> None:
         self._check_idle("lock layers")

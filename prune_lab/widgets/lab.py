@@ -7,6 +7,7 @@ session's true state and re-measures. Nothing here computes a number.
 from __future__ import annotations
 
 import functools
+import html
 import io
 import time
 from typing import Any, Callable, Optional
@@ -132,6 +133,8 @@ class Lab:
         self.sliders: dict[str, W.FloatSlider] = {}
         self.locks: dict[str, W.ToggleButton] = {}
         self.sensitivity_bars: dict[str, W.HTML] = {}
+        self.meta: dict[str, W.HTML] = {}  # per layer: kind, shape and params; under channels, "45 of 64 channels"
+        self._meta_text: dict[str, str] = {}
         rows = []
         for info in s.layers:
             name = info.name
@@ -147,7 +150,10 @@ class Lab:
             lock.add_class("prune-lab-lock")
             lock.observe(functools.partial(self._on_lock, name), names="value")
             shape = "x".join(map(str, info.shape))
-            meta = W.HTML(f"<span style='font-size:11px;color:#555'>{info.kind} {shape} &middot; {info.n_params:,} params</span>", layout=W.Layout(width="210px"))
+            self._meta_text[name] = f"<span style='font-size:11px;color:#555'>{info.kind} {shape} &middot; {info.n_params:,} params</span>"
+            meta = W.HTML(self._meta_text[name], layout=W.Layout(width="210px"))
+            meta.add_class("prune-lab-layer-meta")
+            self.meta[name] = meta
             bar = W.HTML("", layout=W.Layout(width="120px"))
             bar.add_class("prune-lab-sensbar")
             self.sliders[name], self.locks[name], self.sensitivity_bars[name] = slider, lock, bar
@@ -163,7 +169,7 @@ class Lab:
         self.criterion = W.Dropdown(options=list_criteria(), value="magnitude", description="criterion", style=WIDE, layout=W.Layout(width="250px"))
         self.criterion.add_class("prune-lab-criterion")
         self.criterion.observe(self._on_criterion, names="value")
-        self.pattern = W.Dropdown(options=[("weights", "unstructured"), ("2:4", "2:4")], value="unstructured",
+        self.pattern = W.Dropdown(options=[("weights", "unstructured"), ("2:4", "2:4"), ("channels", "channels")], value="unstructured",
                                   description="pattern", style=WIDE, layout=W.Layout(width="250px"))
         self.pattern.add_class("prune-lab-pattern")
         self.pattern.observe(self._on_pattern, names="value")
@@ -184,6 +190,9 @@ class Lab:
         self.stop_button = button("stop", "stop", self.stop, "stop")
         self.stop_button.disabled = True
         self.plan_button = button("apply plan", "apply-plan", self.apply_plan, "magic")
+        self.speed_button = button("measure speed", "measure-speed", self.measure_speed, "stopwatch")
+        self.speed_button.tooltip = "remove the channels for real (compact) and time both models"
+        self.speed_button.layout.display = "none"  # shown under the channels pattern
         self.export_path = W.Text(value="pruned_model.pt", description="export to", style=WIDE, layout=W.Layout(width="420px"))
         self.export_button = button("export", "export", self.export, "save")
         devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -194,7 +203,7 @@ class Lab:
         self.progress.add_class("prune-lab-progress")
 
         self.labels: dict[str, W.HTML] = {}
-        for key in ("mode", "accuracy", "delta", "loss", "sparsity", "nonzeros", "bytes", "compression", "macs", "speedup"):
+        for key in ("mode", "accuracy", "delta", "loss", "sparsity", "nonzeros", "bytes", "compression", "macs", "speedup", "measured"):
             self.labels[key] = W.HTML()
             self.labels[key].add_class(f"prune-lab-metric-{key}")
         self.status = W.HTML()
@@ -241,7 +250,7 @@ class Lab:
         prune_tab = W.VBox([
             W.HBox([self.global_slider], layout=wrap),
             W.HBox([self.allocation, self.criterion], layout=wrap),
-            W.HBox([self.pattern, self.quant], layout=wrap),
+            W.HBox([self.pattern, self.quant, self.speed_button], layout=wrap),
             W.VBox(rows),
             W.HBox([self.reset_button, self.undo_button, self.redo_button], layout=wrap),
             W.HBox([self.layer_select, self.log_counts], layout=wrap),
@@ -406,6 +415,12 @@ class Lab:
                                 background=self._loop is not None)
 
     @_guard
+    def measure_speed(self) -> None:
+        """Compact and time both models (the channels pattern): fills the 'measured' label."""
+        self.model.measure_speed()
+        self.refresh()
+
+    @_guard
     def apply_plan(self, target: Optional[float] = None) -> None:
         """Apply the sensitivity plan for the current total sparsity (or ``target``)."""
         self.model.apply_plan(self.global_slider.value if target is None else target)
@@ -418,9 +433,20 @@ class Lab:
         """Move every control to what the session holds, without firing callbacks."""
         self._syncing = True
         try:
+            channels = self.model.pattern == "channels"
             for name, slider in self.sliders.items():
-                self._set_slider(slider, self.session.sparsity[name])
-            self._set_slider(self.global_slider, self.session.total_sparsity())
+                fraction = self.model.channel_fraction(name) if channels else None
+                self._set_slider(slider, fraction if fraction is not None else self.session.sparsity[name])
+                text = self.model.channel_text(name) if channels else ""
+                self.meta[name].value = (f"<span style='font-size:11px;color:#555'>{html.escape(text)}</span>" if channels
+                                         else self._meta_text[name])
+                if not self.model.busy:
+                    slider.disabled = channels and fraction is None
+            if channels:
+                self._set_slider(self.global_slider, self.model.channel_total())
+            else:
+                self._set_slider(self.global_slider, self.session.total_sparsity())
+            self.speed_button.layout.display = "" if channels else "none"
             self.device.value = _device_name(self.session.device)
             self.criterion.value = self.model.criterion
             self.allocation.value = self.model.allocation
@@ -436,11 +462,14 @@ class Lab:
     def _set_controls_disabled(self, disabled: bool) -> None:
         for w in [*self.sliders.values(), *self.locks.values(), self.global_slider, self.allocation, self.criterion,
                   self.pattern, self.quant, self.finetune_button, self.ft_steps, self.ft_lr, self.ft_schedule,
-                  self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.plan_button,
+                  self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.plan_button, self.speed_button,
                   self.device, self.export_button, self.export_path, self.layer_select]:
             w.disabled = disabled
         if self.model.train_data is None:
             self.finetune_button.disabled = True
+        if not disabled and self.model.pattern == "channels":
+            for name, slider in self.sliders.items():
+                slider.disabled = self.model.channel_fraction(name) is None
 
     # ------------------------------------------------------------------ refreshing
     def _changed(self) -> None:
@@ -495,6 +524,17 @@ class Lab:
         L["compression"].value = f"compression: <span class='prune-lab-value'>{t['compression']:.2f}x</span> (params/nonzeros), file {t['file_compression']:.2f}x"
         L["macs"].value = f"MACs: {fmt_count(t['macs'])} dense &rarr; <span class='prune-lab-value'>{fmt_count(t['effective_macs'])}</span> effective"
         L["speedup"].value = f"theoretical speedup: <span class='prune-lab-value'>{t['speedup']:.2f}x</span>"
+        report = stats.compact
+        if self.model.pattern != "channels":
+            L["measured"].value = ""
+        elif report is None:
+            L["measured"].value = (f"MACs <span class='prune-lab-value'>{t['speedup']:.2f}x</span> fewer (counted); "
+                                   "<i>measure speed</i> times the compact model")
+        else:
+            r = report.ratios()
+            L["measured"].value = (f"MACs <span class='prune-lab-value'>{r['macs']:.2f}x</span> fewer, measured "
+                                   f"<span class='prune-lab-value'>{r['latency_ms_b64']:.2f}x</span> faster "
+                                   f"(batch 64; {r['latency_ms_b1']:.2f}x at batch 1; {report.device}, {report.threads} threads)")
 
     def _guarded_plots(self) -> None:
         if self._syncing:

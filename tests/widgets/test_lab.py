@@ -361,3 +361,41 @@ def test_only_another_threads_trial_makes_the_lab_wait(demo_session):
     assert not lab.busy
     lab.set_layer("fc1", 0.5)
     assert s.sparsity["fc1"] == 0.5
+
+
+def test_channels_pattern_moves_whole_channels_and_measures_the_compact_model(demo_session):
+    s = demo_session
+    lab = pl.Lab(s)
+    lab.sliders["fc1"].value = 0.3  # weights first: switching to channels clears them
+    lab.pattern.value = "channels"
+    assert lab.last_error is None and s.pruned_counts["fc1"] == 0 and not s.state.channels
+    groups = s.groups
+    producer = next(iter(groups.by_layer))
+    group = groups.by_layer[producer]
+    size = groups.groups[group].size
+    assert f"{size} of {size} channels" in lab.meta[producer].value
+    output = next(n for n in lab.sliders if n not in groups.by_layer)
+    assert lab.sliders[output].disabled and "no channel group" in lab.meta[output].value
+    lab.sliders[producer].value = 0.5
+    assert lab.last_error is None
+    kept = size - round(0.5 * size)
+    assert s.channels[group] == (kept, size)
+    assert f"{kept} of {size} channels" in lab.meta[producer].value
+    st = s.stats()
+    assert value_of(lab.labels["measured"]) == f"{st.total['speedup']:.2f}x" and "counted" in lab.labels["measured"].value
+    lab.measure_speed()
+    r = s.last_compact.ratios()
+    assert f"MACs <span class='prune-lab-value'>{r['macs']:.2f}x</span> fewer, measured" in lab.labels["measured"].value
+    assert f"{r['latency_ms_b64']:.2f}x</span> faster" in lab.labels["measured"].value
+    lab.allocation.value = "uniform"  # re-splits the channels removed so far, group by group
+    share = lab.model.channel_total()
+    lab.global_slider.value = 0.25
+    assert all(k == n - round(0.25 * n) for k, n in s.channels.values())
+    assert lab.global_slider.value == pytest.approx(lab.model.channel_total(), abs=0.005)
+    lab.undo()
+    assert lab.model.channel_total() == pytest.approx(share, abs=0.02)
+    lab.undo()
+    assert s.channels[group] == (kept, size)
+    lab.pattern.value = "unstructured"
+    assert not s.state.channels and lab.labels["measured"].value == ""
+    assert not lab.sliders[output].disabled
