@@ -323,14 +323,6 @@ def channels_to_remove(fraction: float, size: int, round_to: Optional[int] = Non
     return removed
 
 
-def keep_mask(scores: Tensor, removed: int) -> Tensor:
-    """Keep-mask removing the ``removed`` lowest-scored channels (ties: the lower index goes)."""
-    order = torch.argsort(scores, stable=True)
-    keep = torch.ones(len(scores), dtype=torch.bool)
-    keep[order[:removed]] = False
-    return keep
-
-
 # ---------------------------------------------------------------------- physical removal
 def remove_channels(model: nn.Module, example_input: Any, removed: Mapping[str, Sequence[int]]) -> nn.Module:
     """Physically remove channels from ``model`` (in place) with Torch-Pruning: for each group

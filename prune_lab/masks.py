@@ -184,3 +184,11 @@ def check_count(value: object, what: str, minimum: int = 1) -> int:
 def count_to_prune(sparsity: float, n: int) -> int:
     """Zeros for a sparsity fraction: ``round(sparsity * n)``, as ``torch.nn.utils.prune`` rounds."""
     return int(round(sparsity * n))
+
+
+def keep_mask(scores: Tensor, removed: int) -> Tensor:
+    """Keep-mask removing the ``removed`` lowest-scored channels (ties: the lower index goes)."""
+    order = torch.argsort(scores, stable=True)
+    keep = torch.ones(len(scores), dtype=torch.bool)
+    keep[order[:removed]] = False
+    return keep

@@ -202,10 +202,11 @@ def sensitivity(result: Any, key: Optional[str] = None, current: Optional[dict[s
         y = float(np.interp(s, xs, ys))
         ax.plot([s], [y], "o", color=line.get_color(), markersize=8, markeredgecolor="black", gid=f"current:{layer}")
     ax.axhline(result.reference[key], color="gray", linestyle=":", linewidth=1, gid="reference")
-    ax.set_xlabel("sparsity of the layer (others unchanged)")
+    channels = getattr(result, "pattern", "") == "channels"
+    ax.set_xlabel("channels removed from the group (others unchanged)" if channels else "sparsity of the layer (others unchanged)")
     ax.set_ylabel(key)
     status = "" if result.complete else " (incomplete)"
-    ax.set_title(f"Layer sensitivity - {result.criterion}{status}", fontsize=10)
+    ax.set_title(f"{'Channel group' if channels else 'Layer'} sensitivity - {result.criterion}{status}", fontsize=10)
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     handles = {h.get_label(): h for h in ax.get_lines() if str(h.get_gid()).startswith("curve:")}
     if len(handles) > LEGEND_LAYERS:

@@ -410,7 +410,7 @@ class PruningState:
         """New channel records for ``counts`` (channels removed per group: the lowest
         ``scores(group)``, or the given ``keeps``) and the layer records they imply (pattern
         'channels', the structural masks). Writes nothing; checks everything."""
-        from .groups import keep_mask
+        from .masks import keep_mask
 
         if self.groups is None:
             raise RuntimeError("channel groups are not known yet (Session finds them on first use)")

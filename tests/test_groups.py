@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import prune_lab as pl
-from prune_lab.groups import channel_scores, channels_to_remove, find_groups, keep_mask
+from prune_lab.groups import channel_scores, channels_to_remove, find_groups
+from prune_lab.masks import keep_mask
 from prune_lab.layers import find_prunable
 from tests import zoo_extra as z
 from tests.conftest import zoo_model

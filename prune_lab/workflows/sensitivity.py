@@ -369,7 +369,8 @@ def measure_channels(state: PruningState, evaluator: Evaluator, group: str, leve
     """One channel sweep point: ``group`` losing ``level`` of its channels (at most all but
     one), the lowest ``scores`` first; the readers' columns are zeroed, which computes exactly
     what removing the channels computes."""
-    from ..groups import channels_to_remove, keep_mask
+    from ..groups import channels_to_remove
+    from ..masks import keep_mask
 
     size = state.groups.groups[group].size
     k = min(channels_to_remove(level, size), size - 1)
