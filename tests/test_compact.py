@@ -225,6 +225,10 @@ def test_global_channel_allocations_count_as_documented(digits):
     for _, g, _ in sorted(normalized)[: sum(removed.values())]:
         expected[g] += 1
     assert removed == expected
+    s.set_global_sparsity(0.99, allocation="global", pattern="channels")  # nearly everything: each group keeps its best
+    assert all(k == 1 for k, _ in s.channels.values())
+    for g in sizes:
+        assert torch.nonzero(s.channel_keep(g)).flatten().tolist() == [int(torch.argmax(s.channel_scores(g)))]
     with pytest.raises(ValueError, match="allocation 'uniform' or 'global'"):
         s.set_global_sparsity(0.4, allocation="erk", pattern="channels")
 
@@ -248,7 +252,10 @@ def test_channel_sensitivity_points_equal_the_pruned_model(digits):
 def test_finetuning_keeps_removed_channels_at_zero_and_compacts(digits):
     torch.manual_seed(5)
     model = zoo_model("resnet", digits)
+    with torch.no_grad():
+        model.bn.bias.normal_()  # not zero, so coming back is visible
     s = pl.Session(model, images(32), device="cpu")
+    shift = model.bn.bias.detach().clone()
     s.set_sparsity({"stem": 0.5, "layers.2.conv1": 0.5}, pattern="channels")
     gone, gone2 = ~s.channel_keep("stem"), ~s.channel_keep("layers.2.conv1")
     s.finetune(images(128, seed=9), steps=5, lr=0.05, progress=False)
@@ -259,8 +266,10 @@ def test_finetuning_keeps_removed_channels_at_zero_and_compacts(digits):
     small = s.compact(measure=False)
     diff, scale = _max_diff(model, small, images(32)[0])
     assert diff <= 1e-4 * scale
+    trained = model.bn.bias.detach().clone()
     s.set_sparsity({"stem": 0.0}, pattern="channels")  # un-pruning after fine-tuning brings back the earlier values
     assert s.channels["stem"] == (16, 16)
+    assert torch.equal(model.bn.bias[gone], shift[gone]) and torch.equal(model.bn.bias[~gone], trained[~gone])
 
 
 def test_compact_without_channels_or_in_a_trial_says_what_to_do(digits):
