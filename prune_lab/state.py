@@ -465,16 +465,12 @@ class PruningState:
         that are not layers (biases, BatchNorm) from their bases. Returns the layers changed."""
         with self.lock:
             self._check_not_in_trial("change the channels")
+            for name in records:
+                self.info(name)
             old_keys = set(self._structural(self._channels))
             self._channels = dict(channels)
             self._write_members(old_keys)
-            changed = [n for n, r in records.items() if r.token != self._records[n].token]
-            for name in changed:
-                self._write(name, records[name].mask, records[name].token, records[name].quant)
-                self._records[name] = records[name]
-            if changed:
-                self._notify(kind, changed)
-            return changed
+            return self.apply(records, kind)
 
     def _write_members(self, extra_keys: Any = ()) -> None:
         """Write every non-layer group member as base * (its structural mask), bases kept."""
