@@ -91,6 +91,18 @@ class Groups:
     excluded: dict[str, str]
     example_shape: tuple[int, ...] = ()
     example_dtype: str = "float32"
+    blocks: dict[str, ChannelGroup] = field(default_factory=dict)  # removable blocks by module name (size 1)
+
+    def get(self, name: str) -> ChannelGroup:
+        """A channel group or a block by its name."""
+        return self.groups[name] if name in self.groups else self.blocks[name]
+
+    def block(self, name: str) -> ChannelGroup:
+        """The removable block ``name``; a ValueError lists the ones there are."""
+        if name not in self.blocks:
+            raise ValueError(f"{name!r} is not a removable block.{close_names(name, list(self.blocks))} Removable blocks "
+                             f"(a module whose output is its input plus a branch): {', '.join(self.blocks) or 'none'}")
+        return self.blocks[name]
 
     def of(self, layer: str) -> ChannelGroup:
         """The group whose channels ``layer`` produces; a ValueError says why there is none."""
@@ -236,7 +248,63 @@ def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> 
     for n in names:
         if n not in by_layer and n not in excluded:
             excluded[n] = "Torch-Pruning found no output channels to remove here (not a Conv/Linear output)"
-    return Groups(groups, by_layer, excluded, shape, dtype)
+    return Groups(groups, by_layer, excluded, shape, dtype, _find_blocks(model, layers, example_input))
+
+
+def _find_blocks(model: nn.Module, layers: Sequence[Any], example_input: Any) -> dict[str, ChannelGroup]:
+    """Modules that compute their input when every parameter in them is zero (a residual block
+    whose output is its input plus a branch, e.g. ``relu(x + f(x))`` after a ReLU, or a
+    transformer block): removing one is replacing it by the identity. Checked on the example
+    input, each block on the very tensor it receives there."""
+    param_to_layer = {i.param: i.name for i in layers}
+    layer_modules = {p.rsplit(".", 1)[0] for p in param_to_layer if "." in p}
+    seen: dict[str, tuple[tuple, dict]] = {}
+    hooks = []
+
+    def hook(name: str):
+        def record(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            if name not in seen and args and isinstance(args[0], Tensor) and isinstance(out, Tensor) \
+                    and args[0].shape == out.shape and args[0].is_floating_point():
+                seen[name] = (tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args), dict(kwargs))
+        return record
+
+    twin = copy.deepcopy(model).eval()
+    owners: dict[int, int] = {}
+    for _, mod in twin.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for name, mod in twin.named_modules():
+        if name and name not in layer_modules and any(k.startswith(name + ".") for k in param_to_layer):
+            hooks.append(mod.register_forward_hook(hook(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            twin(_example(example_input))
+    except Exception:
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    blocks: dict[str, ChannelGroup] = {}
+    all_params = dict(twin.named_parameters(remove_duplicate=False))
+    for name, (args, kwargs) in seen.items():
+        x = args[0]
+        mod = twin.get_submodule(name)
+        params = dict(mod.named_parameters(prefix=name, remove_duplicate=False))
+        outside = [k for k, p in all_params.items() if not k.startswith(name + ".") and any(p is q for q in params.values())]
+        if outside or any(p.dim() == 0 for p in params.values()):
+            continue  # a weight shared with the rest of the model, or a scalar: not a block of its own
+        zeroed = copy.deepcopy(mod)
+        with torch.no_grad():
+            for p in zeroed.parameters():
+                p.zero_()
+            out = zeroed(*args, **kwargs)
+        if not torch.allclose(out, x, rtol=0, atol=1e-6 * max(float(x.abs().max()), 1.0)):
+            continue
+        inside = tuple(param_to_layer[k] for k in params if k in param_to_layer)
+        members = tuple(Member(k, 0, torch.zeros(p.shape[0], dtype=torch.long), "block") for k, p in params.items())
+        blocks[name] = ChannelGroup(name, 1, (), inside, members, name)
+    # a block inside a removable block is still offered; one containing another is kept too
+    return blocks
 
 
 def _masked_minus_removed(model: nn.Module, groups: Sequence[ChannelGroup], example_input: Any) -> bool:

@@ -192,6 +192,8 @@ class Session:
         ``pattern="channels"``: the value is the fraction of the layer's *output channels* to
         remove, with everything coupled to them (its channel group, see :attr:`groups`):
         ``round(s * channels)`` whole channels, or with ``round_to=8`` a multiple of 8 kept.
+        ``pattern="blocks"``: ``{block module: 1}`` removes a whole residual block (it then
+        computes the identity; see :attr:`blocks`), ``0`` brings it back.
         ``criterion``: a group criterion, ``"l1"`` (``"magnitude"`` means it), ``"l2"``,
         ``"bn_scale"``, ``"taylor"``/``"obd"`` (after :meth:`calibrate`) or ``"random"``. The
         masks zero every member of the group at those channels (weights, biases, BatchNorm,
@@ -204,6 +206,8 @@ class Session:
             )
         if pattern == "channels":
             return self._set_channels(sparsities, criterion, seed, round_to)
+        if pattern == "blocks":
+            return self._set_blocks(sparsities)
         if round_to is not None:
             raise ValueError("round_to applies to pattern='channels' only")
         crit = get_criterion(criterion)
@@ -283,6 +287,25 @@ class Session:
         """Per channel group: ``(kept, total)`` channels (every group, pruned or not)."""
         removed = {g: c.count for g, c in self.state.channels.items()}
         return {g: (grp.size - removed.get(g, 0), grp.size) for g, grp in self.groups.groups.items()}
+
+    @property
+    def blocks(self) -> dict[str, bool]:
+        """Per removable block (a module that computes its input once its parameters are zero:
+        a residual block, a transformer block), whether it is removed."""
+        return {b: b in self.state.channels for b in self.groups.blocks}
+
+    def _set_blocks(self, values: Mapping[str, Any]) -> "Session":
+        counts: dict[str, int] = {}
+        for name, v in values.items():
+            self.groups.block(name)
+            if isinstance(v, bool) or v not in (0, 1, 0.0, 1.0):
+                raise ValueError(f"block {name!r}: pattern 'blocks' takes 1 (remove the block) or 0 (keep it), got {v!r}")
+            counts[name] = int(v)
+        keeps = {b: torch.zeros(1, dtype=torch.bool) for b, k in counts.items() if k}
+        channels, records = self.state.compute_channels(counts, lambda b: torch.zeros(1, dtype=torch.float64), "block", 0,
+                                                        keeps=keeps, replace_unstructured=True)
+        self.state.apply_channels(channels, records)
+        return self
 
     def channel_keep(self, group: str) -> Tensor:
         """The keep-mask over a group's channels (True = kept)."""
@@ -595,7 +618,7 @@ class Session:
             raise ValueError("recipe 'channels' must be an object of group name -> settings")
         keeps = {}
         for g, entry in channels.items() if channels or self.state.channels else ():
-            if g not in self.groups.groups or self.groups.groups[g].size != entry.get("size"):
+            if (g not in self.groups.groups and g not in self.groups.blocks) or self.groups.get(g).size != entry.get("size"):
                 raise ValueError(f"recipe channel group {g!r} ({entry.get('size')} channels) is not in this model; its groups: "
                                  f"{ {n: grp.size for n, grp in self.groups.groups.items()} }")
             keeps[g] = _export.unpack_mask(entry["keep"], (entry["size"],))
@@ -624,8 +647,8 @@ class Session:
                 new_channels[g] = replace(new_channels[g], criterion=str(e.get("criterion", "l1")), seed=int(e.get("seed", 0)))
             for n, r in channel_records.items():
                 if r.pattern == "channels":
-                    owner = next((g for g in channels if n in self.groups.groups[g].producers), None) or \
-                        next(g for g in channels if n in self.groups.groups[g].layers)
+                    owner = next((g for g in channels if n in self.groups.get(g).producers), None) or \
+                        next(g for g in channels if n in self.groups.get(g).layers)
                     records[n] = replace(r, criterion=new_channels[owner].criterion, seed=new_channels[owner].seed)
                 elif n not in records:
                     records[n] = r
@@ -724,9 +747,11 @@ class Session:
                 raise ValueError("no channels are removed, so compact() would return the same shapes: prune with "
                                  "set_sparsity({layer: s}, pattern='channels') (or set_global_sparsity(..., pattern='channels'))")
             groups = self.groups
-            removed = {groups.groups[g].root_module: torch.nonzero(~c.keep).flatten().tolist() for g, c in channels.items()}
+            removed = {groups.groups[g].root_module: torch.nonzero(~c.keep).flatten().tolist() for g, c in channels.items()
+                       if g in groups.groups}
+            blocks = [g for g in channels if g in groups.blocks]
             example = self.data.sample(min(check_samples, len(self.data)))[0]
-            small = compact_copy(self.model, removed, example)
+            small = compact_copy(self.model, removed, example, blocks)
             diff, scale = check_outputs(self.model, small, example)
             if measure:
                 dense_row, small_row = measure_pair(self.model, small, example)
@@ -795,6 +820,13 @@ class Session:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
         from .workflows.distributed import resolve_executor
 
+        if pattern == "blocks":  # which block can go: each removable block removed alone
+            self.groups
+            result = _sensitivity.sweep(self.state, self.evaluator, (0.0, 1.0) if levels is None else levels, "block", layers,
+                                        resume, incremental, progress, on_step, should_stop, executor=executor,
+                                        pattern="blocks")
+            self.last_sensitivity = result
+            return result
         if pattern == "channels":  # per channel group, by a group criterion
             name, _ = self._channel_criterion(criterion)
             self.groups  # found before the sweep starts

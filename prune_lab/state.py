@@ -390,7 +390,7 @@ class PruningState:
         for g, c in channels.items():
             if c.keep is None:
                 continue
-            for m in self.groups.groups[g].members:
+            for m in self.groups.get(g).members:
                 t = params[m.key]
                 mask = m.mask(c.keep.to(t.device), t.shape)
                 out[m.key] = mask if m.key not in out else out[m.key] & mask
@@ -416,10 +416,11 @@ class PruningState:
             raise RuntimeError("channel groups are not known yet (Session finds them on first use)")
         new = dict(self._channels if start is None else start)
         for g, k in counts.items():
-            if g not in self.groups.groups:
+            if g not in self.groups.groups and g not in self.groups.blocks:
                 raise ValueError(f"no channel group {g!r}; groups: {', '.join(self.groups.groups)}")
-            group = self.groups.groups[g]
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < group.size:
+            group = self.groups.get(g)
+            block = g in self.groups.blocks  # a block is one "channel": removed whole
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < group.size + block:
                 raise ValueError(f"group {g!r}: cannot remove {k} of its {group.size} channels (0 to {group.size - 1}: "
                                  "at least one channel must stay)")
             old = new.get(g)
@@ -435,7 +436,7 @@ class PruningState:
             new[g] = ChannelRecord(k, criterion, seed, group.size, keep, next(_serials), calibration)
         masks = self._structural(new)
         by_param = self._param_layers()
-        affected = {n for g in set(self._channels) | set(new) for n in self.groups.groups[g].layers}
+        affected = {n for g in set(self._channels) | set(new) for n in self.groups.get(g).layers}
         records: dict[str, Record] = {}
         for name in sorted(affected):
             info = self._info[name]
@@ -451,8 +452,8 @@ class PruningState:
                                  f"would discard that mask: set it to 0 first (set_sparsity({{{name!r}: 0}}))")
             if old_r.pattern == CHANNELS and old_r.mask is not None and torch.equal(old_r.mask, m):
                 continue
-            owner = next((g for g in new if name in self.groups.groups[g].producers), None) or \
-                next(g for g in new if name in self.groups.groups[g].layers)
+            owner = next((g for g in new if name in self.groups.get(g).producers), None) or \
+                next(g for g in new if name in self.groups.get(g).layers)
             records[name] = Record(CHANNELS, int(m.numel() - m.sum()), new[owner].criterion, new[owner].seed,
                                    m.to(self.weights[name].device), next(_serials), True, new[owner].calibration,
                                    old_r.bits, old_r.qmethod)
@@ -495,25 +496,25 @@ class PruningState:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         return {k: (params[k], m) for k, m in self._structural(self._channels).items() if k not in by_param}
 
-    def channel_trial_masks(self, group: str, keep: Tensor) -> dict[str, Tensor]:
-        """Layer masks for trying ``keep`` on ``group`` (other groups as they are): the masks a
-        :meth:`trial` writes. Zeroing a removed channel's readers makes the outputs exactly
-        those of the model with the channel removed, so the biases and BatchNorm entries of a
-        trial stay as they are."""
+    def channel_trial_masks(self, group: str, keep: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(layer masks, member masks)`` for trying ``keep`` on ``group`` (other groups as
+        they are): what a :meth:`trial` writes. The members (biases, BatchNorm) are masked too:
+        a removed block computes the identity only with every parameter in it zero."""
         channels = dict(self._channels)
-        size = self.groups.groups[group].size
+        size = self.groups.get(group).size
         channels[group] = ChannelRecord(int((~keep).sum()), "trial", 0, size, keep.to(torch.bool).cpu())
         masks = self._structural(channels)
         by_param = self._param_layers()
         out: dict[str, Tensor] = {}
-        for name in self.groups.groups[group].layers:
+        for name in self.groups.get(group).layers:
             m = masks[self._info[name].param]
             own = self._records[name]
             if own.pattern != CHANNELS and own.mask is not None:
                 m = m & own.mask
             out[name] = m
         assert all(by_param[self._info[n].param] == n for n in out)
-        return out
+        members = {m.key: masks[m.key] for m in self.groups.get(group).members if m.key not in by_param}
+        return out, members
 
     @staticmethod
     def with_quant(record: Record, quant: Optional[tuple[int, str]]) -> Record:
@@ -538,11 +539,15 @@ class PruningState:
             return self.apply(new, "quant")
 
     @contextlib.contextmanager
-    def trial(self, masks: Mapping[str, Optional[Tensor]] = {}) -> Iterator["PruningState"]:
+    def trial(self, masks: Mapping[str, Optional[Tensor]] = {},
+              members: Mapping[str, Tensor] = {}) -> Iterator["PruningState"]:
         """Write ``masks`` (None: the dense base) without recording them; on exit every layer
         written is put back exactly as it was before the block (recorded, or an enclosing
-        trial's mask), whatever happened inside."""
+        trial's mask), whatever happened inside. ``members``: keep-masks for group members that
+        are not layers (biases, BatchNorm), applied to their live values and undone on exit."""
         with self.lock:
+            params = dict(self.model.named_parameters(remove_duplicate=False)) if members else {}
+            saved_members = {k: params[k].detach().clone() for k in members}
             for name, m in masks.items():
                 info = self.info(name)
                 if m is not None and (tuple(m.shape) != info.shape or m.dtype != torch.bool):
@@ -558,8 +563,14 @@ class PruningState:
                     token = ("trial", next(_serials))
                     self._write(name, m, token, r.quant)
                     self._trial_live[name] = (m, token)
+                with torch.no_grad():
+                    for key, m in members.items():
+                        params[key].data.mul_(m)
                 yield self
             finally:
+                with torch.no_grad():
+                    for key, value in saved_members.items():
+                        params[key].data.copy_(value)
                 for name, (mask, token) in touched.items():
                     self._write(name, mask, token, self._records[name].quant)
                     self._trial_live[name] = (mask, token)

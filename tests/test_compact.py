@@ -279,3 +279,63 @@ def test_compact_without_channels_or_in_a_trial_says_what_to_do(digits):
     s.set_sparsity({"conv1": 0.5}, pattern="channels")
     with s.dense(), pytest.raises(RuntimeError, match="trial"):
         s.compact()
+
+
+def _identity_twin(model: nn.Module, block: str) -> nn.Module:
+    """The oracle: a copy of the model with ``block`` replaced by the identity, written out here."""
+    import copy
+
+    class Skip(nn.Module):
+        def forward(self, x, *args, **kwargs):
+            return x
+
+    twin = copy.deepcopy(model)
+    parent, _, child = block.rpartition(".")
+    setattr(twin.get_submodule(parent) if parent else twin, child, Skip())
+    return twin
+
+
+def test_blocks_are_found_removed_swept_and_compacted_like_the_identity(digits, tmp_path):
+    torch.manual_seed(6)
+    model = pl.models.small_resnet(digits, blocks=2)
+    x, y = digits.test.tensors[0][:64], digits.test.tensors[1][:64]
+    s = pl.Session(model, (x, y), device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # identity shortcuts only: the first block of stages 2 and 3 changes the shape
+    assert list(s.blocks) == ["layers.0", "layers.1", "layers.3", "layers.5"]
+    r = s.sensitivity(pattern="blocks", progress=False)
+    for block in s.blocks:
+        oracle = _identity_twin(model, block).eval()
+        with torch.no_grad():
+            expected = (oracle(x).argmax(1) == y).double().mean().item()
+        assert dict(r.curve(block))[1.0] == pytest.approx(expected, abs=1e-12)
+    assert state_equal(model.state_dict(), before)
+    s.set_sparsity({"layers.3": 1}, pattern="blocks")
+    assert s.blocks["layers.3"] and s.sparsity["layers.3.conv1"] == 1.0
+    assert all(bool((p == 0).all()) for p in model.layers[3].parameters())
+    small = s.compact()
+    diff, scale = _max_diff(_identity_twin(s.state.original_model(), "layers.3"), small, x)
+    assert diff <= 1e-4 * scale  # the compact model is the original with the block skipped
+    # by hand: two 3x3 convs of 32 -> 32 channels on the 4x4 maps of stage 2
+    assert s.last_compact.dense["macs"] - s.last_compact.compact["macs"] == 2 * 32 * 32 * 9 * 4 * 4
+    rebuilt = pl.load_compact(pl.save_compact(small, tmp_path / "b.pt"), pl.models.small_resnet(digits, blocks=2))
+    assert _max_diff(small, rebuilt, x)[0] == 0.0
+    with pytest.raises(ValueError, match="'layers.2' is not a removable block.*layers.0, layers.1, layers.3, layers.5"):
+        s.set_sparsity({"layers.2": 1}, pattern="blocks")
+    with pytest.raises(ValueError, match="takes 1 .* or 0"):
+        s.set_sparsity({"layers.1": 0.5}, pattern="blocks")
+    s.set_sparsity({"layers.3": 0}, pattern="blocks")
+    assert state_equal(model.state_dict(), before)
+
+
+def test_transformer_blocks_called_with_a_mask_are_removable():
+    torch.manual_seed(7)
+    model = z.ViTMasked()
+    x, y = images(16)
+    s = pl.Session(model, (x, y), device="cpu")
+    assert list(s.blocks) == ["blocks.0", "blocks.1"]
+    s.set_sparsity({"blocks.1": 1}, pattern="blocks")
+    small = s.compact(measure=False)
+    oracle = _identity_twin(model, "blocks.1")
+    diff, scale = _max_diff(oracle, small, x)
+    assert diff <= 1e-5 * scale

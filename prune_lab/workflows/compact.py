@@ -11,7 +11,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -59,13 +59,41 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
     return structure
 
 
-def compact_copy(model: nn.Module, removed: Mapping[str, list[int]], example_input: Tensor) -> nn.Module:
-    """A deep copy of ``model`` with ``removed`` (group root module -> channel indices) taken out."""
+class RemovedBlock(nn.Module):
+    """What a removed block becomes: its first input, whatever else its caller passes
+    (``nn.Identity`` takes one argument; a transformer block is called with a mask too)."""
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+
+def replace_blocks(model: nn.Module, blocks: Sequence[str]) -> nn.Module:
+    """Replace each named submodule of ``model`` by a :class:`RemovedBlock` (in place). Nested
+    names are fine: an outer block replaced first makes the inner ones moot."""
+    for name in sorted(blocks, key=len):
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            continue  # inside a block already replaced
+        if not hasattr(parent, child):
+            raise ValueError(f"no module {name!r} in {type(model).__name__} (another architecture?)")
+        setattr(parent, child, RemovedBlock())
+    return model
+
+
+def compact_copy(model: nn.Module, removed: Mapping[str, list[int]], example_input: Tensor,
+                 blocks: Sequence[str] = ()) -> nn.Module:
+    """A deep copy of ``model`` with ``removed`` (group root module -> channel indices) taken
+    out and the removed ``blocks`` replaced by the identity."""
     small = copy.deepcopy(model)
-    remove_channels(small, example_input, removed)
+    if removed:
+        remove_channels(small, example_input, removed)
+    replace_blocks(small, blocks)
     small.prune_lab_structure = {  # type: ignore[assignment]
         "prune_lab_structure": STRUCTURE_FORMAT,
         "removed": {k: [int(i) for i in v] for k, v in removed.items() if v},
+        "blocks": sorted(blocks),
         "example_shape": [1, *example_input.shape[1:]],
         "example_dtype": str(example_input.dtype).replace("torch.", ""),
     }
@@ -106,7 +134,9 @@ def load_compact(path: Union[str, Path], model: nn.Module) -> nn.Module:
         raise ValueError(f"{path}: unknown structure format {structure.get('prune_lab_structure')!r}")
     dtype = getattr(torch, structure["example_dtype"])
     example = torch.zeros(structure["example_shape"], dtype=dtype, device=next(model.parameters()).device)
-    remove_channels(model, example, structure["removed"])
+    if structure["removed"]:
+        remove_channels(model, example, structure["removed"])
+    replace_blocks(model, structure.get("blocks", []))
     own = model.state_dict()
     bad = [k for k, v in data["state_dict"].items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
     if bad:

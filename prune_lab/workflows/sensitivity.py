@@ -261,6 +261,23 @@ def sweep(
     from ..patterns import CHANNELS, check_nm, nm_fits, nm_sparsity, normalize, parse_nm
 
     seed = state.seed if seed is None else int(seed)
+    if pattern == "blocks":
+        if state.groups is None:
+            raise RuntimeError("a block sweep needs the session's groups (use Session.sensitivity)")
+        if executor is not None:
+            raise NotImplementedError("pattern='blocks' sweeps run in this process: pass executor=None")
+        blocks = state.groups.blocks
+        names = list(blocks) if layers is None else [state.groups.block(n).name for n in layers]
+        levels = list(levels) if levels is not None else [0.0, 1.0]
+        if any(lv not in (0.0, 1.0) for lv in levels):
+            raise ValueError(f"pattern 'blocks': levels are 0 (kept) and 1 (removed), got {levels}")
+        reference = evaluator.evaluate()
+        result = resume or SensitivityResult(
+            layers=names, levels=levels, n_params={b: 1 for b in names},
+            current={b: float(b in state.channels) for b in names}, criterion="block", metric=evaluator.metric_name,
+            reference=reference, dense=evaluator.baseline(), pattern="blocks")
+        return _run(state, evaluator, result, progress, on_step, should_stop,
+                    lambda b, lv: measure_channels(state, evaluator, b, lv, torch.zeros(1, dtype=torch.float64), incremental))
     if pattern == CHANNELS:
         if state.groups is None or channel_scores is None:
             raise RuntimeError("a channel sweep needs the session's channel groups and scores (use Session.sensitivity)")
@@ -372,10 +389,11 @@ def measure_channels(state: PruningState, evaluator: Evaluator, group: str, leve
     from ..groups import channels_to_remove
     from ..masks import keep_mask
 
-    size = state.groups.groups[group].size
-    k = min(channels_to_remove(level, size), size - 1)
-    masks = state.channel_trial_masks(group, keep_mask(scores, k)) if k else {}
-    with state.trial(masks):
+    size = state.groups.get(group).size
+    block = group in state.groups.blocks  # a block is one channel, removed whole
+    k = min(channels_to_remove(level, size), size - (not block))
+    masks, members = state.channel_trial_masks(group, keep_mask(scores, k)) if k else ({}, {})
+    with state.trial(masks, members):
         r = evaluator.evaluate(commit=False, incremental=incremental)
     return {"layer": group, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
 
