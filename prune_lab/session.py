@@ -376,18 +376,26 @@ class Session:
 
     def _set_global_channels(self, sparsity: Any, allocation: Any, criterion: Any, seed: Optional[int],
                              locked: Sequence[str], round_to: Optional[int] = None) -> "Session":
-        """``uniform``: every unlocked group loses the same fraction; ``global``: the channels
+        """``uniform``: every unlocked group loses the same fraction (each keeps at least one
+        channel); ``global``: the channels
         with the lowest importance, each group's scores divided by their mean so groups of
         different size and scale compare (Torch-Pruning's global pruning), at least one kept."""
         fraction = check_fraction(sparsity, "channel sparsity")
         locked_groups = {self.groups.of(n).name for n in locked}
         free = [g for g in self.groups.groups if g not in locked_groups]
-        if allocation == "uniform":
-            return self._set_channels({g: fraction for g in free}, criterion, seed, round_to, replace_unstructured=True)
-        if allocation != "global":
+        if allocation not in ("uniform", "global"):
             raise ValueError(f"pattern 'channels' takes allocation 'uniform' or 'global', not {allocation!r}")
         name, calibration = self._channel_criterion(criterion)
         seed = self.seed if seed is None else int(seed)
+        if allocation == "uniform":  # the same fraction of every group, each keeping at least one channel
+            from .groups import channels_to_remove
+
+            counts = {g: min(channels_to_remove(fraction, self.groups.groups[g].size, round_to), self.groups.groups[g].size - 1)
+                      for g in free}
+            channels, records = self.state.compute_channels(counts, lambda g: self.channel_scores(g, name, seed), name, seed,
+                                                            replace_unstructured=True, calibration=calibration)
+            self.state.apply_channels(channels, records)
+            return self
         scores = {g: self.channel_scores(g, name, seed) for g in free}
         total = sum(self.groups.groups[g].size for g in free)
         target = int(round(fraction * total))
@@ -849,13 +857,16 @@ class Session:
         allocation with a criterion: ``"lamp"`` (magnitude), ``"global/taylor"``. With
         ``finetune={"train_data": ..., "steps": ..., ...}`` also after masked fine-tuning. Returns
         a ``TradeoffResult``; cached on disk by (model, data, config). The session is left exactly
-        as it was found. ``executor`` as for :meth:`sensitivity` (fine-tuned points included)."""
+        as it was found. ``"channels"`` / ``"channels-global"`` (``"channels/bn_scale"``...)
+        remove whole channels (uniformly, or globally by importance) to the largest fraction
+        within each compression; in process only. ``executor`` as for :meth:`sensitivity` (fine-tuned points included)."""
         from .workflows.distributed import resolve_executor
 
         ex = resolve_executor(executor, self)
         loss = self.loss_fn if callable(self.loss_fn) else None
         return _tradeoff.run_tradeoff(self.state, self.evaluator, self.stats, strategies, compressions, finetune, seeds,
-                                      cache, progress, cache_dir(), loss, self._fresh_calibration, executor=ex)
+                                      cache, progress, cache_dir(), loss, self._fresh_calibration, executor=ex,
+                                      prune_channels=lambda f, alloc, crit, seed: self._set_global_channels(f, alloc, crit, seed, ()))
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:

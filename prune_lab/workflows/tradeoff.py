@@ -36,6 +36,9 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
 # ---------------------------------------------------------------------- strategy x compression runs
 DEFAULT_STRATEGIES = ("uniform", "global", "erk", "lamp", "random")
 DEFAULT_COMPRESSIONS = (1, 2, 4, 8, 16, 32, 64)
+# channel strategies: every group loses the same fraction ("channels") or the globally least
+# important channels go ("channels-global"); the fraction is searched for to reach the compression
+CHANNEL_STRATEGIES = {"channels": "uniform", "channels-global": "global"}
 
 
 @dataclass
@@ -121,6 +124,7 @@ def parse_strategy(strategy: Any) -> tuple[str, str]:
     ``"global/taylor"`` or ``("global", "taylor")``; both names are checked here."""
     from ..allocation import get_allocation
     from ..criteria import get_criterion
+    from ..groups import GROUP_CRITERIA
 
     if isinstance(strategy, str):
         allocation, _, criterion = strategy.partition("/")
@@ -128,6 +132,11 @@ def parse_strategy(strategy: Any) -> tuple[str, str]:
         allocation, criterion = strategy
     else:
         raise ValueError(f"strategy {strategy!r} must be 'allocation', 'allocation/criterion' or (allocation, criterion)")
+    if allocation in CHANNEL_STRATEGIES:  # whole channels, by a group criterion
+        criterion = criterion or "l1"
+        if criterion not in GROUP_CRITERIA:
+            raise ValueError(f"strategy {strategy!r}: channel strategies take a group criterion ({', '.join(GROUP_CRITERIA)})")
+        return allocation, criterion
     criterion = criterion or "magnitude"
     get_allocation(allocation)
     get_criterion(criterion)
@@ -148,17 +157,20 @@ def run_tradeoff(
     loss_fn: Any = None,
     recalibrate: Optional[Callable[[Any], None]] = None,
     executor: Any = None,
+    prune_channels: Optional[Callable[[float, str, str, int], None]] = None,
 ) -> TradeoffResult:
     """See :meth:`prune_lab.Session.tradeoff`. ``stats()`` gives the current stats table;
     ``recalibrate(criterion)`` brings data-aware statistics up to date before each point;
-    ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead."""
+    ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead;
+    ``prune_channels(fraction, allocation, criterion, seed)`` prunes whole channels (channel
+    strategies)."""
     from tqdm.auto import tqdm
 
     from .._version import __version__
 
     finetune = dict(finetune or {})
     pairs = [parse_strategy(st) for st in strategies]
-    strategies = [f"{a}/{c}" if c != "magnitude" else a for a, c in pairs]
+    strategies = [a if c == ("l1" if a in CHANNEL_STRATEGIES else "magnitude") else f"{a}/{c}" for a, c in pairs]
     train_data = finetune.pop("train_data", None)
     if finetune and train_data is None:
         raise ValueError("finetune={...} needs 'train_data': the data to fine-tune on")
@@ -167,7 +179,10 @@ def run_tradeoff(
             raise ValueError(f"compression {c!r} must be a number >= 1 (dense size / nonzeros)")
     from ..criteria import get_criterion
 
-    data_aware = sorted({c for _, c in pairs if get_criterion(c).needs})
+    channel_pairs = [a for a, _ in pairs if a in CHANNEL_STRATEGIES]
+    if channel_pairs and (prune_channels is None or executor is not None):
+        raise ValueError(f"channel strategies ({', '.join(channel_pairs)}) run in process, through Session.tradeoff")
+    data_aware = sorted({c for a, c in pairs if a not in CHANNEL_STRATEGIES and get_criterion(c).needs})
     if data_aware and state.calibration is None:
         raise ValueError(f"strategies with {', '.join(data_aware)} need calibrate(train_data) first")
     calibration = state.calibration.fingerprint if data_aware else None
@@ -196,7 +211,8 @@ def run_tradeoff(
         bar = tqdm(total=len(points), desc="trade-off", disable=not progress, leave=False)
         try:
             for point in points:
-                result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn, recalibrate))
+                result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn, recalibrate,
+                                                     prune_channels))
                 bar.update(1)
         except KeyboardInterrupt:
             result.config["interrupted"] = True
@@ -214,16 +230,22 @@ def run_tradeoff(
 
 def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[], Any], point: tuple,
                    train_data: Any = None, finetune: Optional[dict[str, Any]] = None, loss_fn: Any = None,
-                   recalibrate: Optional[Callable[[Any], None]] = None) -> dict[str, Any]:
+                   recalibrate: Optional[Callable[[Any], None]] = None,
+                   prune_channels: Optional[Callable[[float, str, str, int], None]] = None) -> dict[str, Any]:
     """One trade-off point ``(seed, strategy, allocation, criterion, compression)``: from the
     original model, pruned by the strategy, measured, and fine-tuned when ``train_data`` is
     given. The same code runs in-process and on a distributed worker; it leaves the state pruned."""
     seed, strategy, allocation, criterion, c = point
     metric = evaluator.metric_name
     state.reset()
-    if recalibrate is not None:
-        recalibrate(criterion)
-    apply_global(state, 1 - 1 / c, allocation=allocation, criterion=criterion, seed=seed)
+    channels = allocation in CHANNEL_STRATEGIES
+    if channels:
+        assert prune_channels is not None
+        channel_fraction(state, stats, c, lambda f: prune_channels(f, CHANNEL_STRATEGIES[allocation], criterion, seed))
+    else:
+        if recalibrate is not None:
+            recalibrate(criterion)
+        apply_global(state, 1 - 1 / c, allocation=allocation, criterion=criterion, seed=seed)
     ev, st = evaluator.evaluate(), stats().total
     record = {
         "strategy": strategy, "target_compression": c, "seed": seed,
@@ -233,7 +255,29 @@ def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[]
     }
     if train_data is not None:
         ft = run_finetune(state, evaluator, train_data, seed=seed, progress=False, loss_fn=loss_fn,
-                          criterion=criterion, **(finetune or {}))
+                          criterion="magnitude" if channels else criterion, **(finetune or {}))
         record[f"{metric}_finetuned"] = ft.evaluations[-1][metric] if ft.evaluations else None
         record["compression_finetuned"] = sum(i.n_params for i in state.layers) / max(stats().total["nonzeros"], 1)
     return record
+
+
+def channel_fraction(state: PruningState, stats: Callable[[], Any], compression: float,
+                     prune: Callable[[float], None], steps: int = 12) -> float:
+    """Prune whole channels to the largest fraction whose compression (prunable params /
+    nonzeros) does not exceed ``compression`` (bisection; compression grows with the fraction).
+    Leaves the state pruned at that fraction and returns it; 0 for compression 1."""
+    if compression <= 1:
+        return 0.0
+    lo, hi = 0.0, 0.99
+    prune(hi)
+    if stats().total["compression"] <= compression:
+        return hi  # the most channel pruning can do (each group keeps a channel)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        prune(mid)
+        if stats().total["compression"] <= compression:
+            lo = mid
+        else:
+            hi = mid
+    prune(lo)
+    return lo
