@@ -443,8 +443,8 @@ class PruningState:
             old_r = self._records[name]
             m = masks.get(info.param)
             if m is None or bool(m.all()):
-                if old_r.pattern == CHANNELS:
-                    records[name] = Record(UNSTRUCTURED, 0, old_r.criterion, old_r.seed, None, next(_serials),
+                if old_r.pattern == CHANNELS:  # whole again: an ordinary dense record
+                    records[name] = Record(UNSTRUCTURED, 0, "magnitude", old_r.seed, None, next(_serials),
                                            bits=old_r.bits, qmethod=old_r.qmethod)
                 continue
             if old_r.pattern != CHANNELS and old_r.count and not replace_unstructured:
@@ -626,7 +626,8 @@ class PruningState:
         """Bring back a :meth:`snapshot` exactly (all or nothing: it is validated first)."""
         with self.lock:
             self._check_snapshot(snapshot, "restore")
-            if snapshot.generation != self.generation:
+            same_weights = snapshot.generation == self.generation
+            if not same_weights:
                 others = snapshot.others if snapshot.others is not None else {k: self._original[k] for k in self._other_keys}
                 current = self.other_tensors()
                 with torch.no_grad():
@@ -639,7 +640,9 @@ class PruningState:
                 changed = [n for n, r in snapshot.records.items() if r.token != self._records[n].token]
             old_keys = set(self._structural(self._channels))
             self._channels = dict(snapshot.channels)
-            self._member_bases = dict(snapshot.member_bases)
+            # a member first masked after the snapshot keeps its unmasked base (same weights), else the
+            # snapshot's own values (just copied into the model) are the base
+            self._member_bases = {**(self._member_bases if same_weights else {}), **snapshot.member_bases}
             self._write_members(old_keys)
             for name in changed:
                 r = snapshot.records[name]
@@ -700,10 +703,12 @@ class PruningState:
         with self.lock:
             self.generation = self._next_generation  # never reused: restore() may go back to any earlier one
             self._next_generation += 1
-            for key, (t, m) in self.member_masks().items():
+            masked = self.member_masks()
+            for key, (t, m) in masked.items():
                 self._member_bases[key] = torch.where(m, t.detach(), self._member_bases[key])
-            for key in [k for k in self._member_bases if k not in self.member_masks()]:
+            for key in [k for k in self._member_bases if k not in masked]:
                 self._member_bases[key] = self._member_tensor(key).detach().clone()
+            self._write_members()  # removed channels' biases and BatchNorm entries zero again (a rewind wrote them)
             for name, w in self.weights.items():
                 r = self._records[name]
                 trained = w.detach().clone()

@@ -73,22 +73,63 @@ def machine_for(name: str, digits):
             self.recorded = None
             self.names = [i.name for i in self.s.layers]
 
+        def channel_layers(self) -> set:
+            return {n for n, r in self.s.state.records.items() if r.pattern == "channels"}
+
+        def refused(self, call, match: str) -> None:
+            """Unstructured pruning over removed channels: a clear error, nothing changed."""
+            before, snap = snapshot(self.model), self.s.snapshot()
+            with pytest.raises(ValueError, match=match):
+                call()
+            assert state_equal(snapshot(self.model), before) and self.s.snapshot() == snap
+
         @rule(data=st.data(), level=st.sampled_from(LEVELS), criterion=st.sampled_from(["magnitude", "random"]))
         def set_sparsity(self, data, level, criterion):
             name = data.draw(st.sampled_from(self.names))
+            if name in self.channel_layers():
+                return self.refused(lambda: self.s.set_sparsity({name: level}, criterion=criterion), "whole channels removed")
             self.s.set_sparsity({name: level}, criterion=criterion)
             assert self.s.pruned_counts[name] == round(level * self.s.layer(name).n_params)
 
         @rule(level=st.sampled_from([0.0, 0.3, 0.8, 0.95]), allocation=st.sampled_from(["uniform", "global", "erk", "lamp", "random"]),
               criterion=st.sampled_from(["magnitude", "random"]))
         def set_global_sparsity(self, level, allocation, criterion):
+            if self.channel_layers():
+                return self.refused(lambda: self.s.set_global_sparsity(level, allocation=allocation, criterion=criterion),
+                                    "whole channels removed")
             self.s.set_global_sparsity(level, allocation=allocation, criterion=criterion)
             total = sum(i.n_params for i in self.s.layers)
             assert sum(self.s.pruned_counts.values()) == round(level * total)
 
+        @rule(level=st.sampled_from([0.0, 0.25, 0.5, 0.9]), allocation=st.sampled_from(["uniform", "global"]),
+              criterion=st.sampled_from(["l1", "l2", "random"]))
+        def channels(self, level, allocation, criterion):
+            groups = self.s.groups.groups
+            if not groups:
+                return
+            self.s.set_global_sparsity(level, allocation=allocation, criterion=criterion, pattern="channels")
+            held = self.s.channels
+            if allocation == "global":
+                total = sum(n for _, n in held.values())
+                assert sum(n - k for k, n in held.values()) == min(round(level * total), total - len(groups))
+            else:
+                assert all(n - k == min(round(level * n), n - 1) for k, n in held.values())
+
+        @rule()
+        def compact(self):
+            if not self.s.state.channels:
+                return
+            small = self.s.compact(measure=False)  # checks its outputs against the masked model itself
+            self.model.eval(), small.eval()
+            with torch.no_grad():
+                a, b = self.model(self.x), small(self.x)
+            assert float((a - b).abs().max()) <= 1e-4 * max(float(a.abs().max()), 1e-12)
+
         @rule(data=st.data(), level=st.sampled_from(LEVELS))
         def lab_move(self, data, level):
-            self.lab.set_layer(data.draw(st.sampled_from(self.names)), level)
+            name = data.draw(st.sampled_from(self.names))
+            if name not in self.channel_layers():
+                self.lab.set_layer(name, level)
 
         @rule()
         def lab_undo(self):
@@ -148,6 +189,8 @@ def machine_for(name: str, digits):
             st_ = self.s.stats()
             for name in self.names:
                 assert st_.layers[name]["nonzeros"] == nonzeros(self.s.state.weights[name])
+            for key, (t, m) in self.s.state.member_masks().items():  # removed channels: biases and BatchNorm zero
+                assert int((t[~m] != 0).sum()) == 0, key
 
         @invariant()
         def reset_is_exact_and_restorable(self):
