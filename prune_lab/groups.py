@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .measure import OUTPUT_TOLERANCE, output_difference
 from .registry import close_names
 
 GROUP_CRITERIA = ("l1", "l2", "bn_scale", "random", "taylor", "obd")
@@ -248,10 +249,10 @@ def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> 
     for n in names:
         if n not in by_layer and n not in excluded:
             excluded[n] = "Torch-Pruning found no output channels to remove here (not a Conv/Linear output)"
-    return Groups(groups, by_layer, excluded, shape, dtype, _find_blocks(model, layers, example_input))
+    return Groups(groups, by_layer, excluded, shape, dtype, _find_blocks(twin, layers, example_input))
 
 
-def _find_blocks(model: nn.Module, layers: Sequence[Any], example_input: Any) -> dict[str, ChannelGroup]:
+def _find_blocks(twin: nn.Module, layers: Sequence[Any], example_input: Any) -> dict[str, ChannelGroup]:
     """Modules that compute their input when every parameter in them is zero (a residual block
     whose output is its input plus a branch, e.g. ``relu(x + f(x))`` after a ReLU, or a
     transformer block): removing one is replacing it by the identity. Checked on the example
@@ -268,7 +269,7 @@ def _find_blocks(model: nn.Module, layers: Sequence[Any], example_input: Any) ->
                 seen[name] = (tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args), dict(kwargs))
         return record
 
-    twin = copy.deepcopy(model).eval()
+    twin.eval()  # a copy of the user's model (find_groups' traced one): hooks and eval mode touch nothing of theirs
     owners: dict[int, int] = {}
     for _, mod in twin.named_modules():
         for p in mod.parameters(recurse=False):
@@ -319,18 +320,10 @@ def _masked_minus_removed(model: nn.Module, groups: Sequence[ChannelGroup], exam
                 params[m.key].mul_(m.mask(keep, params[m.key].shape))
     try:
         remove_channels(small, example_input, {g.root_module: [0] for g in groups})
-        masked.eval(), small.eval()
-        with torch.no_grad():
-            a, b = _logits(masked(_example(example_input))), _logits(small(_example(example_input)))
-        return tuple(a.shape) == tuple(b.shape) and float((a - b).abs().max()) <= 1e-4 * max(float(a.abs().max()), 1e-12)
+        diff, scale = output_difference(masked, small, _example(example_input))
     except Exception:
         return False
-
-
-def _logits(out: Any) -> Tensor:
-    from .measure import model_logits
-
-    return model_logits(out).double()
+    return diff <= OUTPUT_TOLERANCE * max(scale, 1e-12)
 
 
 def _unfaithful(model: nn.Module, groups: Mapping[str, ChannelGroup], example_input: Any) -> list[str]:

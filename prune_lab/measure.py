@@ -430,3 +430,21 @@ def model_macs(model: nn.Module, sample: Tensor) -> int:
     with eval_mode(model), torch.no_grad():
         uses, _ = weight_uses(model, weights, sample[:1])
     return sum(count_macs(weights[n], u)[0] for n, u in uses.items())
+
+
+OUTPUT_TOLERANCE = 1e-4  # a compact model matches the masked one within this fraction of the output scale
+
+
+@torch.no_grad()
+def output_difference(a: nn.Module, b: nn.Module, *inputs: Any) -> tuple[float, float]:
+    """``(max |a(x) - b(x)|, max |a(x)|)`` of the two models' logits, both in eval mode for the
+    call (their modes restored); the difference is infinite when the shapes differ."""
+    modes = (a.training, b.training)
+    a.eval(), b.eval()
+    try:
+        ya, yb = model_logits(a(*inputs)).double(), model_logits(b(*inputs)).double()
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    if ya.shape != yb.shape:
+        return float("inf"), float(ya.abs().max())
+    return float((ya - yb).abs().max()), float(ya.abs().max())

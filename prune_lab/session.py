@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -647,19 +646,12 @@ class Session:
                 records.update(self.state.compute({name: entry["pruned"]}, crit, seed, None, entry.get("pattern", "unstructured"),
                                                   over_channels=True))
         new_channels: dict = {}
-        if channels or self.state.channels:
-            new_channels, channel_records = self.state.compute_channels(
-                {g: int(e["removed"]) for g, e in channels.items()}, lambda g: keeps[g].double(), "recipe", 0, keeps=keeps,
-                replace_unstructured=True, start={})
-            for g, e in channels.items():
-                new_channels[g] = replace(new_channels[g], criterion=str(e.get("criterion", "l1")), seed=int(e.get("seed", 0)))
-            for n, r in channel_records.items():
-                if r.pattern == "channels":
-                    owner = next((g for g in channels if n in self.groups.get(g).producers), None) or \
-                        next(g for g in channels if n in self.groups.get(g).layers)
-                    records[n] = replace(r, criterion=new_channels[owner].criterion, seed=new_channels[owner].seed)
-                elif n not in records:
-                    records[n] = r
+        if channels or self.state.channels:  # the recipe's channel records, as stored; their layer masks derived
+            start = {g: self.state.channel_record(g, keeps[g], int(e["removed"]), str(e.get("criterion", "l1")),
+                                                  int(e.get("seed", 0))) for g, e in channels.items()}
+            new_channels, channel_records = self.state.compute_channels({}, lambda g: keeps[g], "", 0,
+                                                                        replace_unstructured=True, start=start)
+            records.update({n: r for n, r in channel_records.items() if r.pattern == "channels" or n not in records})
         if weight_dependent and data.get("weights_sha256") not in (None, self.recipe(masks=False)["weights_sha256"]):
             import warnings
 
@@ -828,15 +820,8 @@ class Session:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
         from .workflows.distributed import resolve_executor
 
-        if pattern == "blocks":  # which block can go: each removable block removed alone
-            self.groups
-            result = _sensitivity.sweep(self.state, self.evaluator, (0.0, 1.0) if levels is None else levels, "block", layers,
-                                        resume, incremental, progress, on_step, should_stop, executor=executor,
-                                        pattern="blocks")
-            self.last_sensitivity = result
-            return result
-        if pattern == "channels":  # per channel group, by a group criterion
-            name, _ = self._channel_criterion(criterion)
+        if pattern in ("channels", "blocks"):  # per channel group by a group criterion; which block can go
+            name = "block" if pattern == "blocks" else self._channel_criterion(criterion)[0]
             self.groups  # found before the sweep starts
             result = _sensitivity.sweep(self.state, self.evaluator, levels, name, layers, resume, incremental, progress,
                                         on_step, should_stop, executor=executor, pattern=pattern,

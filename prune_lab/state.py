@@ -152,6 +152,8 @@ class PruningState:
     # ------------------------------------------------------------------ bookkeeping
     def _bind(self) -> None:
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        self._params = params  # every parameter by qualified name (channel-group members are looked up here)
+        self._layer_of_param = {i.param: i.name for i in self.layers}
         self.weights: dict[str, Tensor] = {i.name: params[i.param] for i in self.layers}
         layer_ids = {id(w) for w in self.weights.values()}
         state = self.model.state_dict(keep_vars=True)
@@ -376,32 +378,35 @@ class PruningState:
         """Per channel group with channels removed, its :class:`ChannelRecord`."""
         return dict(self._channels)
 
-    def _param_layers(self) -> dict[str, str]:
-        return {i.param: i.name for i in self.layers}
-
-    def _member_tensor(self, key: str) -> Tensor:
-        return dict(self.model.named_parameters(remove_duplicate=False))[key]
-
     def _structural(self, channels: Mapping[str, ChannelRecord]) -> dict[str, Tensor]:
         """Keep-masks per member tensor (qualified parameter name) for ``channels``: the AND of
         every group's mask over that tensor (a reader of a concatenation is in several groups)."""
         out: dict[str, Tensor] = {}
-        params = dict(self.model.named_parameters(remove_duplicate=False))
         for g, c in channels.items():
             if c.keep is None:
                 continue
             for m in self.groups.get(g).members:
-                t = params[m.key]
+                t = self._params[m.key]
                 mask = m.mask(c.keep.to(t.device), t.shape)
                 out[m.key] = mask if m.key not in out else out[m.key] & mask
         return {k: v.contiguous() for k, v in out.items()}
 
     def channel_member_base(self, key: str) -> Tensor:
         """The unmasked value of a group member: a layer's base, else the member's own base."""
-        layer = self._param_layers().get(key)
+        layer = self._layer_of_param.get(key)
         if layer is not None:
             return self._bases[layer]
-        return self._member_bases.get(key, self._member_tensor(key).detach())
+        return self._member_bases.get(key, self._params[key].detach())
+
+    def channel_record(self, group: str, keep: Tensor, removed: int, criterion: str, seed: int,
+                       calibration: str = "") -> ChannelRecord:
+        """A checked :class:`ChannelRecord`: ``keep`` must be bool over the group's channels
+        and remove exactly ``removed`` of them."""
+        size = self.groups.get(group).size
+        keep = keep.to(torch.bool).cpu()
+        if tuple(keep.shape) != (size,) or int((~keep).sum()) != removed:
+            raise ValueError(f"group {group!r}: a channel keep-mask must be bool of shape ({size},) removing {removed}")
+        return ChannelRecord(removed, criterion, seed, size, keep, next(_serials), calibration)
 
     def compute_channels(self, counts: Mapping[str, int], scores: Callable[[str], Tensor], criterion: str, seed: int,
                          keeps: Optional[Mapping[str, Tensor]] = None, replace_unstructured: bool = False,
@@ -430,12 +435,9 @@ class PruningState:
             given = keeps is not None and g in keeps
             if old is not None and old.settings == (k, criterion, seed) and not given and old.calibration == calibration:
                 continue
-            keep = keeps[g].to(torch.bool).cpu() if given else keep_mask(scores(g), k)  # type: ignore[index]
-            if tuple(keep.shape) != (group.size,) or int((~keep).sum()) != k:
-                raise ValueError(f"group {g!r}: a channel keep-mask must be bool of shape ({group.size},) removing {k}")
-            new[g] = ChannelRecord(k, criterion, seed, group.size, keep, next(_serials), calibration)
+            keep = keeps[g] if given else keep_mask(scores(g), k)  # type: ignore[index]
+            new[g] = self.channel_record(g, keep, k, criterion, seed, calibration)
         masks = self._structural(new)
-        by_param = self._param_layers()
         affected = {n for g in set(self._channels) | set(new) for n in self.groups.get(g).layers}
         records: dict[str, Record] = {}
         for name in sorted(affected):
@@ -457,7 +459,6 @@ class PruningState:
             records[name] = Record(CHANNELS, int(m.numel() - m.sum()), new[owner].criterion, new[owner].seed,
                                    m.to(self.weights[name].device), next(_serials), True, new[owner].calibration,
                                    old_r.bits, old_r.qmethod)
-        assert all(by_param.get(self._info[n].param) == n for n in records)
         return new, records
 
     def apply_channels(self, channels: Mapping[str, ChannelRecord], records: Mapping[str, Record],
@@ -475,14 +476,12 @@ class PruningState:
 
     def _write_members(self, extra_keys: Any = ()) -> None:
         """Write every non-layer group member as base * (its structural mask), bases kept."""
-        by_param = self._param_layers()
         masks = self._structural(self._channels) if self._channels else {}
-        params = dict(self.model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for key in set(masks) | set(extra_keys) | set(self._member_bases):
-                if key in by_param:
+                if key in self._layer_of_param:
                     continue
-                t = params[key]
+                t = self._params[key]
                 base = self._member_bases.setdefault(key, t.detach().clone())
                 if key in masks:
                     torch.mul(base, masks[key], out=t.data)
@@ -492,9 +491,7 @@ class PruningState:
     def member_masks(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Non-layer group members with channels removed: ``{key: (tensor, keep-mask)}`` (what
         fine-tuning holds at zero besides the layers' masks)."""
-        by_param = self._param_layers()
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        return {k: (params[k], m) for k, m in self._structural(self._channels).items() if k not in by_param}
+        return {k: (self._params[k], m) for k, m in self._structural(self._channels).items() if k not in self._layer_of_param}
 
     def channel_trial_masks(self, group: str, keep: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(layer masks, member masks)`` for trying ``keep`` on ``group`` (other groups as
@@ -504,7 +501,6 @@ class PruningState:
         size = self.groups.get(group).size
         channels[group] = ChannelRecord(int((~keep).sum()), "trial", 0, size, keep.to(torch.bool).cpu())
         masks = self._structural(channels)
-        by_param = self._param_layers()
         out: dict[str, Tensor] = {}
         for name in self.groups.get(group).layers:
             m = masks[self._info[name].param]
@@ -512,8 +508,7 @@ class PruningState:
             if own.pattern != CHANNELS and own.mask is not None:
                 m = m & own.mask
             out[name] = m
-        assert all(by_param[self._info[n].param] == n for n in out)
-        members = {m.key: masks[m.key] for m in self.groups.get(group).members if m.key not in by_param}
+        members = {m.key: masks[m.key] for m in self.groups.get(group).members if m.key not in self._layer_of_param}
         return out, members
 
     @staticmethod
@@ -546,7 +541,7 @@ class PruningState:
         trial's mask), whatever happened inside. ``members``: keep-masks for group members that
         are not layers (biases, BatchNorm), applied to their live values and undone on exit."""
         with self.lock:
-            params = dict(self.model.named_parameters(remove_duplicate=False)) if members else {}
+            params = self._params
             saved_members = {k: params[k].detach().clone() for k in members}
             for name, m in masks.items():
                 info = self.info(name)
@@ -707,7 +702,7 @@ class PruningState:
             for key, (t, m) in masked.items():
                 self._member_bases[key] = torch.where(m, t.detach(), self._member_bases[key])
             for key in [k for k in self._member_bases if k not in masked]:
-                self._member_bases[key] = self._member_tensor(key).detach().clone()
+                self._member_bases[key] = self._params[key].detach().clone()
             self._write_members()  # removed channels' biases and BatchNorm entries zero again (a rewind wrote them)
             for name, w in self.weights.items():
                 r = self._records[name]

@@ -441,7 +441,7 @@ class Lab:
                 self.meta[name].value = (f"<span style='font-size:11px;color:#555'>{html.escape(text)}</span>" if channels
                                          else self._meta_text[name])
                 if not self.model.busy:
-                    slider.disabled = channels and fraction is None
+                    slider.disabled = not self._slider_usable(name)
             if channels:
                 self._set_slider(self.global_slider, self.model.channel_total())
             else:
@@ -467,9 +467,13 @@ class Lab:
             w.disabled = disabled
         if self.model.train_data is None:
             self.finetune_button.disabled = True
-        if not disabled and self.model.pattern == "channels":
+        if not disabled:
             for name, slider in self.sliders.items():
-                slider.disabled = self.model.channel_fraction(name) is None
+                slider.disabled = not self._slider_usable(name)
+
+    def _slider_usable(self, name: str) -> bool:
+        """Under the channels pattern only layers that produce a channel group have a slider."""
+        return self.model.pattern != "channels" or name in self.session.groups.by_layer
 
     # ------------------------------------------------------------------ refreshing
     def _changed(self) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..groups import remove_channels
-from ..measure import model_logits
+from ..measure import OUTPUT_TOLERANCE, output_difference
 
 STRUCTURE_FORMAT = 1
 
@@ -100,18 +100,6 @@ def compact_copy(model: nn.Module, removed: Mapping[str, list[int]], example_inp
     return small
 
 
-@torch.no_grad()
-def output_difference(a: nn.Module, b: nn.Module, x: Tensor) -> tuple[float, float]:
-    """(max |a(x) - b(x)|, max |a(x)|), both models in eval mode for the call."""
-    modes = (a.training, b.training)
-    a.eval(), b.eval()
-    try:
-        ya, yb = model_logits(a(x)).double(), model_logits(b(x)).double()
-    finally:
-        a.train(modes[0]), b.train(modes[1])
-    return float((ya - yb).abs().max()), float(ya.abs().max())
-
-
 def save_compact(model: nn.Module, path: Union[str, Path]) -> Path:
     """Write a compact model: ``torch.save({"state_dict": ..., "structure": <json>})`` (tensors
     and a string, loadable with ``weights_only=True``). Rebuild it with :func:`load_compact`."""
@@ -169,7 +157,7 @@ def measure_pair(dense: nn.Module, small: nn.Module, example_input: Tensor, late
     return out[0], out[1]
 
 
-def check_outputs(masked: nn.Module, small: nn.Module, x: Tensor, tolerance: float = 1e-4) -> tuple[float, float]:
+def check_outputs(masked: nn.Module, small: nn.Module, x: Tensor, tolerance: float = OUTPUT_TOLERANCE) -> tuple[float, float]:
     diff, scale = output_difference(masked, small, x)
     if not diff <= tolerance * max(scale, 1e-12):
         raise RuntimeError(f"the compact model's outputs differ from the masked model's by {diff:.3g} (output scale "

@@ -261,45 +261,9 @@ def sweep(
     from ..patterns import CHANNELS, check_nm, nm_fits, nm_sparsity, normalize, parse_nm
 
     seed = state.seed if seed is None else int(seed)
-    if pattern == "blocks":
-        if state.groups is None:
-            raise RuntimeError("a block sweep needs the session's groups (use Session.sensitivity)")
-        if executor is not None:
-            raise NotImplementedError("pattern='blocks' sweeps run in this process: pass executor=None")
-        blocks = state.groups.blocks
-        names = list(blocks) if layers is None else [state.groups.block(n).name for n in layers]
-        levels = list(levels) if levels is not None else [0.0, 1.0]
-        if any(lv not in (0.0, 1.0) for lv in levels):
-            raise ValueError(f"pattern 'blocks': levels are 0 (kept) and 1 (removed), got {levels}")
-        reference = evaluator.evaluate()
-        result = resume or SensitivityResult(
-            layers=names, levels=levels, n_params={b: 1 for b in names},
-            current={b: float(b in state.channels) for b in names}, criterion="block", metric=evaluator.metric_name,
-            reference=reference, dense=evaluator.baseline(), pattern="blocks")
-        return _run(state, evaluator, result, progress, on_step, should_stop,
-                    lambda b, lv: measure_channels(state, evaluator, b, lv, torch.zeros(1, dtype=torch.float64), incremental))
-    if pattern == CHANNELS:
-        if state.groups is None or channel_scores is None:
-            raise RuntimeError("a channel sweep needs the session's channel groups and scores (use Session.sensitivity)")
-        if executor is not None:
-            raise NotImplementedError("pattern='channels' sweeps run in this process: pass executor=None")
-        crit = Criterion(str(criterion), lambda w, **_: w)
-        groups = state.groups
-        names = list(groups.groups) if layers is None else list(dict.fromkeys(groups.of(n).name for n in layers))
-        levels = list(DEFAULT_LEVELS if levels is None else levels)
-        for lv in levels:
-            check_fraction(lv, "sensitivity level")
-        scores = {g: channel_scores(g) for g in names}
-        if resume is not None and resume.pattern != CHANNELS:
-            raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not 'channels'")
-        reference = evaluator.evaluate()
-        result = resume or SensitivityResult(
-            layers=names, levels=levels, n_params={g: groups.groups[g].size for g in names},
-            current={g: (state.channels[g].count / groups.groups[g].size if g in state.channels else 0.0) for g in names},
-            criterion=crit.name, metric=evaluator.metric_name, reference=reference, dense=evaluator.baseline(),
-            pattern=CHANNELS)
-        return _run(state, evaluator, result, progress, on_step, should_stop,
-                    lambda g, lv: measure_channels(state, evaluator, g, lv, scores[g], incremental))
+    if pattern in ("blocks", CHANNELS):
+        return _group_sweep(state, evaluator, pattern, levels, str(criterion), layers, resume, incremental, progress,
+                            on_step, should_stop, executor, channel_scores)
     crit = get_criterion(criterion)
     pattern = normalize(pattern)
     nm = parse_nm(pattern)
@@ -348,6 +312,44 @@ def sweep(
                                     pattern)
     return _run(state, evaluator, result, progress, on_step, should_stop,
                 lambda n, lv: measure_point(state, evaluator, crit, seed, n, lv, incremental, pattern))
+
+
+def _group_sweep(state: PruningState, evaluator: Evaluator, pattern: str, levels: Optional[Sequence[float]],
+                 criterion: str, layers: Optional[Sequence[str]], resume: Optional[SensitivityResult], incremental: bool,
+                 progress: bool, on_step: Optional[Callable[[dict[str, Any]], None]],
+                 should_stop: Optional[Callable[[], bool]], executor: Any,
+                 channel_scores: Optional[Callable[[str], "torch.Tensor"]]) -> SensitivityResult:
+    """The sweep over channel groups (each level a fraction of a group's channels, lowest
+    ``channel_scores`` first) or removable blocks (levels 0 kept, 1 removed), in this process.
+    ``n_params`` holds each group's channel count (1 for a block)."""
+    groups = state.groups
+    blocks = pattern == "blocks"
+    if groups is None or (not blocks and channel_scores is None):
+        raise RuntimeError(f"a {pattern} sweep needs the session's groups (use Session.sensitivity)")
+    if executor is not None:
+        raise NotImplementedError(f"pattern={pattern!r} sweeps run in this process: pass executor=None")
+    if blocks:
+        names = list(groups.blocks) if layers is None else [groups.block(n).name for n in layers]
+        levels = [0.0, 1.0] if levels is None else list(levels)
+        if any(lv not in (0.0, 1.0) for lv in levels):
+            raise ValueError(f"pattern 'blocks': levels are 0 (kept) and 1 (removed), got {levels}")
+        scores = {b: torch.zeros(1, dtype=torch.float64) for b in names}
+    else:
+        names = list(groups.groups) if layers is None else list(dict.fromkeys(groups.of(n).name for n in layers))
+        levels = list(DEFAULT_LEVELS if levels is None else levels)
+        for lv in levels:
+            check_fraction(lv, "sensitivity level")
+        scores = {g: channel_scores(g) for g in names}  # type: ignore[misc]
+    if resume is not None and resume.pattern != pattern:
+        raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not {pattern!r}")
+    sizes = {g: groups.get(g).size for g in names}
+    result = resume or SensitivityResult(
+        layers=names, levels=levels, n_params=sizes,
+        current={g: (state.channels[g].count / sizes[g] if g in state.channels else 0.0) for g in names},
+        criterion=criterion, metric=evaluator.metric_name, reference=evaluator.evaluate(), dense=evaluator.baseline(),
+        pattern=pattern)
+    return _run(state, evaluator, result, progress, on_step, should_stop,
+                lambda g, lv: measure_channels(state, evaluator, g, lv, scores[g], incremental))
 
 
 def _run(state: PruningState, evaluator: Evaluator, result: SensitivityResult, progress: bool,
