@@ -137,6 +137,14 @@ def test_vgg_cifar_with_30_percent_channels_removed_has_the_macs_and_params_coun
     assert s.last_compact.compact["params"] == params == sum(p.numel() for p in small.parameters())
     dense_macs = sum(o * i * 9 * h * h for o, i, h in zip(full, [3] + full[:-1], sides)) + linear_macs
     assert s.last_compact.dense["macs"] == dense_macs
+    # under channel masks the counted effective MACs are already the compact model's
+    assert s.stats().total["effective_macs"] == conv_macs + linear_macs
+    import io
+
+    for which, module in (("compact", small), ("dense", model)):  # file bytes: torch.save of the tensors, as export() writes
+        buf = io.BytesIO()
+        torch.save(dict(module.state_dict()), buf)
+        assert getattr(s.last_compact, which)["file_bytes"] == len(buf.getvalue())
     assert s.stats().compact is s.last_compact  # measured rows while the masks are those compacted
     assert set(s.last_compact.compact) >= {"latency_ms_b1", "latency_ms_b64", "file_bytes"}
     s.set_sparsity({convs[0]: 0.5}, pattern="channels")

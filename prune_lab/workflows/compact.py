@@ -25,7 +25,8 @@ STRUCTURE_FORMAT = 1
 @dataclass
 class CompactReport:
     """Dense vs compact, all measured: per-sample MACs of the matrix products and convolutions,
-    parameters, file bytes of ``torch.save(state_dict)``, median latency (ms) per batch size,
+    parameters, file bytes of ``torch.save`` of the state_dict's tensors (a plain dict, as
+    ``Session.export`` writes), median latency (ms) per batch size,
     and the largest output difference from the masked model on the check batch."""
 
     dense: dict[str, Any]
