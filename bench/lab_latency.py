@@ -45,7 +45,7 @@ def lab_times(session, layers):
     for i, v in enumerate(VALUES):
         name = layers[(i // DRAG) % len(layers)]
         t = time.perf_counter()
-        lab.sliders[name].value = round(v, 2)
+        lab.sliders[name].value = round(v * 100)
         total.append((time.perf_counter() - t) * 1000)
         numbers.append(lab.timings["numbers_ms"])
     assert lab.last_error is None, lab.last_error

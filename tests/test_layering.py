@@ -24,7 +24,7 @@ RANKS = {
     "session": 7, "models": 7,
     "lab_model": 8,
     "plots": 9,
-    "widgets": 10.5, "widgets.lab": 10,
+    "widgets": 10.5, "widgets.lab": 10, "widgets.percent_slider": 9.5,
     "__init__": 11,
 }
 # (importer, imported): presentation reached lazily from a result's .plot()

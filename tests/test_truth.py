@@ -267,8 +267,8 @@ def test_recipe_with_a_callable_criterion_reproduces_its_masks(digits, tmp_path)
 def test_the_lab_follows_changes_made_elsewhere(demo_session):
     lab = pl.Lab(demo_session)
     demo_session.set_sparsity({"fc1": 0.6})  # another cell
-    assert lab.sliders["fc1"].value == 0.6
-    assert lab.global_slider.value == round(demo_session.total_sparsity(), 2)
+    assert lab.sliders["fc1"].value == 60  # percent
+    assert lab.global_slider.value == round(demo_session.total_sparsity() * 100)
     assert f"{demo_session.evaluate()['accuracy']:.2%}" in lab.labels["accuracy"].value
 
 

@@ -22,8 +22,8 @@ from ..devices import device_name as _device_name
 from ..formats import fmt_bytes, fmt_count, fmt_delta as _fmt_delta, fmt_metric as _fmt_metric
 from ..lab_model import LabModel
 from ..session import Session
+from .percent_slider import STYLE as _PERCENT_STYLE, PercentSlider, to_percent
 
-SLIDER_MAX = 0.99
 DRAG_END_S = 0.35  # no slider event for this long ends a drag
 
 
@@ -61,8 +61,8 @@ def _guard(fn: Callable) -> Callable:
 class Lab:
     """An ipywidgets dashboard over a :class:`~prune_lab.Session` (through a ``LabModel``).
 
-    ``lab.sliders[name]`` (fraction 0-0.99, shown as percent), ``lab.global_slider`` (shows the
-    total sparsity), ``lab.allocation``, ``lab.criterion``, ``lab.locks[name]``, buttons
+    ``lab.sliders[name]`` (sparsity in whole percent, 0-99), ``lab.global_slider`` (shows the
+    total sparsity, in percent), ``lab.allocation``, ``lab.criterion``, ``lab.locks[name]``, buttons
     ``lab.reset_button`` ... ``lab.labels[key]`` show exactly ``Session.evaluate()``/``stats()``.
     ``train_data`` lets the criterion dropdown calibrate data-aware criteria (taylor, obd, wanda)
     the first time one is chosen.
@@ -105,7 +105,6 @@ class Lab:
         self._pending = False
         self._dragging = False
         self._last_event = 0.0
-        self._set_by_lab: dict[int, list[float]] = {}
         self._build()
         self.model.observe(self._on_model)
         self.refresh()
@@ -130,7 +129,7 @@ class Lab:
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
         s = self.session
-        self.sliders: dict[str, W.FloatSlider] = {}
+        self.sliders: dict[str, PercentSlider] = {}
         self.locks: dict[str, W.ToggleButton] = {}
         self.sensitivity_bars: dict[str, W.HTML] = {}
         self.meta: dict[str, W.HTML] = {}  # per layer: kind, shape and params; under channels, "45 of 64 channels"
@@ -138,9 +137,8 @@ class Lab:
         rows = []
         for info in s.layers:
             name = info.name
-            slider = W.FloatSlider(
-                value=_on_step(s.sparsity[name]), min=0.0, max=SLIDER_MAX, step=0.01,
-                description=name or "(model)", readout_format=".0%", continuous_update=True,
+            slider = PercentSlider(
+                value=to_percent(s.sparsity[name]), description=name or "(model)", continuous_update=True,
                 style={"description_width": "120px"}, layout=W.Layout(width="380px"),
             )
             slider.add_class("prune-lab-slider")
@@ -159,8 +157,8 @@ class Lab:
             self.sliders[name], self.locks[name], self.sensitivity_bars[name] = slider, lock, bar
             rows.append(W.HBox([lock, slider, meta, bar]))
 
-        self.global_slider = W.FloatSlider(value=0.0, min=0.0, max=SLIDER_MAX, step=0.01, description="all layers", readout_format=".0%",
-                                           continuous_update=True, style={"description_width": "120px"}, layout=W.Layout(width="380px"))
+        self.global_slider = PercentSlider(value=0, description="all layers", continuous_update=True,
+                                           style={"description_width": "120px"}, layout=W.Layout(width="380px"))
         self.global_slider.add_class("prune-lab-global")
         self.global_slider.observe(self._on_global, names="value")
         self.allocation = W.Dropdown(options=list_allocations(), value="global", description="allocation", style=WIDE, layout=W.Layout(width="250px"))
@@ -276,7 +274,7 @@ class Lab:
         for i, title in enumerate(("prune", "sensitivity", "fine-tune", "export")):
             self.tabs.set_title(i, title)
         self.tabs.add_class("prune-lab-tabs")
-        self.widget = W.VBox([metrics, self.status, self.tabs], layout=W.Layout(max_width="820px"))
+        self.widget = W.VBox([W.HTML(_PERCENT_STYLE), metrics, self.status, self.tabs], layout=W.Layout(max_width="820px"))
         self.widget.add_class("prune-lab")
 
     def _ipython_display_(self) -> None:
@@ -310,47 +308,25 @@ class Lab:
         return bar
 
     # ------------------------------------------------------------------ control callbacks
-    def _is_echo(self, widget: Any, value: float) -> bool:
-        """A browser re-sends values the kernel set on a slider (and may deliver them late); a
-        value this Lab set itself since the user last moved that slider is not a user move."""
-        history = self._set_by_lab.get(id(widget), [])
-        value = round(value, 6)  # the browser adds float noise (0.9000000000000001)
-        if value in history:
-            if value != history[-1]:  # stale: put the browser back on the session's value
-                self._syncing = True
-                try:
-                    widget.value = history[-1]
-                finally:
-                    self._syncing = False
-            return True
-        self._set_by_lab.pop(id(widget), None)
-        return False
-
-    def _set_slider(self, widget: Any, value: float) -> None:
-        value = _on_step(value)
-        history = self._set_by_lab.setdefault(id(widget), [])
-        if value in history:
-            history.remove(value)
-        history.append(value)
-        del history[:-64]
-        widget.value = value
+    def _set_slider(self, widget: PercentSlider, fraction: float) -> None:
+        widget.value = to_percent(fraction)
 
     @_guard
     def _on_layer_slider(self, name: str, change: dict) -> None:
-        if self._syncing or self._is_echo(self.sliders[name], change["new"]):
+        if self._syncing:
             return
         self._syncing = True
         try:
             self.layer_select.value = name
         finally:
             self._syncing = False
-        self.model.set_layer(name, float(change["new"]), coalesce=self._loop is not None)
+        self.model.set_layer(name, change["new"] / 100, coalesce=self._loop is not None)
 
     @_guard
     def _on_global(self, change: dict) -> None:
-        if self._syncing or self._is_echo(self.global_slider, change["new"]):
+        if self._syncing:
             return
-        self.model.set_global(float(change["new"]), coalesce=self._loop is not None)
+        self.model.set_global(change["new"] / 100, coalesce=self._loop is not None)
 
     @_guard
     def _on_allocation(self, change: dict) -> None:
@@ -423,7 +399,7 @@ class Lab:
     @_guard
     def apply_plan(self, target: Optional[float] = None) -> None:
         """Apply the sensitivity plan for the current total sparsity (or ``target``)."""
-        self.model.apply_plan(self.global_slider.value if target is None else target)
+        self.model.apply_plan(self.global_slider.value / 100 if target is None else target)
 
     @_guard
     def export(self, path: Optional[str] = None) -> dict:
@@ -674,12 +650,6 @@ def _encode_png(canvas: Any) -> bytes:
     buf = io.BytesIO()
     Image.frombuffer("RGBA", (w, h), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(buf, format="png", compress_level=1)
     return buf.getvalue()
-
-
-def _on_step(sparsity: float) -> float:
-    """A value on the sliders' 0.01 grid. The browser snaps off-grid values and sends the snapped
-    value back, which would arrive later as a stale user move; on-grid values are never echoed."""
-    return min(round(sparsity, 2), SLIDER_MAX)
 
 
 def _kernel_loop() -> Any:

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+import traitlets
 
 import prune_lab as pl
 from tests.conftest import snapshot, state_equal
@@ -21,7 +22,7 @@ def value_of(label) -> str:
 
 def test_slider_prunes_exactly_and_labels_are_measured(lab):
     s = lab.session
-    lab.sliders["fc1"].value = 0.37
+    lab.sliders["fc1"].value = 37
     assert lab.last_error is None
     assert s.pruned_counts["fc1"] == round(0.37 * 7680)
     assert int((s.model.fc1.weight == 0).sum()) == round(0.37 * 7680)
@@ -40,7 +41,7 @@ def test_slider_prunes_exactly_and_labels_are_measured(lab):
 def test_plots_follow_the_sliders(lab):
     before = lab.images["histogram"].value
     n = len(lab.points)
-    lab.sliders["fc1"].value = 0.8
+    lab.sliders["fc1"].value = 80
     assert lab.images["histogram"].value != before
     assert len(lab.points) == n + 1
     fig = lab._figures["tradeoff"]
@@ -54,30 +55,30 @@ def test_plots_follow_the_sliders(lab):
 
 def test_global_slider_moves_layer_sliders_and_respects_locks(lab):
     s = lab.session
-    lab.sliders["fc3"].value = 0.1
+    lab.sliders["fc3"].value = 10
     lab.locks["fc3"].value = True
     lab.allocation.value = "uniform"
-    lab.global_slider.value = 0.6
+    lab.global_slider.value = 60
     total = sum(i.n_params for i in s.layers)
     assert sum(s.pruned_counts.values()) == round(0.6 * total)
     assert s.pruned_counts["fc3"] == round(0.1 * 840)
     for name, slider in lab.sliders.items():
-        assert slider.value == round(s.sparsity[name], 2)  # on the sliders' 0.01 grid
+        assert slider.value == round(s.sparsity[name] * 100)  # whole percent
     lab.allocation.value = "global"
-    lab.global_slider.value = 0.7
+    lab.global_slider.value = 70
     assert sum(s.pruned_counts.values()) == round(0.7 * total)
 
 
 def test_undo_redo_reset_restore_exact_states(lab):
     s = lab.session
     states, weights = [], []
-    for v in (0.2, 0.5, 0.9):
+    for v in (20, 50, 90):
         lab.sliders["fc2"].value = v
         states.append(s.snapshot())
         weights.append(snapshot(s.model))
     lab.undo()
     assert s.snapshot() == states[1] and state_equal(snapshot(s.model), weights[1])
-    assert lab.sliders["fc2"].value == pytest.approx(0.5)
+    assert lab.sliders["fc2"].value == 50
     lab.undo()
     assert state_equal(snapshot(s.model), weights[0])
     lab.redo()
@@ -91,7 +92,7 @@ def test_undo_redo_reset_restore_exact_states(lab):
 
 def test_criterion_dropdown_reprunes(lab):
     s = lab.session
-    lab.sliders["fc1"].value = 0.5
+    lab.sliders["fc1"].value = 50
     magnitude = s.mask("fc1").clone()
     lab.criterion.value = "random"
     assert s.criteria["fc1"] == "random"
@@ -120,7 +121,7 @@ def test_sensitivity_stop_keeps_partial_then_resumes(lab):
 
 def test_apply_plan_shows_predicted_and_measured(lab):
     lab.run_sensitivity(levels=[0.0, 0.3, 0.6, 0.9])
-    lab.global_slider.value = 0.5
+    lab.global_slider.value = 50
     lab.apply_plan()
     s = lab.session
     total = sum(i.n_params for i in s.layers)
@@ -136,7 +137,7 @@ def test_errors_show_in_the_lab(lab):
 
 
 def test_export_button(lab, tmp_path):
-    lab.sliders["fc1"].value = 0.9
+    lab.sliders["fc1"].value = 90
     lab.export_path.value = str(tmp_path / "lab.pt")
     lab.export_button.click()
     assert (tmp_path / "lab.pt").exists() and (tmp_path / "lab.recipe.json").exists()
@@ -145,7 +146,7 @@ def test_export_button(lab, tmp_path):
 
 
 def test_preview_is_labelled_and_measured(lab):
-    lab.sliders["fc1"].value = 0.6
+    lab.sliders["fc1"].value = 60
     lab.refresh(preview=True)
     assert "preview: first 256 samples" in lab.labels["mode"].value
     assert value_of(lab.labels["accuracy"]) == f"{lab.session.evaluate(limit=256)['accuracy']:.2%}"
@@ -160,7 +161,7 @@ def test_device_selector_lists_devices(lab):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_selector_moves_session(lab):
-    lab.sliders["fc1"].value = 0.5
+    lab.sliders["fc1"].value = 50
     cpu_acc = lab.session.evaluate()["accuracy"]
     lab.device.value = "cuda:0"
     assert lab.session.device.type == "cuda"
@@ -198,7 +199,7 @@ def test_in_a_kernel_only_the_newest_value_is_evaluated(lab, monkeypatch):
     evaluations = []
     real = lab.session.evaluate
     monkeypatch.setattr(lab.session, "evaluate", lambda limit=None: evaluations.append(limit) or real(limit))
-    for v in (0.1, 0.2, 0.3, 0.4, 0.5):  # a drag: five values arrive before the kernel is free
+    for v in (10, 20, 30, 40, 50):  # a drag: five values arrive before the kernel is free
         lab.sliders["fc1"].value = v
     assert len(loop.soon) == 1 and evaluations == []  # nothing stale is queued
     loop.run()
@@ -211,7 +212,7 @@ def test_slow_model_previews_while_dragging_then_finishes(lab):
     loop = FakeLoop()
     lab._loop = loop
     lab.model.policy.mode = "always"  # as if a full evaluation took longer than the frame budget
-    lab.sliders["fc1"].value = 0.7
+    lab.sliders["fc1"].value = 70
     loop.run()
     assert lab.evaluation["preview"] and "preview: first 256 samples" in lab.labels["mode"].value
     assert value_of(lab.labels["accuracy"]) == f"{lab.session.evaluate(limit=256)['accuracy']:.2%}"
@@ -222,14 +223,28 @@ def test_slow_model_previews_while_dragging_then_finishes(lab):
     assert value_of(lab.labels["accuracy"]) == f"{lab.session.evaluate()['accuracy']:.2%}"
 
 
-def test_browser_echo_of_an_old_value_is_ignored(lab):
+def test_sliders_are_whole_percent_and_refuse_fractions_clearly(lab):
+    """Integer sliders: their browser view never sends back a value the kernel set (a float
+    slider's does, with float noise, late, as a move nobody made)."""
     s = lab.session
-    lab.global_slider.value = 0.5
-    lab.reset()
+    lab.sliders["fc1"].value = 46
+    assert s.sparsity["fc1"] == round(0.46 * 7680) / 7680 and lab.sliders["fc1"].value == 46
+    assert type(lab.sliders["fc1"].value) is int and lab.sliders["fc1"].get_state()["value"] == 46
     state = s.snapshot()
-    lab.global_slider.value = 0.5 + 1e-16  # the browser re-sends the earlier value, late, with float noise
-    assert s.snapshot() == state
-    assert lab.global_slider.value == 0.0  # and is put back on the session's value
+    with pytest.raises(traitlets.TraitError, match=r"fc1: 0.9 is not a whole percent; the sliders take 0-99 \(write 90 for 90%\)"):
+        lab.sliders["fc1"].value = 0.9
+    with pytest.raises(traitlets.TraitError, match=r"all layers: 100% is out of range; the slider takes 0-99 \(percent\)"):
+        lab.global_slider.value = 100
+    assert s.snapshot() == state and lab.sliders["fc1"].value == 46 and lab.global_slider.value == round(s.total_sparsity() * 100)
+    lab.global_slider.value = 90.0  # a whole number written as a float is fine
+    assert lab.global_slider.value == 90 and round(s.total_sparsity(), 2) == 0.9
+    assert "prune-lab-percent" in lab.global_slider._dom_classes
+
+
+def test_slider_positions_round_to_the_nearest_percent():
+    from prune_lab.widgets.percent_slider import to_percent
+
+    assert [to_percent(f) for f in (0.0, 0.004, 0.006, 0.4449, 0.455, 0.46, 0.994, 0.996, 1.0)] == [0, 0, 1, 44, 46, 46, 99, 99, 99]
 
 
 def test_layer_collapse_shows_in_the_lab(digits):
@@ -237,18 +252,18 @@ def test_layer_collapse_shows_in_the_lab(digits):
 
     lab = pl.Lab(pl.Session(zoo_model("mlp", digits), digits.test, device="cpu"))  # untrained: global cuts fc2 at 95%
     lab.allocation.value = "global"
-    lab.global_slider.value = 0.5
+    lab.global_slider.value = 50
     assert "prune-lab-warning" not in lab.status.value
-    lab.global_slider.value = 0.95
+    lab.global_slider.value = 95
     assert "prune-lab-warning" in lab.status.value and "pruned every weight of fc2" in lab.status.value
     lab.allocation.value = "lamp"
-    lab.global_slider.value = 0.96
+    lab.global_slider.value = 96
     assert "prune-lab-warning" not in lab.status.value
 
 
 def test_data_aware_criterion_in_the_lab(demo_session, digits):
     lab = pl.Lab(demo_session)
-    lab.sliders["fc1"].value = 0.5
+    lab.sliders["fc1"].value = 50
     lab.criterion.value = "taylor"  # no training data: the Lab says what to do, nothing changes
     assert "train_data" in lab.status.value and demo_session.criteria["fc1"] == "magnitude"
     lab = pl.Lab(demo_session, train_data=digits.train)
@@ -273,13 +288,13 @@ def test_pattern_and_quantization_controls(demo_session):
     assert "left as they were" in lab.model.status and "conv1" in lab.model.status
     assert all(s.sparsity[n] == 0.5 for n in ("conv2", "fc1", "fc2", "fc3")) and s.sparsity["conv1"] == 0.0
     assert bool((nm_groups(s.mask("fc1"), "Linear", 4).sum(1) == 2).all())
-    lab.sliders["fc2"].value = 0.2  # under a pattern a slider snaps: below half of 50% is dense
-    assert s.sparsity["fc2"] == 0.0 and lab.sliders["fc2"].value == 0.0
-    lab.sliders["fc2"].value = 0.3
+    lab.sliders["fc2"].value = 20  # under a pattern a slider snaps: below half of 50% is dense
+    assert s.sparsity["fc2"] == 0.0 and lab.sliders["fc2"].value == 0
+    lab.sliders["fc2"].value = 30
     assert s.sparsity["fc2"] == 0.5 and s.state.record("fc2").pattern == "2:4"
-    lab.global_slider.value = 0.0
+    lab.global_slider.value = 0
     assert s.total_sparsity() == 0.0
-    lab.global_slider.value = 0.3
+    lab.global_slider.value = 30
     assert s.sparsity["fc1"] == 0.5
     lab.quant.value = "4/kmeans"
     assert set(s.bits.values()) == {4} and int(torch.unique(s.model.fc1.weight).numel()) <= 17
@@ -297,7 +312,7 @@ def test_finetune_panel_trains_with_masks_held_and_undo_goes_back(demo_session, 
     with pytest.raises(ValueError, match=r"train_data=\.\.\."):
         no_data.model.run_finetune(steps=5)
     lab = pl.Lab(s, train_data=digits.train)
-    lab.global_slider.value = 0.8
+    lab.global_slider.value = 80
     before = s.snapshot()
     pruned = {n: s.mask(n).clone() for n in s.pruned_counts}
     points = len(lab.points)
@@ -366,7 +381,7 @@ def test_only_another_threads_trial_makes_the_lab_wait(demo_session):
 def test_channels_pattern_moves_whole_channels_and_measures_the_compact_model(demo_session):
     s = demo_session
     lab = pl.Lab(s)
-    lab.sliders["fc1"].value = 0.3  # weights first: switching to channels clears them
+    lab.sliders["fc1"].value = 30  # weights first: switching to channels clears them
     lab.pattern.value = "channels"
     assert lab.last_error is None and s.pruned_counts["fc1"] == 0 and not s.state.channels
     groups = s.groups
@@ -376,7 +391,7 @@ def test_channels_pattern_moves_whole_channels_and_measures_the_compact_model(de
     assert f"{size} of {size} channels" in lab.meta[producer].value
     output = next(n for n in lab.sliders if n not in groups.by_layer)
     assert lab.sliders[output].disabled and "no channel group" in lab.meta[output].value
-    lab.sliders[producer].value = 0.5
+    lab.sliders[producer].value = 50
     assert lab.last_error is None
     kept = size - round(0.5 * size)
     assert s.channels[group] == (kept, size)
@@ -389,9 +404,9 @@ def test_channels_pattern_moves_whole_channels_and_measures_the_compact_model(de
     assert f"{r['latency_ms_b64']:.2f}x</span> faster" in lab.labels["measured"].value
     lab.allocation.value = "uniform"  # re-splits the channels removed so far, group by group
     share = lab.model.channel_total()
-    lab.global_slider.value = 0.25
+    lab.global_slider.value = 25
     assert all(k == n - round(0.25 * n) for k, n in s.channels.values())
-    assert lab.global_slider.value == pytest.approx(lab.model.channel_total(), abs=0.005)
+    assert lab.global_slider.value == round(lab.model.channel_total() * 100)
     lab.undo()
     assert lab.model.channel_total() == pytest.approx(share, abs=0.02)
     lab.undo()
