@@ -571,6 +571,17 @@ class LabModel:
         measured = {rec["layer"] for rec in r.records}
         return [i.name for i in self.session.layers if i.name not in measured]
 
+    def partly_measured_layers(self) -> dict[str, list[float]]:
+        """Layers a stopped sweep measured at some of its levels only, with those levels: their
+        ranking would read as a verdict ('0% ok') where the sweep simply did not get there."""
+        r = self.session.last_sensitivity
+        if r is None:
+            return {}
+        levels: dict[str, list[float]] = {}
+        for rec in r.records:
+            levels.setdefault(rec["layer"], []).append(rec["level"])
+        return {n: sorted(v) for n, v in levels.items() if len(set(v)) < len(r.levels)}
+
     # ------------------------------------------------------------------ status
     def set_status(self, text: str) -> None:
         self.status = text

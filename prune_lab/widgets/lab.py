@@ -590,9 +590,15 @@ class Lab:
             return
         ranking = result.ranking(max_drop=0.01)
         unmeasured = set(self.model.unmeasured_layers())
+        partly = self.model.partly_measured_layers()
         for name, bar in self.sensitivity_bars.items():
             if name in unmeasured:
                 bar.value = "<div style='font-size:10px;color:#999' title='the sweep has no point for this layer'>not measured</div>"
+                continue
+            if name in partly:
+                at = ", ".join(f"{v:.0%}" for v in partly[name])
+                bar.value = (f"<div style='font-size:10px;color:#999' title='the sweep was stopped: measured at {at} only'>"
+                             "partly measured</div>")
                 continue
             if name not in ranking:
                 bar.value = ""
