@@ -170,7 +170,7 @@ def as_tensors(data: Any, samples: int) -> tuple[Tensor, Tensor]:
 def activation_recorder(weights: Mapping[str, Tensor], acc: dict[str, Tensor]) -> Any:
     """A dispatch mode adding, for every matrix product and convolution that reads a weight, the
     squared input features to ``acc`` (weight-shaped, float32). Active only in the forward pass."""
-    from torch.ops import aten
+    aten = torch.ops.aten  # (torch < 2.3 cannot import it by name)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     index = WeightIndex(dict(weights))

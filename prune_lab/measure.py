@@ -310,7 +310,7 @@ class WeightUse:
 
 def _mm_macs(func: Any, args: tuple, out: Any) -> Optional[tuple[int, list[Tensor]]]:
     """MACs of a matrix product or convolution and the operands that may be weights."""
-    from torch.ops import aten
+    aten = torch.ops.aten  # (torch < 2.3 cannot import it by name)
 
     packet = getattr(func, "overloadpacket", None)
     if packet in (aten.mm, aten.bmm):
@@ -362,16 +362,52 @@ def unfused(model: nn.Module, grad: bool = False) -> Iterator[None]:
     ATen level."""
     import warnings
 
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    switch = _fastpath_switch()
+    fast = switch.get_fastpath_enabled() if switch is not None else None
+    if switch is not None:
+        switch.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), \
-                    eval_mode(model), torch.set_grad_enabled(grad):
+                    eval_mode(model), torch.set_grad_enabled(grad), _attention_slow_path(model, switch is None):
                 yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+        if switch is not None:
+            switch.set_fastpath_enabled(fast)
+
+
+def _fastpath_switch() -> Any:
+    """``torch.backends.mha`` (torch >= 2.4), or None on older releases: see _attention_slow_path."""
+    try:
+        import torch.backends.mha as switch
+    except ImportError:
+        return None
+    return switch if hasattr(switch, "set_fastpath_enabled") else None
+
+
+@contextlib.contextmanager
+def _attention_slow_path(model: nn.Module, needed: bool) -> Iterator[None]:
+    """Before torch 2.4 there is no switch for the fused attention path; it is skipped for a
+    module in training mode. So the attention modules alone (not their children: their Dropout
+    modules stay in eval mode) are put in training mode, with the attention dropout set to 0:
+    the same numbers as eval mode, through the path whose products show."""
+    saved: list[tuple[nn.Module, bool, Optional[float]]] = []
+    if needed:
+        kinds = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+        for m in model.modules():
+            if isinstance(m, kinds):
+                saved.append((m, m.training, getattr(m, "dropout", None) if isinstance(m, nn.MultiheadAttention) else None))
+                m.training = True
+                if isinstance(m, nn.MultiheadAttention):
+                    m.dropout = 0.0
+    try:
+        yield
+    finally:
+        for m, training, dropout in saved:
+            m.training = training
+            if dropout is not None:
+                m.dropout = dropout
 
 
 def weight_uses(model: nn.Module, weights: dict[str, Tensor], sample: Tensor) -> tuple[dict[str, list[WeightUse]], Any]:

@@ -119,3 +119,43 @@ def test_weight_uses_count_every_sample_and_position():
     assert count_macs(tconv.weight, uses["tconv"]) == (4 * 2 * 4 * 2 * 25,) * 2  # transposed: at every input position
     uses, _ = weight_uses(conv, {"conv": conv.weight}, torch.randn(3, 5, 5))  # unbatched input
     assert count_macs(conv.weight, uses["conv"])[0] == 4 * 3 * 9 * 25
+
+
+class _Attention(torch.nn.Module):
+    """MHA with dropout beside a TransformerEncoder: both take PyTorch's fused path in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, dropout=0.3, batch_first=True)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.2, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.encoder(y)
+
+
+def test_attention_products_are_counted_on_torch_without_the_fastpath_switch(monkeypatch):
+    """torch < 2.4 has no torch.backends.mha switch: the attention modules alone go to training
+    mode with attention dropout 0, which counts the same products and computes the same outputs."""
+    from prune_lab.measure import weight_uses
+
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(2, 5, 16)
+    weights = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    with torch.no_grad():
+        expected = model(x)
+        uses, out = weight_uses(model, weights, x)
+        monkeypatch.setattr("prune_lab.measure._fastpath_switch", lambda: None)  # as on torch < 2.4
+        old_uses, old_out = weight_uses(model, weights, x)
+    assert old_uses == uses and all(uses[n] for n in weights)  # every projection's product seen
+    assert torch.allclose(old_out, expected, atol=1e-6) and torch.allclose(out, expected, atol=1e-6)
+    assert not model.training and not any(m.training for m in model.modules())  # put back
+    assert model.attn.dropout == 0.3
+    from prune_lab.measure import unfused
+
+    layer = model.encoder.layers[0]
+    with unfused(model):  # (torch 2.13 skips the fused path under a dispatch mode anyway: look inside)
+        assert model.attn.training and model.attn.dropout == 0.0 and layer.training and layer.self_attn.dropout == 0.0
+        assert not layer.dropout1.training and not layer.linear1.training and not model.training
