@@ -16,6 +16,45 @@ def small_texts(fig) -> list:
             if t.get_visible() and t.get_text().strip() and t.get_fontsize() < 9]
 
 
+def drawn_texts(fig) -> list:
+    """The texts a reader sees: titles, axis labels, legends, figure texts and the tick labels of
+    ticks inside the view (matplotlib keeps labels of ticks outside it, undrawn)."""
+    texts = list(fig.texts)
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        if ax.get_legend() is not None:
+            texts += [*ax.get_legend().get_texts(), ax.get_legend().get_title()]
+        for axis, (lo, hi) in ((ax.xaxis, sorted(ax.get_xlim())), (ax.yaxis, sorted(ax.get_ylim()))):
+            texts += [t.label1 for t in axis.get_major_ticks() if lo - 1e-9 <= t.get_loc() <= hi + 1e-9]
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def cut_texts(fig) -> list:
+    """Drawn texts that reach outside the figure (a y label cut off at the left edge, say)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    out = []
+    for t in drawn_texts(fig):
+        e = t.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1:
+            out.append(t.get_text())
+    return out
+
+
+def test_the_histogram_keeps_its_labels_inside_after_switching_layers_and_log_counts(demo_session):
+    """The y label was cut after switching layers and disappeared with log counts."""
+    lab = pl.Lab(demo_session)
+    for layer in ("fc2", "conv1", "fc1"):
+        lab.layer_select.value = layer
+        for log in (False, True):
+            lab.log_counts.value = log
+            fig = lab._figures["histogram"]
+            ax = fig.axes[0]
+            assert ax.get_ylabel() and ax.yaxis.label.get_visible(), (layer, log)
+            assert not cut_texts(fig), (layer, log, cut_texts(fig))
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])
