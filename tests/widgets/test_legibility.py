@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 
-
 import prune_lab as pl
 
 
