@@ -47,6 +47,58 @@ def ratio_axis(axis: Any) -> None:
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+class ReadableLogLocator(matplotlib.ticker.Locator):
+    """Log-axis ticks a reader can use: 1-2-5 steps per decade, or, on a range too narrow for
+    three of those (a trade-off panel spanning 50-100 KB), ``n`` ticks evenly spaced in log,
+    rounded to two significant digits (more on a range too narrow for that)."""
+
+    def __init__(self, n: int = 4, base: int = 1000):
+        self.n, self.base = n, base  # base 1024: rounded in the KB/MB shown (35 KB, not 35.2 KB)
+
+    def __call__(self) -> list:
+        lo, hi = sorted(self.axis.get_view_interval())
+        return self.tick_values(lo, hi)
+
+    def tick_values(self, vmin: float, vmax: float) -> list:
+        lo, hi = sorted((vmin, vmax))
+        if not (lo > 0 and math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+            return []
+        units = [float(self.base) ** k for k in range(5)]  # B, KB, MB ... (or 1, 1000, ...)
+        for subs in ((1, 2, 5), (1,)):  # 1-2-5 per decade (of the shown unit); decades if crowded
+            steps = sorted({m * 10.0 ** d * u for u in units for d in (0, 1, 2)
+                            for m in subs if lo <= m * 10.0 ** d * u <= hi})
+            if 3 <= len(steps) <= 7:
+                return steps
+            if len(steps) > 7:
+                continue
+            break
+        if len(steps) > 7:
+            return steps[:: math.ceil(len(steps) / 6)]
+        for digits in range(2, 7):  # two significant digits, more only if the range is that narrow
+            ticks = set()
+            for i in range(self.n):
+                v = lo * (hi / lo) ** ((i + 0.5) / self.n)
+                unit = float(self.base) ** max(0, math.floor(math.log(v, self.base)))
+                shown = v / unit
+                ticks.add(round(shown, digits - 1 - math.floor(math.log10(shown))) * unit)
+            if len(ticks) >= 3:
+                break
+        return sorted(ticks)
+
+
+def log_axis(axis: Any, fmt: Any) -> None:
+    """A log axis labelled with ``fmt`` (bytes, counts) at readable ticks, minor ticks unlabelled."""
+    axis.set_major_locator(ReadableLogLocator(base=1024 if fmt is fmt_bytes else 1000))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: fmt(v)))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def metric_axis(axis: Any, metric: str) -> None:
+    """Accuracy reads as percent everywhere (97.2%, not 0.972); other metrics stay as they are."""
+    if metric == "accuracy":
+        axis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=None))
+
+
 def placeholder(figsize: tuple[float, float], text: str) -> PlotFigure:
     """An empty panel saying what would be here and how to get it (instead of a broken image)."""
     fig = new_figure(figsize)
@@ -205,6 +257,7 @@ def sensitivity(result: Any, key: Optional[str] = None, current: Optional[dict[s
     channels = getattr(result, "pattern", "") == "channels"
     ax.set_xlabel("channels removed from the group (others unchanged)" if channels else "sparsity of the layer (others unchanged)")
     ax.set_ylabel(key)
+    metric_axis(ax.yaxis, key)
     status = "" if result.complete else " (incomplete)"
     ax.set_title(f"{'Channel group' if channels else 'Layer'} sensitivity - {result.criterion}{status}", fontsize=10)
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
@@ -258,12 +311,11 @@ def tradeoff_points(points: Sequence[dict[str, Any]], current: Optional[int] = N
         ax.plot([], [], "-", color=KEPT_COLOR, linewidth=1.5, gid="pareto")
         ax.plot([], [], "*", color=PRUNED_COLOR, markersize=14, markeredgecolor="black", gid="current")
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        fmt = fmt_bytes if key == "sparse_bytes" else fmt_count  # 54.6 KB, 35,112: not 6x10^4
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos, fmt=fmt: fmt(v)))
+        log_axis(ax.xaxis, fmt_bytes if key == "sparse_bytes" else fmt_count)  # 54.6 KB, 35,112: not 6x10^4
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
+    metric_axis(axes[0].yaxis, metric)
     fig.suptitle("Configurations tried (line: Pareto front)", fontsize=10)
     update_tradeoff_points(fig, points, current, metric)
     return fig
@@ -361,8 +413,11 @@ def tradeoff(result: Any, x: str = "compression") -> Figure:
     ax.set_xscale("log")
     if key in ("compression", "speedup"):
         ratio_axis(ax.xaxis)
+    else:
+        log_axis(ax.xaxis, fmt_bytes)
     ax.set_xlabel(label)
     ax.set_ylabel(m)
+    metric_axis(ax.yaxis, m)
     ax.set_title("Accuracy / size trade-off" + (" (cached)" if result.cached else ""), fontsize=10)
     ax.legend(fontsize=9, ncol=2)
     ax.grid(alpha=0.3)

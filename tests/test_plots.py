@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
@@ -124,3 +127,33 @@ def test_scripts_with_a_window_backend_get_pyplot_figures(demo_session, monkeypa
         assert fig.number in plt.get_fignums()
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize("base, lo, hi", [(1024, 27_000, 130_000), (1024, 100_000, 130_000), (1024, 3_000, 2_000_000),
+                                          (1024, 50, 900), (1000, 26_000, 54_000), (1000, 100, 100_000), (1000, 1, 64),
+                                          (1000, 1e6, 1e9), (1000, 41_000, 42_000)])
+def test_log_axes_get_at_least_three_round_ticks(base, lo, hi):
+    """The trade-off panel's narrow log axes had one tick label or none."""
+    from prune_lab.plots import ReadableLogLocator
+
+    ticks = ReadableLogLocator(base=base).tick_values(lo, hi)
+    assert 3 <= len(ticks) <= 7 and ticks == sorted(set(ticks)) and all(lo <= t <= hi for t in ticks)
+    digits = 2 if hi / lo > 1.1 else 3  # two significant digits in the unit shown (KB, MB; or counts)
+    for t in ticks:
+        shown = t / base ** max(0, math.floor(math.log(t, base) + 1e-12))
+        assert float(f"{shown:.{digits}g}") == pytest.approx(shown), (t, shown)
+
+
+def test_the_labs_tradeoff_panel_reads_bytes_counts_and_percent(demo_session):
+    lab = pl.Lab(demo_session)
+    for v in (30, 60, 80, 90):
+        lab.sliders["fc1"].value = v
+    fig = lab._figures["tradeoff"]
+    fig.canvas.draw()
+    for ax, unit in zip(fig.axes, (r"^[\d.,]+ (B|KB|MB)$", r"^[\d,]+$")):
+        lo, hi = ax.get_xlim()
+        labels = [t.label1.get_text() for t in ax.xaxis.get_major_ticks() if lo <= t.get_loc() <= hi]
+        assert len(labels) >= 3 and all(re.match(unit, x) for x in labels), labels
+    lo, hi = fig.axes[0].get_ylim()
+    ys = [t.label1.get_text() for t in fig.axes[0].yaxis.get_major_ticks() if lo <= t.get_loc() <= hi]
+    assert len(ys) >= 3 and all(y.endswith("%") for y in ys), ys
