@@ -238,6 +238,7 @@ def test_lab_in_jupyterlab(jupyterlab, demo):
             for title in ("prune", "sensitivity", "fine-tune", "export"):
                 _tab(page, title)
                 cut.update(_cut_texts(page, title))
+                page.screenshot(path=str(ARTIFACTS / f"tab-{title}.png"))  # for a reviewer's eyes
             assert not cut, f"Lab controls whose text is cut at 1280x800 with the sidebar open: {cut}"
             # the fine-tune tab trains, shows progress, and Stop stops it
             _tab(page, "fine-tune")
