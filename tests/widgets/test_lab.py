@@ -1,23 +1,13 @@
 """The Lab driven through real ipywidgets objects, no browser: every label is the Session's number."""
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 import traitlets
 
 import prune_lab as pl
 from tests.conftest import snapshot, state_equal
-
-
-@pytest.fixture
-def lab(demo_session):
-    return pl.Lab(demo_session)
-
-
-def value_of(label) -> str:
-    return re.search(r"class='prune-lab-value'>([^<]*)<", label.value).group(1)
+from tests.widgets import value_of
 
 
 def test_slider_prunes_exactly_and_labels_are_measured(lab):

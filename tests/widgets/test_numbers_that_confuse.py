@@ -8,17 +8,9 @@ import pytest
 
 import prune_lab as pl
 from prune_lab.formats import fmt_bytes, fmt_count, fmt_percent, fmt_ratio
+from tests.widgets import value_of
 
 LEVELS = [0.0, 0.5, 0.9]
-
-
-@pytest.fixture
-def lab(demo_session):
-    return pl.Lab(demo_session)
-
-
-def value_of(label) -> str:
-    return re.search(r"class='prune-lab-value'>([^<]*)<", label.value).group(1)
 
 
 def test_plan_predictions_are_clipped_to_what_was_measured_and_called_a_guess(lab):
