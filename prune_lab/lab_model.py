@@ -563,24 +563,24 @@ class LabModel:
         self.timings["numbers_ms"] = (time.perf_counter() - t0) * 1000
         return self.numbers
 
+    def _measured_levels(self) -> dict[str, list[float]]:
+        """Per layer the last sweep has points for, the levels it measured there (sorted)."""
+        r = self.session.last_sensitivity
+        levels: dict[str, list[float]] = {}
+        for layer, level in sorted(r.done()) if r is not None else ():
+            levels.setdefault(layer, []).append(level)
+        return levels
+
     def unmeasured_layers(self) -> list[str]:
         """Layers the last sweep has no point for (a stopped sweep): shown as 'not measured'."""
-        r = self.session.last_sensitivity
-        if r is None:
-            return [i.name for i in self.session.layers]
-        measured = {rec["layer"] for rec in r.records}
+        measured = self._measured_levels()
         return [i.name for i in self.session.layers if i.name not in measured]
 
     def partly_measured_layers(self) -> dict[str, list[float]]:
         """Layers a stopped sweep measured at some of its levels only, with those levels: their
         ranking would read as a verdict ('0% ok') where the sweep simply did not get there."""
         r = self.session.last_sensitivity
-        if r is None:
-            return {}
-        levels: dict[str, list[float]] = {}
-        for rec in r.records:
-            levels.setdefault(rec["layer"], []).append(rec["level"])
-        return {n: sorted(v) for n, v in levels.items() if len(set(v)) < len(r.levels)}
+        return {} if r is None else {n: v for n, v in self._measured_levels().items() if len(v) < len(r.levels)}
 
     # ------------------------------------------------------------------ status
     def set_status(self, text: str) -> None:

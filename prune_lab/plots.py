@@ -67,13 +67,12 @@ class ReadableLogLocator(matplotlib.ticker.Locator):
         for subs in ((1, 2, 5), (1,)):  # 1-2-5 per decade (of the shown unit); decades if crowded
             steps = sorted({m * 10.0 ** d * u for u in units for d in (0, 1, 2)
                             for m in subs if lo <= m * 10.0 ** d * u <= hi})
-            if 3 <= len(steps) <= 7:
-                return steps
-            if len(steps) > 7:
-                continue
-            break
+            if len(steps) <= 7:
+                break
         if len(steps) > 7:
-            return steps[:: math.ceil(len(steps) / 6)]
+            steps = steps[:: math.ceil(len(steps) / 6)]
+        if len(steps) >= 3:
+            return steps
         for digits in range(2, 7):  # two significant digits, more only if the range is that narrow
             ticks = set()
             for i in range(self.n):
