@@ -7,7 +7,7 @@ import traitlets
 
 import prune_lab as pl
 from tests.conftest import snapshot, state_equal
-from tests.widgets import value_of
+from tests.widgets import sweep_stopped_after, value_of
 
 
 def test_slider_prunes_exactly_and_labels_are_measured(lab):
@@ -91,17 +91,11 @@ def test_criterion_dropdown_reprunes(lab):
 
 
 def test_sensitivity_stop_keeps_partial_then_resumes(lab):
-    def click_stop(change):
-        if change["new"] == 4:
-            lab.stop_button.click()
-
-    lab.progress.observe(click_stop, names="value")
-    lab.run_sensitivity(levels=[0.0, 0.5, 0.9])
+    sweep_stopped_after(lab, 4, [0.0, 0.5, 0.9])
     partial = lab.session.last_sensitivity
     assert not partial.complete and len(partial.records) == 4
     assert "stopped, 4/15 points kept" in lab.status.value
     assert lab.stop_button.disabled and not lab.sliders["fc1"].disabled
-    lab.progress.unobserve(click_stop, names="value")
     lab.sensitivity_button.click()  # resumes with the default levels? no: with the partial's levels
     full = lab.session.last_sensitivity
     assert full.complete and len(full.records) == 15

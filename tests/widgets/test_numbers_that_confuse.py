@@ -8,7 +8,7 @@ import pytest
 
 import prune_lab as pl
 from prune_lab.formats import fmt_bytes, fmt_count, fmt_percent, fmt_ratio
-from tests.widgets import value_of
+from tests.widgets import sweep_stopped_after, value_of
 
 LEVELS = [0.0, 0.5, 0.9]
 
@@ -85,13 +85,7 @@ def test_changing_the_pattern_reapplies_at_the_current_total(lab):
 
 def test_after_a_stopped_sweep_unmeasured_layers_say_so(lab):
     """After a stopped sweep, unmeasured layers were labelled '0% ok'."""
-    def click_stop(change):
-        if change["new"] == 4:
-            lab.stop_button.click()
-
-    lab.progress.observe(click_stop, names="value")
-    lab.run_sensitivity(levels=LEVELS)
-    lab.progress.unobserve(click_stop, names="value")
+    sweep_stopped_after(lab, 4, LEVELS)
     partial = lab.session.last_sensitivity
     measured = {r["layer"] for r in partial.records}
     assert not partial.complete and len(partial.records) == 4
