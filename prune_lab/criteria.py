@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -50,11 +50,21 @@ class Criterion:
     weight_dependent: bool = True
     reproducible: bool = True
     needs: tuple[str, ...] = ()
+    scores_fn: Optional[Callable[..., Tensor]] = None  # float importance per entry, where a sum of them means something
 
     def keys(self, weight: Tensor, *, layer: str, seed: int, stats: Any = None) -> Tensor:
         if self.needs:
             return self.keys_fn(weight, layer=layer, seed=seed, stats=stats)
         return self.keys_fn(weight, layer=layer, seed=seed)
+
+    def scores(self, weight: Tensor, *, layer: str, seed: int, stats: Any = None) -> Tensor:
+        """Float64 importance of every entry, shaped like ``weight``: what a channel criterion
+        sums over a channel's entries (keys only order entries; their sum means nothing)."""
+        if self.scores_fn is None:
+            raise ValueError(f"criterion {self.name!r} has no per-entry scores to sum over a channel")
+        out = self.scores_fn(weight, layer=layer, seed=seed, stats=stats) if self.needs else \
+            self.scores_fn(weight, layer=layer, seed=seed)
+        return out.double().reshape(weight.shape)
 
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
@@ -131,14 +141,22 @@ def _stat(stats: Any, key: str, layer: str, criterion: str) -> Tensor:
     return value
 
 
-def _taylor_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+def _taylor_scores(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
     g = _stat(stats, "grad", layer, "taylor")
-    return ordered_keys((weight.detach().double() * g.double()).abs())
+    return (weight.detach().double() * g.double()).abs()
+
+
+def _obd_scores(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+    h = _stat(stats, "hessian", layer, "obd")
+    return 0.5 * h.double() * weight.detach().double() ** 2
+
+
+def _taylor_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+    return ordered_keys(_taylor_scores(weight, layer=layer, seed=seed, stats=stats))
 
 
 def _obd_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
-    h = _stat(stats, "hessian", layer, "obd")
-    return ordered_keys(0.5 * h.double() * weight.detach().double() ** 2)
+    return ordered_keys(_obd_scores(weight, layer=layer, seed=seed, stats=stats))
 
 
 def wanda_scores(weight: Tensor, act_norm: Tensor) -> Tensor:
@@ -164,8 +182,8 @@ def _wanda_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
     return ordered_keys(key.reshape(weight.shape))
 
 
-CRITERIA.register("taylor", Criterion("taylor", _taylor_keys, needs=("grad",)))
-CRITERIA.register("obd", Criterion("obd", _obd_keys, needs=("fisher",)))
+CRITERIA.register("taylor", Criterion("taylor", _taylor_keys, needs=("grad",), scores_fn=_taylor_scores))
+CRITERIA.register("obd", Criterion("obd", _obd_keys, needs=("fisher",), scores_fn=_obd_scores))
 CRITERIA.register("wanda", Criterion("wanda", _wanda_keys, needs=("act_norm",)))
 
 

@@ -340,7 +340,7 @@ class Session:
         element = None
         if name in ("taylor", "obd"):
             crit = get_criterion(name)
-            element = {self.layer(n).param: self.state.keys([n], crit, seed)[0] for n in grp.layers}
+            element = {self.layer(n).param: self.state.scores(n, crit, seed) for n in grp.layers}
         tensors = {m.key: self.state.channel_member_base(m.key) for m in grp.members}
         return channel_scores(grp, tensors, name, seed, element)
 
@@ -814,7 +814,7 @@ class Session:
         :class:`prune_lab.workflows.distributed.RayExecutor` (also ``pl.distributed``) spread the points over Ray workers, with the
         same result (bit for bit on CPU). ``pattern="2:4"`` sweeps each layer at that N:M
         pattern (levels 0 and (M-N)/M). ``pattern="channels"`` sweeps each channel group (the
-        fraction of its channels removed, by a group criterion such as ``"l1"``; in process).
+        fraction of its channels removed, by a group criterion such as ``"l1"``), ``"blocks"`` each removable block.
         """
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
@@ -824,7 +824,7 @@ class Session:
             name = "block" if pattern == "blocks" else self._channel_criterion(criterion)[0]
             self.groups  # found before the sweep starts
             result = _sensitivity.sweep(self.state, self.evaluator, levels, name, layers, resume, incremental, progress,
-                                        on_step, should_stop, executor=executor, pattern=pattern,
+                                        on_step, should_stop, executor=resolve_executor(executor, self), pattern=pattern,
                                         channel_scores=lambda g: self.channel_scores(g, name))
             self.last_sensitivity = result
             return result
@@ -844,7 +844,7 @@ class Session:
         a ``TradeoffResult``; cached on disk by (model, data, config). The session is left exactly
         as it was found. ``"channels"`` / ``"channels-global"`` (``"channels/bn_scale"``...)
         remove whole channels (uniformly, or globally by importance) to the largest fraction
-        within each compression; in process only. ``executor`` as for :meth:`sensitivity` (fine-tuned points included)."""
+        within each compression. ``executor`` as for :meth:`sensitivity` (fine-tuned points included)."""
         from .workflows.distributed import resolve_executor
 
         ex = resolve_executor(executor, self)

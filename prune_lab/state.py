@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,28 @@ class Snapshot:
     def __hash__(self) -> int:
         return hash((self.generation, tuple(sorted((n, r.token) for n, r in self.records.items())),
                      tuple(sorted((n, c.token) for n, c in self.channels.items()))))
+
+    def to(self, device: Union[str, torch.device]) -> "Snapshot":
+        """The same snapshot with every tensor on ``device``: records' masks, base weights, the
+        other parameters and buffers (fine-tuned), channel and block keep-masks and the unmasked
+        bases of their members. ``to("cpu")`` is the form another process adopts
+        (:meth:`PruningState.adopt`); every field is carried by name, so a field added later
+        travels too or fails here."""
+        def mv(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.detach().to(device)
+
+        moved = {
+            "records": {n: replace(r, mask=mv(r.mask)) for n, r in self.records.items()},
+            "bases": {n: mv(b) for n, b in self.bases.items()},
+            "generation": self.generation,
+            "others": None if self.others is None else {k: mv(v) for k, v in self.others.items()},
+            "channels": {g: replace(c, keep=mv(c.keep)) for g, c in self.channels.items()},
+            "member_bases": {k: mv(v) for k, v in self.member_bases.items()},
+        }
+        missing = {f.name for f in fields(self)} - set(moved)
+        if missing:  # a new field must say how it moves
+            raise NotImplementedError(f"Snapshot.to does not move {sorted(missing)}")
+        return replace(self, **moved)
 
     def __repr__(self) -> str:
         pruned = {n: r.count for n, r in self.records.items() if r.count}
@@ -271,6 +293,15 @@ class PruningState:
         return _LazyKeys(self, list(names), criterion, seed)
 
     lazy_keys = keys
+
+    def scores(self, name: str, criterion: Criterion, seed: int) -> Tensor:
+        """``criterion``'s float64 importance of every entry of ``name``'s base weight, shaped
+        like it (what channel criteria sum per channel)."""
+        stats = None
+        if criterion.needs:
+            self._calibration_id(criterion)  # a clear error before any statistic is read
+            stats = self.calibration.layer(name)
+        return criterion.scores(self.base(name), layer=name, seed=seed, stats=stats)
 
     # ------------------------------------------------------------------ events
     def subscribe(self, listener: Listener) -> Callable[[], None]:

@@ -133,6 +133,32 @@ def test_l1_l2_and_bn_scale_scores_equal_their_sums_written_out():
         channel_scores(g, tensors, "l3", 0)
 
 
+def test_taylor_and_obd_channel_scores_sum_the_autograd_scores_of_each_channels_entries():
+    """Taylor (|w * g|, g the gradient of the mean calibration loss) and OBD (1/2 h w^2, h the
+    mean squared per-sample gradient) summed over conv1's row c and conv2's column c: the
+    convolution weights of the channel (bias and BatchNorm are not prunable layers)."""
+    torch.manual_seed(0)
+    m = ConvBNConv().eval()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    s = pl.Session(m, (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), device="cpu")
+    s.calibrate((x, y), samples=16, batch_size=16, progress=False)
+    weights = [m.conv1.weight, m.conv2.weight]
+    grads = torch.autograd.grad(nn.functional.cross_entropy(m(x), y), weights)
+    per_sample = [torch.autograd.grad(nn.functional.cross_entropy(m(x[i:i + 1]), y[i:i + 1]), weights) for i in range(16)]
+    weights = [w.detach() for w in weights]
+    fisher = [sum(g[j].double() ** 2 for g in per_sample) / 16 for j in range(2)]
+    taylor = s.channel_scores("conv1", "taylor")
+    obd = s.channel_scores("conv1", "obd")
+    for c in range(4):
+        t = (weights[0][c].double() * grads[0][c].double()).abs().sum() + \
+            (weights[1][:, c].double() * grads[1][:, c].double()).abs().sum()
+        o = (0.5 * fisher[0][c] * weights[0][c].double() ** 2).sum() + (0.5 * fisher[1][:, c] * weights[1][:, c].double() ** 2).sum()
+        assert taylor[c].item() == pytest.approx(float(t), rel=1e-5)
+        assert obd[c].item() == pytest.approx(float(o), rel=1e-5)
+    s.set_sparsity({"conv1": 0.5}, pattern="channels", criterion="taylor")
+    assert s.channel_keep("conv1").tolist() == keep_mask(taylor, 2).tolist()
+
+
 def test_bn_scale_needs_a_batchnorm(digits):
     m = zoo_model("mlp", digits)
     g = groups_of(m, digits.test.tensors[0][:2])

@@ -271,9 +271,11 @@ class RayExecutor:
     # ------------------------------------------------------------------ sweeps
     def sensitivity(self, state: Any, evaluator: Any, result: Any, todo: list[tuple[str, float]], crit: Any, seed: int,
                     incremental: bool, progress: bool, on_step: Optional[Callable[[dict], None]],
-                    should_stop: Optional[Callable[[], bool]], pattern: str = "unstructured") -> Any:
+                    should_stop: Optional[Callable[[], bool]], pattern: str = "unstructured",
+                    scores: Optional[dict[str, Any]] = None) -> Any:
         """Measure ``todo`` (layer, level) points of a sensitivity sweep on the workers and merge
-        them into ``result`` in the in-process order."""
+        them into ``result`` in the in-process order. ``scores`` (per channel group or block, on
+        the CPU) make it a channel/block sweep."""
         spec = session_spec(state, evaluator, self.session_settings, self.session_class, criterion=crit)
         found: dict[tuple[str, float], dict] = {}
 
@@ -283,7 +285,8 @@ class RayExecutor:
                 on_step(record)
 
         def call(actor: Any, point: Any) -> Any:
-            return actor.sensitivity_point.remote(crit, seed, point[0], point[1], incremental, pattern)
+            return actor.sensitivity_point.remote(crit, seed, point[0], point[1], incremental, pattern,
+                                                  None if scores is None else scores[point[0]])
 
         total = len(result.layers) * len(result.levels)
         stopped, missing = self._run(spec, todo, call, _is_cuda(state), on_result, should_stop, "sensitivity (ray)",
@@ -298,7 +301,10 @@ class RayExecutor:
         """Measure trade-off ``points`` on the workers; records in the in-process order."""
         from ..criteria import get_criterion
 
-        data_aware = any(get_criterion(p[3]).needs for p in points)
+        from .tradeoff import CHANNEL_STRATEGIES
+
+        data_aware = any(p[3] in ("taylor", "obd") if p[2] in CHANNEL_STRATEGIES else get_criterion(p[3]).needs
+                         for p in points)
         spec = session_spec(state, evaluator, self.session_settings, self.session_class, calibration=data_aware)
         if train_data is not None:
             spec["train_data"] = train_data
@@ -327,13 +333,8 @@ def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] 
     """What a worker needs to rebuild the session: the model with its original weights (on the
     CPU), the session settings, the current state (snapshot), the eval data and, for data-aware
     criteria, the calibration samples and settings."""
-    from dataclasses import replace
-
     model = state.original_model().cpu()
-    snap = state.snapshot()
-    snap = type(snap)({n: (r if r.mask is None else replace(r, mask=r.mask.detach().cpu())) for n, r in snap.records.items()},
-                      {n: b.detach().cpu() for n, b in snap.bases.items()}, snap.generation,
-                      None if snap.others is None else {k: v.detach().cpu() for k, v in snap.others.items()})
+    snap = state.snapshot().to("cpu")  # the whole state, every field by name (Snapshot.to)
     data = evaluator.data
     if data.inputs is not None:
         payload: Any = (data.inputs.detach().cpu().numpy(), data.targets.detach().cpu().numpy())
@@ -342,7 +343,7 @@ def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] 
     cal = state.calibration
     needs_cal = calibration or (criterion is not None and bool(getattr(criterion, "needs", ())))
     spec = {"model": model, "settings": dict(settings or {}), "session_class": session_class, "snapshot": snap, "data": payload, "batch_size": data.batch_size,
-            "calibration": None}
+            "calibration": None, "groups": state.groups is not None}
     if needs_cal and cal is not None:
         x, y = cal.data
         spec["calibration"] = {"x": x.detach().cpu(), "y": y.detach().cpu(), **cal.settings}
@@ -367,6 +368,8 @@ class _Worker:
         if spec.get("session_class") is None:
             raise ValueError("a worker needs the Session class: sweep through Session.sensitivity/tradeoff(executor=...)")
         self.session = spec["session_class"](spec["model"], data, device=resolve_device(device), **settings)
+        if spec.get("groups") or spec["snapshot"].channels:
+            self.session.groups  # traced as the driver traced them: channel records name these groups
         self.session.state.adopt(spec["snapshot"])
         self.train_data = spec.get("train_data")
         cal = spec.get("calibration")
@@ -379,14 +382,18 @@ class _Worker:
         return True
 
     def sensitivity_point(self, crit: Any, seed: int, layer: str, level: float, incremental: bool,
-                          pattern: str = "unstructured") -> dict[str, Any]:
-        from .sensitivity import measure_point
+                          pattern: str = "unstructured", scores: Any = None) -> dict[str, Any]:
+        """One sweep point; ``scores`` (a channel group's or block's importance, computed by the
+        driver) make it a channel/block point."""
+        from .sensitivity import measure_channels, measure_point
 
         s = self.session
         if not self._reference:  # the same evaluation the in-process sweep starts with (fills the same cache)
             s.evaluator.evaluate()
             self._reference = True
         with s.state.trial():
+            if scores is not None:
+                return measure_channels(s.state, s.evaluator, layer, level, scores, incremental)
             return measure_point(s.state, s.evaluator, crit, seed, layer, level, incremental, pattern)
 
     def tradeoff_point(self, point: tuple, finetuned: bool, finetune: dict[str, Any]) -> dict[str, Any]:
@@ -395,7 +402,8 @@ class _Worker:
         s = self.session
         loss = s.loss_fn if callable(s.loss_fn) else None
         return tradeoff_point(s.state, s.evaluator, s.stats, point, self.train_data if finetuned else None, finetune,
-                              loss, s._fresh_calibration)
+                              loss, s._fresh_calibration,
+                              lambda f, alloc, crit, seed: s._set_global_channels(f, alloc, crit, seed, ()))
 
 
 __all__ = ["RayExecutor", "resolve_executor", "session_spec", "RAY_HINT"]

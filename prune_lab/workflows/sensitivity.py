@@ -326,8 +326,6 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pattern: str, levels
     blocks = pattern == "blocks"
     if groups is None or (not blocks and channel_scores is None):
         raise RuntimeError(f"a {pattern} sweep needs the session's groups (use Session.sensitivity)")
-    if executor is not None:
-        raise NotImplementedError(f"pattern={pattern!r} sweeps run in this process: pass executor=None")
     if blocks:
         names = list(groups.blocks) if layers is None else [groups.block(n).name for n in layers]
         levels = [0.0, 1.0] if levels is None else list(levels)
@@ -348,6 +346,13 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pattern: str, levels
         current={g: (state.channels[g].count / sizes[g] if g in state.channels else 0.0) for g in names},
         criterion=criterion, metric=evaluator.metric_name, reference=evaluator.evaluate(), dense=evaluator.baseline(),
         pattern=pattern)
+    if executor is not None:
+        result.complete = False
+        done = result.done()
+        todo = [(g, lv) for g in result.layers for lv in result.levels if (g, lv) not in done]
+        result.missing = []  # retried now
+        return executor.sensitivity(state, evaluator, result, todo, result.criterion, 0, incremental, progress, on_step,
+                                    should_stop, pattern, scores={g: sc.detach().cpu() for g, sc in scores.items()})
     return _run(state, evaluator, result, progress, on_step, should_stop,
                 lambda g, lv: measure_channels(state, evaluator, g, lv, scores[g], incremental))
 

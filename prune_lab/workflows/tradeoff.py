@@ -180,7 +180,7 @@ def run_tradeoff(
     from ..criteria import get_criterion
 
     channel_pairs = [a for a, _ in pairs if a in CHANNEL_STRATEGIES]
-    if channel_pairs and (prune_channels is None or executor is not None):
+    if channel_pairs and prune_channels is None and executor is None:
         raise ValueError(f"channel strategies ({', '.join(channel_pairs)}) run in process, through Session.tradeoff")
     data_aware = sorted({c for a, c in pairs if a not in CHANNEL_STRATEGIES and get_criterion(c).needs})
     if data_aware and state.calibration is None:
