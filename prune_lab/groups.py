@@ -11,13 +11,22 @@ and, per position along it, the group channel it belongs to.
 Masking every member at a channel's positions makes the model compute what the physically
 smaller model computes: a removed channel's readers see zero weights, whatever the channel
 holds. That holds only for members prune_lab can mask exactly (Conv/Linear weights and biases,
-BatchNorm, depthwise convolutions); a group that reaches anything else (LayerNorm, grouped
-convolutions, attention, RNNs, raw parameters) or the model's output is not offered, and
+BatchNorm, depthwise and grouped convolutions); a group that reaches anything else (LayerNorm,
+attention, RNNs, raw parameters) or the model's output is not offered, and
 :attr:`Groups.excluded` says why for each layer.
+
+A grouped convolution (``groups=g``, not depthwise) stays a valid grouped convolution only if
+every one of its g convolution groups loses the same channels. As Torch-Pruning does, the channels
+of a group that reaches one are tied in classes of g, one channel at the same position in each
+convolution group (``c, c + size/g, c + 2 size/g, ...``): :attr:`ChannelGroup.period` is g (the
+least common multiple over the grouped convolutions it reaches), channels are removed a whole
+class at a time, and a class's score is the sum of its channels' scores. The grouped
+convolution's input columns (``size / g`` of them) each belong to one class.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -75,10 +84,38 @@ class ChannelGroup:
     layers: tuple[str, ...]
     members: tuple[Member, ...] = field(repr=False)
     root_module: str = ""
+    period: int = 1  # channels c, c + size/period, ... are removed together (grouped convolutions)
+
+    def removal(self, fraction: float, round_to: Optional[int] = None) -> int:
+        """Channels removed for ``fraction``: ``round(fraction * size)`` (see
+        :func:`channels_to_remove`); with a period, the nearest multiple of it (whole classes);
+        with ``round_to``, a multiple of ``round_to`` and of the period is kept."""
+        if round_to:
+            return channels_to_remove(fraction, self.size, math.lcm(round_to, self.period))
+        classes = channels_to_remove(fraction, self.size // self.period)
+        return classes * self.period
+
+    def keep(self, scores: Tensor, removed: int) -> Tensor:
+        """Keep-mask removing ``removed`` channels, the lowest-scored first; with a period, the
+        lowest-scored classes of tied channels (a class's score: the sum of its channels')."""
+        from .masks import keep_mask
+
+        if removed % self.period:
+            raise ValueError(f"group {self.name!r}: {removed} channels cannot be removed; it reaches a grouped "
+                             f"convolution, so channels go {self.period} at a time (one per convolution group)")
+        if self.period == 1:
+            return keep_mask(scores, removed)
+        unit = keep_mask(self.class_scores(scores), removed // self.period)
+        return unit.repeat(self.period)
+
+    def class_scores(self, scores: Tensor) -> Tensor:
+        """Per class of tied channels (``size / period`` of them), the sum of its channels' scores."""
+        return scores.reshape(self.period, -1).sum(0)
 
     def __repr__(self) -> str:
         readers = [n for n in self.layers if n not in self.producers]
-        return (f"ChannelGroup({self.name!r}, {self.size} channels, produced by {', '.join(self.producers)}; "
+        tied = f", in classes of {self.period}" if self.period > 1 else ""
+        return (f"ChannelGroup({self.name!r}, {self.size} channels{tied}, produced by {', '.join(self.producers)}; "
                 f"read by {', '.join(readers) or 'nothing prunable'})")
 
 
@@ -154,8 +191,6 @@ def _tensor_members(module: nn.Module, modname: str, out: bool, depthwise_fn: bo
     prefix = f"{modname}." if modname else ""
     if isinstance(module, _CONV):
         depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
-        if module.groups > 1 and not depthwise:
-            return [], f"it reaches the grouped convolution {modname!r} (groups={module.groups})"
         if depthwise or out or depthwise_fn:
             rows = [(prefix + "weight", 0, "out")]
             return rows + ([(prefix + "bias", 0, "out")] if module.bias is not None else []), ""
@@ -171,6 +206,26 @@ def _tensor_members(module: nn.Module, modname: str, out: bool, depthwise_fn: bo
         return [], ""  # an operation without weights: an add, a concatenation, a reshape, an activation
     kind = "a parameter" if isinstance(module, nn.Parameter) else type(module).__name__
     return [], f"it reaches {modname or 'a tensor'!r} ({kind}), which channel masks cannot follow exactly"
+
+
+def _conv_groups(module: nn.Module) -> int:
+    """``groups`` of a grouped (not depthwise) convolution, else 1."""
+    if isinstance(module, _CONV) and module.groups > 1 and not module.groups == module.in_channels == module.out_channels:
+        return int(module.groups)
+    return 1
+
+
+def _grouped_reason(module: nn.Module, modname: str, is_out: bool, idxs: Tensor, roots: Tensor, size: int) -> str:
+    """Why a group cannot tie its channels across the grouped convolution ``module`` ("" if it
+    can): the group's channels must be the convolution's channels one for one, in order (no
+    concatenation or slice in between), so that class ``c`` is the same position in every
+    convolution group."""
+    channels = module.out_channels if is_out else module.in_channels
+    if size != channels or len(idxs) != channels or not torch.equal(idxs, roots) or \
+            not torch.equal(idxs, torch.arange(channels)):
+        return (f"it reaches the grouped convolution {modname!r} (groups={module.groups}) through a concatenation or "
+                "a slice; its channels can only be removed one per convolution group when they are its own")
+    return ""
 
 
 def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> Groups:
@@ -197,6 +252,7 @@ def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> 
     for g in raw:
         size = len(g[0].idxs)
         reason = ""
+        period = 1
         members: dict[tuple[str, int], tuple[Tensor, str]] = {}
         producers: list[str] = []
         touched: list[str] = []
@@ -211,13 +267,21 @@ def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> 
             fn = getattr(dep.handler, "__name__", "")
             tensors, why = _tensor_members(module, modname, is_out, "depthwise" in fn)
             reason = reason or why
+            conv_groups = _conv_groups(module)
+            idxs = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
+            roots = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+            if conv_groups > 1:
+                why = _grouped_reason(module, modname, is_out, idxs, roots, size)
+                reason = reason or why
+                period = math.lcm(period, conv_groups)
+                if not is_out:  # the input columns: channel c of convolution group 0 stands for its class
+                    width = module.in_channels // conv_groups
+                    idxs, roots = idxs[idxs < width], roots[idxs < width]
             for key, dim, role in tensors:
                 t = params.get(key)
                 if t is None:
                     continue
                 root = members.get((key, dim), (torch.full((t.shape[dim],), -1, dtype=torch.long), role))[0]
-                idxs = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
-                roots = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
                 if len(idxs) and int(idxs.max()) >= t.shape[dim]:
                     reason = reason or f"Torch-Pruning's indices for {key!r} exceed its shape"
                     continue
@@ -237,7 +301,8 @@ def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> 
         name = producers[0]
         root_module = module_names.get(g[0].dep.target.module, "")
         groups[name] = ChannelGroup(name, size, tuple(producers), tuple(dict.fromkeys(producers + touched)),
-                                    tuple(Member(k, d, r, role) for (k, d), (r, role) in members.items()), root_module)
+                                    tuple(Member(k, d, r, role) for (k, d), (r, role) in members.items()), root_module,
+                                    period)
         for p in producers:
             by_layer[p] = name
     for name in _unfaithful(model, groups, example_input):
@@ -309,17 +374,18 @@ def _find_blocks(twin: nn.Module, layers: Sequence[Any], example_input: Any) -> 
 
 
 def _masked_minus_removed(model: nn.Module, groups: Sequence[ChannelGroup], example_input: Any) -> bool:
-    """Whether removing channel 0 of each group physically computes what masking it computes."""
+    """Whether removing channel 0 (and the channels tied to it) of each group physically
+    computes what masking it computes."""
     masked, small = copy.deepcopy(model), copy.deepcopy(model)
     params = dict(masked.named_parameters(remove_duplicate=False))
+    keeps = [g.keep(torch.arange(g.size, dtype=torch.float64), g.period) for g in groups]  # the lowest: channel 0's class
     with torch.no_grad():
-        for g in groups:
-            keep = torch.ones(g.size, dtype=torch.bool)
-            keep[0] = False
+        for g, keep in zip(groups, keeps):
             for m in g.members:
                 params[m.key].mul_(m.mask(keep, params[m.key].shape))
     try:
-        remove_channels(small, example_input, {g.root_module: [0] for g in groups})
+        remove_channels(small, example_input, {g.root_module: (~keep).nonzero().flatten().tolist()
+                                               for g, keep in zip(groups, keeps)})
         diff, scale = output_difference(masked, small, _example(example_input))
     except Exception:
         return False

@@ -345,8 +345,6 @@ class Session:
         return channel_scores(grp, tensors, name, seed, element)
 
     def _channel_counts(self, sparsities: Mapping[str, Any], round_to: Optional[int]) -> dict[str, int]:
-        from .groups import channels_to_remove
-
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"round_to must be a positive integer (channels kept are a multiple of it), got {round_to!r}")
         counts: dict[str, int] = {}
@@ -354,10 +352,11 @@ class Session:
         for layer, value in sparsities.items():
             grp = self.groups.of(layer)
             fraction = check_fraction(value, f"layer {layer!r}: channel sparsity")
-            k = channels_to_remove(fraction, grp.size, round_to)
+            k = grp.removal(fraction, round_to)
             if k >= grp.size:
+                most = grp.size - grp.period
                 raise ValueError(f"layer {layer!r}: sparsity {fraction:g} would remove every one of its {grp.size} channels "
-                                 f"(group {grp.name!r}); at most {grp.size - 1} can go (sparsity < {1 - 0.5 / grp.size:.3g})")
+                                 f"(group {grp.name!r}); at most {most} can go (sparsity <= {most / grp.size:.3g})")
             if grp.name in counts and counts[grp.name] != k:
                 raise ValueError(f"layers {asked[grp.name]!r} and {layer!r} share channel group {grp.name!r}: give one value")
             counts[grp.name], asked[grp.name] = k, layer
@@ -386,11 +385,9 @@ class Session:
             raise ValueError(f"pattern 'channels' takes allocation 'uniform' or 'global', not {allocation!r}")
         name, calibration = self._channel_criterion(criterion)
         seed = self.seed if seed is None else int(seed)
-        if allocation == "uniform":  # the same fraction of every group, each keeping at least one channel
-            from .groups import channels_to_remove
-
-            counts = {g: min(channels_to_remove(fraction, self.groups.groups[g].size, round_to), self.groups.groups[g].size - 1)
-                      for g in free}
+        if allocation == "uniform":  # the same fraction of every group, each keeping at least one channel (class)
+            groups = self.groups.groups
+            counts = {g: min(groups[g].removal(fraction, round_to), groups[g].size - groups[g].period) for g in free}
             channels, records = self.state.compute_channels(counts, lambda g: self.channel_scores(g, name, seed), name, seed,
                                                             replace_unstructured=True, calibration=calibration)
             self.state.apply_channels(channels, records)
@@ -400,13 +397,18 @@ class Session:
         target = int(round(fraction * total))
         pool = []
         for g, sc in scores.items():
-            norm = sc / sc.mean().clamp(min=1e-300)
-            order = torch.argsort(sc, stable=True)
-            pool += [(float(norm[i]), g, int(rank)) for rank, i in enumerate(order[:-1])]  # the best channel always stays
+            unit = self.groups.groups[g].class_scores(sc)  # a class of tied channels goes whole (grouped convolutions)
+            norm = unit / unit.mean().clamp(min=1e-300)
+            order = torch.argsort(unit, stable=True)
+            pool += [(float(norm[i]), g, int(rank)) for rank, i in enumerate(order[:-1])]  # the best class always stays
         pool.sort()
         counts = {g: 0 for g in free}
-        for _, g, _rank in pool[:target]:
-            counts[g] += 1
+        removed = 0
+        for _, g, _rank in pool:
+            step = self.groups.groups[g].period
+            if removed + step <= target:
+                counts[g] += step
+                removed += step
         channels, records = self.state.compute_channels(counts, lambda g: scores[g], name, seed,
                                                         replace_unstructured=True, calibration=calibration)
         self.state.apply_channels(channels, records)

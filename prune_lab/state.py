@@ -446,8 +446,6 @@ class PruningState:
         """New channel records for ``counts`` (channels removed per group: the lowest
         ``scores(group)``, or the given ``keeps``) and the layer records they imply (pattern
         'channels', the structural masks). Writes nothing; checks everything."""
-        from .masks import keep_mask
-
         if self.groups is None:
             raise RuntimeError("channel groups are not known yet (Session finds them on first use)")
         new = dict(self._channels if start is None else start)
@@ -456,9 +454,11 @@ class PruningState:
                 raise ValueError(f"no channel group {g!r}; groups: {', '.join(self.groups.groups)}")
             group = self.groups.get(g)
             block = g in self.groups.blocks  # a block is one "channel": removed whole
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < group.size + block:
-                raise ValueError(f"group {g!r}: cannot remove {k} of its {group.size} channels (0 to {group.size - 1}: "
-                                 "at least one channel must stay)")
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= group.size - group.period + block \
+                    or k % group.period:
+                tied = f" in steps of {group.period}: it reaches a grouped convolution" if group.period > 1 else ""
+                raise ValueError(f"group {g!r}: cannot remove {k} of its {group.size} channels (0 to "
+                                 f"{group.size - group.period}{tied}; at least one channel must stay)")
             old = new.get(g)
             if k == 0:
                 new.pop(g, None)
@@ -466,7 +466,7 @@ class PruningState:
             given = keeps is not None and g in keeps
             if old is not None and old.settings == (k, criterion, seed) and not given and old.calibration == calibration:
                 continue
-            keep = keeps[g] if given else keep_mask(scores(g), k)  # type: ignore[index]
+            keep = keeps[g] if given else group.keep(scores(g), k)  # type: ignore[index]
             new[g] = self.channel_record(g, keep, k, criterion, seed, calibration)
         masks = self._structural(new)
         affected = {n for g in set(self._channels) | set(new) for n in self.groups.get(g).layers}

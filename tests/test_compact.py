@@ -24,6 +24,9 @@ MODELS = {
     "densenet_concat": lambda d: z.DenseBlock(),
     "mobilenet_depthwise_se": lambda d: z.MobileSE(),
     "grouped_conv": lambda d: GroupedMiddle(),
+    "pointwise_grouped": lambda d: z.PointwiseGrouped(),
+    "resnext": lambda d: z.ResNeXtBlock(),
+    "regnet": lambda d: z.RegNetBlock(),
     "transformer_mlp": lambda d: z.TinyTransformer(),
     "vit": lambda d: z.ViTMasked(),
     "convnext": lambda d: z.ConvNeXtBlock(),
@@ -347,3 +350,37 @@ def test_transformer_blocks_called_with_a_mask_are_removable():
     oracle = _identity_twin(model, "blocks.1")
     diff, scale = _max_diff(oracle, small, x)
     assert diff <= 1e-5 * scale
+
+
+def test_grouped_convolutions_lose_the_same_channels_in_every_convolution_group(digits):
+    """pw2 (16 channels) feeds a groups=4 convolution: pruning half of pw2 removes 2 channels
+    from each convolution group of 4 (the same positions), the compact grouped convolution keeps
+    groups=4 with 8 inputs, and computes what the masked model computes."""
+    torch.manual_seed(0)
+    model = z.PointwiseGrouped()
+    x, y = images(48)
+    s = pl.Session(model, (x, y), device="cpu")
+    s.set_sparsity({"pw2": 0.5}, pattern="channels")
+    keep = s.channel_keep("pw2").view(4, 4)  # [convolution group, position]
+    assert (keep == keep[0]).all() and int(keep[0].sum()) == 2  # the same 2 of 4 positions in every group
+    w = s.original_weight("pw2").double().abs().sum((1, 2, 3)) + s.original_state()["pw2.bias"].double().abs()
+    cols = s.original_weight("grp").double().abs().sum((0, 2, 3))  # input column j: class j, all output rows
+    classes = w.view(4, 4).sum(0) + cols + 0  # l1 of each class of tied channels, written out
+    assert sorted((~keep[0]).nonzero().flatten().tolist()) == sorted(torch.argsort(classes, stable=True)[:2].tolist())
+    small = s.compact(measure=False)
+    assert (small.grp.in_channels, small.grp.out_channels, small.grp.groups) == (8, 8, 4)
+    assert tuple(small.grp.weight.shape) == (8, 2, 3, 3) and small.pw2.out_channels == 8
+    diff, scale = _max_diff(model, small, x)
+    assert diff <= 1e-4 * scale
+    s.set_sparsity({"grp": 0.5}, pattern="channels")  # the grouped conv's own outputs: one per convolution group
+    assert s.channel_keep("grp").view(4, 2).sum(1).tolist() == [1, 1, 1, 1]
+    s.reset()
+    s.set_global_sparsity(0.4, allocation="global", pattern="channels")
+    for g, (kept, total) in s.channels.items():
+        assert (total - kept) % s.groups.groups[g].period == 0
+    small = s.compact(measure=False)
+    assert small.grp.groups == 4 and _max_diff(model, small, x)[0] <= 1e-4 * _max_diff(model, small, x)[1]
+    s.reset()
+    with pytest.raises(ValueError, match=r"layer 'pw2': sparsity 0.9 would remove every one of its 16 channels .*at most 12"):
+        s.set_sparsity({"pw2": 0.9}, pattern="channels")
+    assert s.channels["pw2"] == (16, 16)

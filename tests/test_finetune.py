@@ -38,7 +38,9 @@ def test_finetune_recovers_and_reset_is_still_exact(digits):
     s.set_global_sparsity(0.95, allocation="uniform")  # global magnitude would cut a whole layer here
     pruned = s.evaluate()["accuracy"]
     r = s.finetune(digits.train, epochs=2, lr=0.05, progress=False)
-    assert r.evaluations[-1]["accuracy"] > pruned
+    # measured 30.6% -> 47.9% under ATEN_CPU_CAPABILITY default/avx2/avx512 x 1/2 threads (the MLP's
+    # products do not depend on them): a 10-point bar leaves 7 points (25 test digits) of margin
+    assert r.evaluations[-1]["accuracy"] > pruned + 0.10
     assert s.evaluate()["accuracy"] == r.evaluations[-1]["accuracy"]
     s.reset()
     assert state_equal(snapshot(s.model), before)

@@ -89,12 +89,30 @@ def test_flatten_maps_each_channel_to_its_block_of_features(digits):
     assert fc1.dim == 1 and fc1.root.tolist() == [c for c in range(conv2.size) for _ in range(per)]
 
 
-def test_grouped_convolutions_and_what_reaches_them_are_excluded_with_the_reason():
-    g = groups_of(GroupedMiddle(), X)
-    assert "grouped convolution 'grouped'" in g.excluded["stem"]
-    assert set(g.groups) == {"pw", "mid"}
-    g2 = groups_of(z.DepthwiseGrouped(), X)
-    assert not g2.groups and "grouped convolution" in g2.excluded["dw"]
+def test_grouped_convolutions_tie_one_channel_per_convolution_group():
+    """Channel c of a group that reaches a grouped convolution (groups=g) is tied to c + size/g,
+    c + 2 size/g, ...: each class holds one channel of every convolution group, so removing a
+    class keeps every convolution group the same width. The grouped convolution's input column j
+    belongs to class j."""
+    g = groups_of(GroupedMiddle(), X)  # stem (8) -> grouped (8 -> 8, groups=2) -> pw -> mid -> fc
+    assert set(g.groups) == {"stem", "grouped", "pw", "mid"}
+    assert (g.groups["stem"].period, g.groups["grouped"].period, g.groups["pw"].period) == (2, 2, 1)
+    stem = g.groups["stem"]
+    cols = next(m for m in stem.members if m.key == "grouped.weight")
+    assert cols.dim == 1 and cols.root.tolist() == [0, 1, 2, 3]  # 4 input columns per convolution group
+    scores = torch.tensor([5.0, 1.0, 7.0, 2.0, 0.5, 9.0, 3.0, 6.0], dtype=torch.float64)
+    # classes {0,4} 5.5, {1,5} 10, {2,6} 10, {3,7} 8: the lowest class goes, then the next
+    assert stem.class_scores(scores).tolist() == [5.5, 10.0, 10.0, 8.0]
+    assert stem.keep(scores, 2).tolist() == [False, True, True, True, False, True, True, True]
+    assert stem.keep(scores, 4).tolist() == [False, True, True, False, False, True, True, False]
+    with pytest.raises(ValueError, match="2 at a time"):
+        stem.keep(scores, 3)
+    assert [stem.removal(f) for f in (0.1, 0.2, 0.3, 0.5, 0.9, 1.0)] == [0, 2, 2, 4, 8, 8]  # whole classes, nearest
+    mask = cols.mask(stem.keep(scores, 2), (8, 4, 3, 3))
+    assert mask[:, 0].logical_not().all() and mask[:, 1:].all()  # column 0 of both convolution groups
+    g2 = groups_of(z.DepthwiseGrouped(), X)  # the grouped conv's outputs are sliced into a residual add
+    assert set(g2.groups) == {"stem"} and g2.groups["stem"].period == 4
+    assert "grouped convolution 'grouped' (groups=4) through a concatenation or a slice" in g2.excluded["pw"]
 
 
 def test_layernorm_attention_and_unfaithful_removals_are_excluded():

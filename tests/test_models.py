@@ -25,7 +25,7 @@ def test_mlp_is_lenet_300_100(digits):
 
 def test_demo_accuracy_and_cache(demo, monkeypatch):
     model, data = demo
-    assert pl.models.test_accuracy(model, data) >= 0.95
+    assert pl.models.test_accuracy(model, data) >= 0.93  # 95.5-98.3% over CPU settings and seeds (bench/targets.py)
     cached = list(pl.models.cache_dir().glob("demo-*.pt"))
     assert len(cached) == 1
 
@@ -45,7 +45,7 @@ def test_corrupt_cache_is_rebuilt(demo, tmp_path, monkeypatch):
     path = tmp_path / f"demo-lenet5-digits-{key}.pt"
     path.write_bytes(b"definitely not a checkpoint")
     rebuilt, data = pl.demo(progress=False)
-    assert pl.models.test_accuracy(rebuilt, data) >= 0.95
+    assert pl.models.test_accuracy(rebuilt, data) >= 0.93
     assert torch.load(path, weights_only=True).keys() == rebuilt.state_dict().keys()
     # a stale cache (other shapes under the same name) is rebuilt too
     torch.save({"conv1.weight": torch.zeros(1)}, path)
@@ -54,6 +54,7 @@ def test_corrupt_cache_is_rebuilt(demo, tmp_path, monkeypatch):
 
 
 def test_train_interrupt_keeps_progress(digits, monkeypatch):
+    torch.manual_seed(0)
     model = pl.models.mlp(digits)
     calls = {"n": 0}
     real = torch.optim.Adam.step
@@ -67,7 +68,7 @@ def test_train_interrupt_keeps_progress(digits, monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     history = pl.train(model, digits, epochs=5, progress=False)
     assert history["interrupted"] and len(history["loss"]) == 1
-    assert history["test_accuracy"] > 0.5
+    assert history["test_accuracy"] > 0.5  # 29 steps learn something: 73.5-78.6% over init seeds 0-4 (23 points of margin)
 
 
 def test_import_is_light():

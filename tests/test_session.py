@@ -185,7 +185,9 @@ def test_evaluate_matches_manual(demo_session, demo):
         out = model(x)
     assert got["accuracy"] == pytest.approx(int((out.argmax(1) == y).sum()) / len(y), abs=1e-15)
     assert got["loss"] == pytest.approx(nn.functional.cross_entropy(out, y).item(), rel=1e-5)
-    assert demo_session.baseline()["accuracy"] >= 0.95
+    # the demo is trained here: 95.5-98.3% over CPU kernels, thread counts and demo seeds (bench/targets.py);
+    # 93% leaves 9 of the 359 test digits of margin
+    assert demo_session.baseline()["accuracy"] >= 0.93
     assert demo_session.evaluate(limit=100)["accuracy"] == pytest.approx(
         int((out[:100].argmax(1) == y[:100]).sum()) / 100, abs=1e-15
     )

@@ -37,6 +37,8 @@ def _digits_models():
         "convnext": lambda d: zoo_extra.ConvNeXtBlock(),
         "densenet": lambda d: zoo_extra.DenseBlock(),
         "vit_masked": lambda d: zoo_extra.ViTMasked(),
+        "resnext": lambda d: zoo_extra.ResNeXtBlock(),
+        "regnet": lambda d: zoo_extra.RegNetBlock(),
     }
 
 
@@ -109,11 +111,16 @@ def machine_for(name: str, digits):
                 return
             self.s.set_global_sparsity(level, allocation=allocation, criterion=criterion, pattern="channels")
             held = self.s.channels
+            period = {g: groups[g].period for g in held}  # channels tied across a grouped convolution go p at a time
+            assert all((n - k) % period[g] == 0 for g, (k, n) in held.items())
             if allocation == "global":
                 total = sum(n for _, n in held.values())
-                assert sum(n - k for k, n in held.values()) == min(round(level * total), total - len(groups))
+                target = min(round(level * total), total - sum(period.values()))
+                removed = sum(n - k for k, n in held.values())
+                assert target - max(period.values()) < removed <= target  # exactly the target when nothing is tied
             else:
-                assert all(n - k == min(round(level * n), n - 1) for k, n in held.values())
+                assert all(n - k == min(period[g] * round(level * n / period[g]), n - period[g])
+                           for g, (k, n) in held.items())
 
         @rule()
         def compact(self):

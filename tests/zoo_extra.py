@@ -111,6 +111,8 @@ def all_models() -> dict:
         "skip_concat_reuse": lambda d: SkipConcat(),
         "depthwise_grouped_inplace": lambda d: DepthwiseGrouped(),
         "transformer": lambda d: TinyTransformer(),
+        "resnext": lambda d: ResNeXtBlock(),
+        "regnet": lambda d: RegNetBlock(),
     }
 
 
@@ -318,3 +320,62 @@ class ViTBlock(nn.Module):
         h = self.norm1(x)
         x = x + self.attn(h, h, h, attn_mask=attn_mask, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
+
+
+class ResNeXtBlock(nn.Module):
+    """ResNeXt: a bottleneck whose 3x3 convolution is grouped (cardinality 4), BatchNorm after
+    every convolution, an identity residual add (Xie et al. 2017)."""
+
+    def __init__(self, width: int = 16, cardinality: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.conv1 = nn.Conv2d(width, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        x = F.relu(x + self.bn3(self.conv3(out)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class RegNetBlock(nn.Module):
+    """RegNetY: an X block (1x1, grouped 3x3 of group width 4 with stride 2, 1x1) with
+    squeeze-excitation and a strided projection shortcut (Radosavovic et al. 2020)."""
+
+    def __init__(self, cin: int = 8, width: int = 16, cout: int = 24, group_width: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, cin, 3, padding=1, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+        self.a = nn.Sequential(nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.b = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width // group_width, bias=False),
+                               nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.se = SEBlock(width)
+        self.c = nn.Sequential(nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
+        self.head = nn.Linear(cout, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(self.proj(x) + self.c(self.se(self.b(self.a(x)))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PointwiseGrouped(nn.Module):
+    """The shape that was refused: pointwise -> grouped conv (groups=4) -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw1 = nn.Conv2d(1, 8, 1)
+        self.pw2 = nn.Conv2d(8, 16, 1)
+        self.grp = nn.Conv2d(16, 8, 3, padding=1, groups=4)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.pw2(torch.relu(self.pw1(x))))
+        return self.head(torch.relu(self.grp(x)).mean((2, 3)))

@@ -393,13 +393,10 @@ def measure_channels(state: PruningState, evaluator: Evaluator, group: str, leve
     """One channel sweep point: ``group`` losing ``level`` of its channels (at most all but
     one), the lowest ``scores`` first; the readers' columns are zeroed, which computes exactly
     what removing the channels computes."""
-    from ..groups import channels_to_remove
-    from ..masks import keep_mask
-
-    size = state.groups.get(group).size
+    grp = state.groups.get(group)
     block = group in state.groups.blocks  # a block is one channel, removed whole
-    k = min(channels_to_remove(level, size), size - (not block))
-    masks, members = state.channel_trial_masks(group, keep_mask(scores, k)) if k else ({}, {})
+    k = min(grp.removal(level), grp.size - (0 if block else grp.period))
+    masks, members = state.channel_trial_masks(group, grp.keep(scores, k)) if k else ({}, {})
     with state.trial(masks, members):
         r = evaluator.evaluate(commit=False, incremental=incremental)
     return {"layer": group, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
