@@ -128,8 +128,17 @@ def _random_keys(weight: Tensor, *, layer: str, seed: int) -> Tensor:
     return torch.randperm(weight.numel(), generator=g).to(weight.device)
 
 
-CRITERIA.register("magnitude", Criterion("magnitude", _magnitude_keys))
-CRITERIA.register("random", Criterion("random", _random_keys, weight_dependent=False))
+def _magnitude_scores(weight: Tensor, *, layer: str, seed: int) -> Tensor:
+    return weight.detach().double().abs()
+
+
+def _random_scores(weight: Tensor, *, layer: str, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(layer_seed(seed, layer))
+    return torch.rand(weight.shape, generator=g, dtype=torch.float64).to(weight.device)
+
+
+CRITERIA.register("magnitude", Criterion("magnitude", _magnitude_keys, scores_fn=_magnitude_scores))
+CRITERIA.register("random", Criterion("random", _random_keys, weight_dependent=False, scores_fn=_random_scores))
 
 
 

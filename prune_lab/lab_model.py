@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .allocation import LayerCollapseWarning, get_allocation
-from .patterns import PatternWarning
+from .patterns import PatternWarning, get_pattern
 from .formats import fmt_bytes
 from .masks import check_count
 from .session import Session
@@ -209,12 +209,26 @@ class LabModel:
         sparsity the layer is dense, from there on it takes the pattern."""
         self._check_idle("prune")
         self.session.check_sparsity(name, sparsity)
-        if self.pattern == "channels":
+        pat = get_pattern(self.pattern)
+        if pat.grouped:
             self.session.groups.of(name)  # a layer without a channel group says why, before anything changes
-        sparsity = self._snap(float(sparsity))
+        else:
+            sparsity = pat.snap(float(sparsity), self.session.layer(name))
         self.push_undo(coalesce=f"layer:{name}" if coalesce else None)
         with self._act():
             self.session.set_sparsity({name: sparsity}, criterion=self.criterion, pattern=self.pattern)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the sliders remove channel groups (a structured pattern) rather than weights."""
+        return get_pattern(self.pattern).grouped
+
+    @staticmethod
+    def pattern_options() -> list[tuple[str, str]]:
+        """(label, pattern name) for the Lab's pattern dropdown: the registry's."""
+        from .patterns import lab_patterns
+
+        return lab_patterns()
 
     def channel_fraction(self, name: str) -> Optional[float]:
         """Under the channels pattern: the fraction of ``name`` 's channel group removed (None
@@ -242,22 +256,16 @@ class LabModel:
             self.session.compact(measure=True)
         return self.session.last_compact
 
-    def _snap(self, sparsity: float) -> float:
-        from .patterns import nm_sparsity, parse_nm
-
-        if self.pattern == "channels" or parse_nm(self.pattern) is None:
-            return sparsity
-        level = nm_sparsity(self.pattern)
-        return level if sparsity >= level / 2 else 0.0
-
     def set_pattern(self, pattern: str) -> None:
         """Switch pattern: ``"2:4"`` (any N:M) prunes every unlocked layer it fits to it, and the
         layers it does not fit are named in ``status``; ``"unstructured"`` re-applies the current
         total with the allocation."""
-        from .patterns import normalize, parse_nm
-
         self._check_idle("change the pattern")
-        if pattern == "channels":  # whole channels: the weight masks go, every group starts whole
+        pat = get_pattern(pattern)  # a bad pattern raises with what is valid
+        if pat.removes_blocks:
+            raise ValueError("the Lab's sliders prune layers or channel groups; remove blocks with "
+                             "session.set_sparsity({block: 1}, pattern='blocks')")
+        if pat.grouped:  # whole channels: the weight masks go, every group starts whole
             groups = self.session.groups
             if not groups.groups:
                 raise ValueError("this model has no channel group to prune: " + "; ".join(
@@ -265,17 +273,16 @@ class LabModel:
             self.push_undo()
             with self._act():
                 self.session.set_sparsity({i.name: 0.0 for i in self.session.layers
-                                           if self.session.state.record(i.name).pattern != "channels"})
-            self.pattern = "channels"
+                                           if not self.session.state.record(i.name).grouped})
+            self.pattern = pat.name
             self._emit("state")
             return
-        pattern = normalize(pattern)  # a bad pattern raises with what is valid
-        if self.pattern == "channels" and self.session.state.channels:  # back to weights: channels restored first
+        if get_pattern(self.pattern).grouped and self.session.state.channels:  # back to weights: channels restored first
             self.push_undo()
             with self._act():
-                self.session.set_global_sparsity(0.0, allocation="uniform", pattern="channels")
-        self.pattern = pattern
-        if parse_nm(pattern) is not None:
+                self.session.set_global_sparsity(0.0, allocation="uniform", pattern=self.pattern)
+        self.pattern = pat.name
+        if pat.levels() is not None:  # a pattern with a fixed level (N:M): wherever it fits
             self.set_global(1.0)
         else:
             total = self.session.total_sparsity()
@@ -304,19 +311,18 @@ class LabModel:
     def set_global(self, sparsity: float, coalesce: bool = False) -> None:
         """Prune to a total sparsity with the current allocation, criterion and locks; an
         allocation that removes a whole layer is reported in ``status``."""
-        from .patterns import nm_sparsity, parse_nm
-
+        pat = get_pattern(self.pattern)
         self._check_idle("prune")
         self.push_undo(coalesce="global" if coalesce else None)
         with warnings.catch_warnings(record=True) as caught, self._act():
             warnings.simplefilter("always", LayerCollapseWarning)
             warnings.simplefilter("always", PatternWarning)
-            if self.pattern == "channels":  # the fraction of every group's channels (locked groups kept)
+            if pat.grouped:  # the fraction of every group's channels (locked groups kept)
                 self.session.set_global_sparsity(float(sparsity), allocation="global" if self.allocation == "global" else "uniform",
-                                                 criterion=self.criterion, locked=sorted(self.locked), pattern="channels")
-            elif parse_nm(self.pattern) is not None:  # the global slider: dense, or the pattern wherever it fits
+                                                 criterion=self.criterion, locked=sorted(self.locked), pattern=pat.name)
+            elif pat.levels() is not None:  # the global slider: dense, or the pattern wherever it fits
                 on = float(sparsity) > 0
-                level = nm_sparsity(self.pattern) if on else 0.0
+                level = max(pat.levels()) if on else 0.0
                 if on:
                     self.session.set_global_sparsity(level, criterion=self.criterion, locked=sorted(self.locked),
                                                      pattern=self.pattern)
@@ -324,7 +330,7 @@ class LabModel:
                     self.session.set_sparsity({i.name: 0.0 for i in self.session.layers if i.name not in self.locked})
             else:
                 self.session.set_global_sparsity(float(sparsity), allocation=self.allocation, criterion=self.criterion,
-                                                 locked=sorted(self.locked))
+                                                 locked=sorted(self.locked), pattern=pat.name)
         collapse = [w for w in caught if issubclass(w.category, (LayerCollapseWarning, PatternWarning))]
         for w in caught:
             if w not in collapse:
@@ -366,7 +372,7 @@ class LabModel:
         get_allocation(allocation)  # an unknown name raises with the valid ones and the closest
         self._check_idle("change the allocation")
         self.allocation = allocation
-        total = self.channel_total() if self.pattern == "channels" else self.session.total_sparsity()
+        total = self.channel_total() if get_pattern(self.pattern).grouped else self.session.total_sparsity()
         if total > 0:
             self.set_global(total)
 

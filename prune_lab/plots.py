@@ -253,7 +253,9 @@ def sensitivity(result: Any, key: Optional[str] = None, current: Optional[dict[s
         y = float(np.interp(s, xs, ys))
         ax.plot([s], [y], "o", color=line.get_color(), markersize=8, markeredgecolor="black", gid=f"current:{layer}")
     ax.axhline(result.reference[key], color="gray", linestyle=":", linewidth=1, gid="reference")
-    channels = getattr(result, "pattern", "") == "channels"
+    from .patterns import get_pattern
+
+    channels = get_pattern(getattr(result, "pattern", None)).grouped
     ax.set_xlabel("channels removed from the group (others unchanged)" if channels else "sparsity of the layer (others unchanged)")
     ax.set_ylabel(key)
     metric_axis(ax.yaxis, key)

@@ -25,8 +25,7 @@ from .layers import Coverage, LayerInfo, find_prunable
 from .masks import check_count, check_fraction, count_to_prune
 from .measure import AUTO, EvalData, Metric, Scorer, weight_uses
 from .registry import close_names, describe
-from .patterns import PatternWarning, check_nm, nm_fits, parse_nm
-from .patterns import normalize as normalize_pattern
+from .patterns import UNSTRUCTURED, Pattern, PatternWarning, get_pattern
 from .state import Event, PruningState, Snapshot
 from .stats import NonzeroCounter, Stats, compute_stats
 from .workflows import finetune as _finetune
@@ -203,35 +202,23 @@ class Session:
                 "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
                 f"got {type(sparsities).__name__}"
             )
-        if pattern == "channels":
+        pat = get_pattern(pattern)
+        if pat.grouped:
+            if pat.removes_blocks:
+                return self._set_blocks(sparsities)
             return self._set_channels(sparsities, criterion, seed, round_to)
-        if pattern == "blocks":
-            return self._set_blocks(sparsities)
         if round_to is not None:
-            raise ValueError("round_to applies to pattern='channels' only")
+            raise ValueError(f"round_to applies to pattern='channels' only, not {pat.name!r}")
         crit = get_criterion(criterion)
-        pattern = normalize_pattern(pattern)
-        counts = {name: self._count_for(name, v, pattern) for name, v in sparsities.items()}
+        counts = {name: self._count_for(name, v, pat) for name, v in sparsities.items()}
         self._fresh_calibration(crit)
         seed = self.seed if seed is None else int(seed)
-        self.state.set_counts(counts, crit, seed, pattern=pattern)
+        self.state.set_counts(counts, crit, seed, pattern=pat.name)
         return self
 
-    def _count_for(self, name: str, value: Any, pattern: str) -> int:
+    def _count_for(self, name: str, value: Any, pattern: Pattern) -> int:
         """Weights to prune for a sparsity under a pattern (checked: a clear error names the layer)."""
-        n = self.layer(name).n_params
-        sparsity = self.check_sparsity(name, value)
-        nm = parse_nm(pattern)
-        if nm is None:
-            return count_to_prune(sparsity, n)
-        keep, m = nm
-        check_nm(name, self.layer(name).kind, self.layer(name).shape, pattern)
-        if sparsity == 0:
-            return 0
-        if abs(sparsity - (m - keep) / m) > 1e-9:
-            raise ValueError(f"layer {name!r}: pattern {pattern} means sparsity {(m - keep) / m:g} (or 0 to un-prune), "
-                             f"not {sparsity:g}")
-        return n // m * (m - keep)
+        return pattern.count(self.layer(name), self.check_sparsity(name, value))
 
     def set_global_sparsity(self, sparsity: float, allocation: Union[str, Callable] = "global",
                             criterion: Union[str, Callable, Criterion] = "magnitude", seed: Optional[int] = None,
@@ -243,29 +230,46 @@ class Session:
         (``sparsity`` must be (M-N)/M; the allocation does not apply) and the others are left as
         they are, named in a warning.
         """
-        if pattern == "channels":
+        pat = get_pattern(pattern)
+        if pat.grouped:
+            if pat.removes_blocks:
+                raise ValueError("pattern 'blocks' removes named blocks: set_sparsity({block: 1}, pattern='blocks')")
             return self._set_global_channels(sparsity, allocation, criterion, seed, locked)
-        pattern = normalize_pattern(pattern)
-        if parse_nm(pattern) is not None:
-            import warnings
-
-            crit = get_criterion(criterion)
-            m = parse_nm(pattern)[1]  # type: ignore[index]
-            unlocked = [i for i in self.layers if i.name not in locked]
-            fits = {i.name: self._count_for(i.name, sparsity, pattern) for i in unlocked if nm_fits(i.kind, i.shape, m)}
-            skipped = [i.name for i in unlocked if i.name not in fits]
-            if not fits:
-                raise ValueError(f"pattern {pattern}: no layer fits it (input dimensions must be multiples of M): "
-                                 f"{', '.join(skipped)}")
-            self._fresh_calibration(crit)
-            self.state.set_counts(fits, crit, self.seed if seed is None else int(seed), pattern=pattern)
-            if skipped:
-                warnings.warn(f"pattern {pattern}: left as they were (input dimension not a multiple of M): "
-                              f"{', '.join(skipped)}", PatternWarning, stacklevel=2)
+        if pat.name == UNSTRUCTURED:
+            self._fresh_calibration(criterion)
+            result, crit, seed = allocate(self.state, sparsity, allocation, criterion, seed, locked, self.last_sensitivity)
+            self.state.set_counts(result.counts, crit, seed, result.masks)
             return self
-        self._fresh_calibration(criterion)
-        result, crit, seed = allocate(self.state, sparsity, allocation, criterion, seed, locked, self.last_sensitivity)
-        self.state.set_counts(result.counts, crit, seed, result.masks)
+        return self._set_global_pattern(sparsity, allocation, criterion, seed, locked, pat)
+
+    def _set_global_pattern(self, sparsity: float, allocation: Any, criterion: Any, seed: Optional[int],
+                            locked: Sequence[str], pat: Pattern) -> "Session":
+        """A structured-within-a-layer pattern (N:M, kernels) over the model: every unlocked layer
+        it fits takes it, the others stay as they are (named in a warning). A pattern with fixed
+        levels (N:M) gives each the same sparsity; any other takes the allocation's per-layer
+        fractions, each snapped to what the pattern can reach."""
+        import warnings
+
+        check_fraction(sparsity, "sparsity")
+        crit = get_criterion(criterion)
+        unlocked = [i for i in self.layers if i.name not in locked]
+        fitting = [i for i in unlocked if pat.fits(i)]
+        skipped = [i.name for i in unlocked if not pat.fits(i)]
+        if not fitting:
+            raise ValueError(f"pattern {pat.name}: no unlocked layer fits it: {', '.join(skipped)}")
+        if pat.levels() is not None:
+            fractions = {i.name: sparsity for i in fitting}
+        else:
+            self._fresh_calibration(criterion)
+            planned, _, _ = allocate(self.state, sparsity, allocation, criterion, seed, list(locked) + skipped,
+                                     self.last_sensitivity)
+            fractions = {i.name: pat.snap(planned.counts[i.name] / i.n_params, i) for i in fitting}
+        counts = {n: self._count_for(n, f, pat) for n, f in fractions.items()}
+        self._fresh_calibration(crit)
+        self.state.set_counts(counts, crit, self.seed if seed is None else int(seed), pattern=pat.name)
+        if skipped:
+            warnings.warn(f"pattern {pat.name}: left as they were (the pattern does not fit them): {', '.join(skipped)}",
+                          PatternWarning, stacklevel=3)
         return self
 
     # ------------------------------------------------------------------ channels
@@ -653,7 +657,7 @@ class Session:
                                                   int(e.get("seed", 0))) for g, e in channels.items()}
             new_channels, channel_records = self.state.compute_channels({}, lambda g: keeps[g], "", 0,
                                                                         replace_unstructured=True, start=start)
-            records.update({n: r for n, r in channel_records.items() if r.pattern == "channels" or n not in records})
+            records.update({n: r for n, r in channel_records.items() if r.grouped or n not in records})
         if weight_dependent and data.get("weights_sha256") not in (None, self.recipe(masks=False)["weights_sha256"]):
             import warnings
 
@@ -738,7 +742,8 @@ class Session:
             from .runtime import to_semi_structured
 
             eligible = [i.param.rsplit(".", 1)[0] for i in self.layers
-                        if self.state.record(i.name).pattern == "2:4" and i.kind == "Linear" and i.param.endswith(".weight")]
+                        if get_pattern(self.state.record(i.name).pattern).semi_structured and i.kind == "Linear"
+                        and i.param.endswith(".weight")]
             if not eligible:
                 raise ValueError("no Linear layer is pruned 2:4: set_sparsity({...: 0.5}, pattern='2:4') first")
             model, _ = to_semi_structured(self.model, eligible)
@@ -822,8 +827,8 @@ class Session:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
         from .workflows.distributed import resolve_executor
 
-        if pattern in ("channels", "blocks"):  # per channel group by a group criterion; which block can go
-            name = "block" if pattern == "blocks" else self._channel_criterion(criterion)[0]
+        if get_pattern(pattern).grouped:  # per channel group by a group criterion; which block can go
+            name = "block" if get_pattern(pattern).removes_blocks else self._channel_criterion(criterion)[0]
             self.groups  # found before the sweep starts
             result = _sensitivity.sweep(self.state, self.evaluator, levels, name, layers, resume, incremental, progress,
                                         on_step, should_stop, executor=resolve_executor(executor, self), pattern=pattern,

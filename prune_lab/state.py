@@ -23,11 +23,9 @@ from torch import Tensor, nn
 
 from .criteria import Criterion
 from .layers import LayerInfo
-from .masks import k_smallest_masks
+from .patterns import CHANNELS, UNSTRUCTURED, get_pattern
 from .registry import close_names
 
-UNSTRUCTURED = "unstructured"
-CHANNELS = "channels"
 _serials = itertools.count(1)
 
 
@@ -52,6 +50,11 @@ class Record:
     @property
     def settings(self) -> tuple[str, int, str, int]:
         return (self.pattern, self.count, self.criterion, self.seed)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the mask comes from channel groups or blocks (set through ``compute_channels``)."""
+        return get_pattern(self.pattern).grouped
 
     @property
     def quant(self) -> Optional[tuple[int, str]]:
@@ -340,27 +343,22 @@ class PruningState:
         """New records for ``counts`` (exact k-smallest masks by ``criterion`` on the base
         weights, or the given ``masks``); layers whose settings are unchanged keep their record.
         Writes nothing."""
-        from .patterns import check_nm, nm_mask, normalize
-
-        pattern = normalize(pattern)
+        pat = get_pattern(pattern)
+        if pat.grouped:
+            raise ValueError(f"pattern {pat.name!r} prunes channel groups or blocks: use compute_channels")
+        pattern = pat.name
         out: dict[str, Record] = {}
         for name, k in counts.items():
             info = self.info(name)
-            if not 0 <= k <= info.n_params:
-                raise ValueError(f"layer {name!r}: cannot prune {k} of {info.n_params} weights")
-            if pattern != UNSTRUCTURED:
-                n_keep, m, _ = check_nm(name, info.kind, info.shape, pattern)
-                if k not in (0, info.n_params // m * (m - n_keep)):
-                    raise ValueError(f"layer {name!r}: pattern {pattern} prunes exactly {info.n_params // m * (m - n_keep)} "
-                                     f"of {info.n_params} weights (sparsity {(m - n_keep) / m:g}) or none, not {k}")
+            pat.check_count(info, k)
             old = self._records[name]
-            if old.pattern == CHANNELS and not over_channels:
+            if old.grouped and not over_channels:
                 raise ValueError(f"layer {name!r} has whole channels removed (pattern 'channels', {old.count} weights): change "
                                  f"them with set_sparsity({{...}}, pattern='channels') or reset() before pruning it {pattern}")
             new_settings = (pattern, k, criterion.name, seed)
             given = masks is not None and name in masks
             calib = self._calibration_id(criterion)
-            if old.pattern == CHANNELS:
+            if old.grouped:
                 old = Record(seed=seed, bits=old.bits, qmethod=old.qmethod)  # replaced as a whole (a recipe)
             if old.settings == new_settings and criterion.reproducible and not given and old.calibration == calib \
                     and (k == 0 or old.mask is not None):
@@ -376,10 +374,9 @@ class PruningState:
                     raise ValueError(f"layer {name!r}: a mask must be bool of shape {info.shape}, got {mask.dtype} {tuple(mask.shape)}")
                 if int(mask.numel() - mask.sum()) != k:
                     raise ValueError(f"layer {name!r}: the mask zeroes {int(mask.numel() - mask.sum())} entries, not {k}")
-            elif pattern != UNSTRUCTURED:
-                mask = nm_mask(self.keys([name], criterion, seed)[0], info.shape, info.kind, n_keep, m)
             else:
-                mask = k_smallest_masks(self.keys([name], criterion, seed), k, [info.shape])[0]
+                mask = pat.mask(info, k, lambda: self.keys([name], criterion, seed)[0],
+                                lambda: self.scores(name, criterion, seed))
             mask = mask.to(self.weights[name].device)
             out[name] = Record(pattern, k, criterion.name, seed, mask, next(_serials),
                                criterion.reproducible and not given and not criterion.needs, calib, old.bits, old.qmethod)
@@ -476,14 +473,14 @@ class PruningState:
             old_r = self._records[name]
             m = masks.get(info.param)
             if m is None or bool(m.all()):
-                if old_r.pattern == CHANNELS:  # whole again: an ordinary dense record
+                if old_r.grouped:  # whole again: an ordinary dense record
                     records[name] = Record(UNSTRUCTURED, 0, "magnitude", old_r.seed, None, next(_serials),
                                            bits=old_r.bits, qmethod=old_r.qmethod)
                 continue
-            if old_r.pattern != CHANNELS and old_r.count and not replace_unstructured:
+            if not old_r.grouped and old_r.count and not replace_unstructured:
                 raise ValueError(f"layer {name!r} is pruned {old_r.pattern} ({old_r.count} weights); removing channels "
                                  f"would discard that mask: set it to 0 first (set_sparsity({{{name!r}: 0}}))")
-            if old_r.pattern == CHANNELS and old_r.mask is not None and torch.equal(old_r.mask, m):
+            if old_r.grouped and old_r.mask is not None and torch.equal(old_r.mask, m):
                 continue
             owner = next((g for g in new if name in self.groups.get(g).producers), None) or \
                 next(g for g in new if name in self.groups.get(g).layers)
@@ -536,7 +533,7 @@ class PruningState:
         for name in self.groups.get(group).layers:
             m = masks[self._info[name].param]
             own = self._records[name]
-            if own.pattern != CHANNELS and own.mask is not None:
+            if not own.grouped and own.mask is not None:
                 m = m & own.mask
             out[name] = m
         members = {m.key: masks[m.key] for m in self.groups.get(group).members if m.key not in self._layer_of_param}

@@ -167,7 +167,7 @@ class Lab:
         self.criterion = W.Dropdown(options=list_criteria(), value="magnitude", description="criterion", style=WIDE, layout=W.Layout(width="250px"))
         self.criterion.add_class("prune-lab-criterion")
         self.criterion.observe(self._on_criterion, names="value")
-        self.pattern = W.Dropdown(options=[("weights", "unstructured"), ("2:4", "2:4"), ("channels", "channels")], value="unstructured",
+        self.pattern = W.Dropdown(options=self.model.pattern_options(), value=self.model.pattern,
                                   description="pattern", style=WIDE, layout=W.Layout(width="250px"))
         self.pattern.add_class("prune-lab-pattern")
         self.pattern.observe(self._on_pattern, names="value")
@@ -409,7 +409,7 @@ class Lab:
         """Move every control to what the session holds, without firing callbacks."""
         self._syncing = True
         try:
-            channels = self.model.pattern == "channels"
+            channels = self.model.grouped
             for name, slider in self.sliders.items():
                 fraction = self.model.channel_fraction(name) if channels else None
                 self._set_slider(slider, fraction if fraction is not None else self.session.sparsity[name])
@@ -449,7 +449,7 @@ class Lab:
 
     def _slider_usable(self, name: str) -> bool:
         """Under the channels pattern only layers that produce a channel group have a slider."""
-        return self.model.pattern != "channels" or name in self.session.groups.by_layer
+        return not self.model.grouped or name in self.session.groups.by_layer
 
     # ------------------------------------------------------------------ refreshing
     def _changed(self) -> None:
@@ -505,7 +505,7 @@ class Lab:
         L["macs"].value = f"MACs: {fmt_count(t['macs'])} dense &rarr; <span class='prune-lab-value'>{fmt_count(t['effective_macs'])}</span> effective"
         L["speedup"].value = f"theoretical speedup: <span class='prune-lab-value'>{t['speedup']:.2f}x</span>"
         report = stats.compact
-        if self.model.pattern != "channels":
+        if not self.model.grouped:
             L["measured"].value = ""
         elif report is None:
             L["measured"].value = (f"MACs <span class='prune-lab-value'>{t['speedup']:.2f}x</span> fewer (counted); "

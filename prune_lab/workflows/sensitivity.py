@@ -18,7 +18,8 @@ import torch
 
 from ..criteria import Criterion, get_criterion
 from ..evaluate import Evaluator
-from ..masks import check_fraction, count_to_prune, k_smallest_masks
+from ..masks import check_fraction, count_to_prune
+from ..patterns import Pattern, get_pattern, same_pattern
 from ..state import PruningState
 
 if TYPE_CHECKING:
@@ -258,38 +259,32 @@ def sweep(
     ``pattern="channels"``: each *channel group* (named by its first producing layer) loses
     each level's fraction of its channels, lowest ``channel_scores(group)`` first (at least one
     channel stays); ``n_params`` then holds each group's channel count."""
-    from ..patterns import CHANNELS, check_nm, nm_fits, nm_sparsity, normalize, parse_nm
-
     seed = state.seed if seed is None else int(seed)
-    if pattern in ("blocks", CHANNELS):
-        return _group_sweep(state, evaluator, pattern, levels, str(criterion), layers, resume, incremental, progress,
+    pat = get_pattern(pattern)
+    if pat.grouped:
+        return _group_sweep(state, evaluator, pat, levels, str(criterion), layers, resume, incremental, progress,
                             on_step, should_stop, executor, channel_scores)
     crit = get_criterion(criterion)
-    pattern = normalize(pattern)
-    nm = parse_nm(pattern)
-    if nm is not None and levels is None:
-        levels = [0.0, nm_sparsity(pattern)]
-    levels = list(DEFAULT_LEVELS if levels is None else levels)
+    pattern = pat.name
+    fixed = pat.levels()
+    levels = list((fixed or DEFAULT_LEVELS) if levels is None else levels)
     if not levels:
         raise ValueError("levels is empty; give sparsities in [0, 1], e.g. (0.0, 0.5, 0.9)")
     for lv in levels:
         check_fraction(lv, "sensitivity level")
-        if nm is not None and lv not in (0.0, nm_sparsity(pattern)):
-            raise ValueError(f"pattern {pattern}: levels can only be 0 and {nm_sparsity(pattern):g}, got {lv!r}")
-    names = [i.name for i in state.layers] if layers is None else list(layers)
-    if nm is not None and layers is None:  # by default the layers the pattern fits
-        names = [i.name for i in state.layers if nm_fits(i.kind, i.shape, nm[1])]
+        if fixed is not None and lv not in fixed:
+            raise ValueError(f"pattern {pattern}: levels can only be {' and '.join(f'{f:g}' for f in fixed)}, got {lv!r}")
+    # by default the layers the pattern fits
+    names = [i.name for i in state.layers if pat.fits(i)] if layers is None else list(layers)
     for n in names:
-        info = state.layer(n)
-        if nm is not None:
-            check_nm(n, info.kind, info.shape, pattern)
+        pat.check(state.layer(n))
     if resume is not None:
         if resume.levels != levels and levels != list(DEFAULT_LEVELS):
             raise ValueError("resume: levels differ from the interrupted sweep's")
         levels, names = resume.levels, resume.layers
         if resume.criterion != crit.name:
             raise ValueError(f"resume: the interrupted sweep used criterion {resume.criterion!r}, not {crit.name!r}")
-        if resume.pattern != pattern:
+        if not same_pattern(resume.pattern, pattern):
             raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not {pattern!r}")
     reference = evaluator.evaluate()
     result = resume or SensitivityResult(
@@ -314,7 +309,7 @@ def sweep(
                 lambda n, lv: measure_point(state, evaluator, crit, seed, n, lv, incremental, pattern))
 
 
-def _group_sweep(state: PruningState, evaluator: Evaluator, pattern: str, levels: Optional[Sequence[float]],
+def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels: Optional[Sequence[float]],
                  criterion: str, layers: Optional[Sequence[str]], resume: Optional[SensitivityResult], incremental: bool,
                  progress: bool, on_step: Optional[Callable[[dict[str, Any]], None]],
                  should_stop: Optional[Callable[[], bool]], executor: Any,
@@ -323,7 +318,8 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pattern: str, levels
     ``channel_scores`` first) or removable blocks (levels 0 kept, 1 removed), in this process.
     ``n_params`` holds each group's channel count (1 for a block)."""
     groups = state.groups
-    blocks = pattern == "blocks"
+    blocks = pat.removes_blocks
+    pattern = pat.name
     if groups is None or (not blocks and channel_scores is None):
         raise RuntimeError(f"a {pattern} sweep needs the session's groups (use Session.sensitivity)")
     if blocks:
@@ -338,7 +334,7 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pattern: str, levels
         for lv in levels:
             check_fraction(lv, "sensitivity level")
         scores = {g: channel_scores(g) for g in names}  # type: ignore[misc]
-    if resume is not None and resume.pattern != pattern:
+    if resume is not None and not same_pattern(resume.pattern, pattern):
         raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not {pattern!r}")
     sizes = {g: groups.get(g).size for g in names}
     result = resume or SensitivityResult(
@@ -406,17 +402,13 @@ def measure_point(state: PruningState, evaluator: Evaluator, crit: Criterion, se
                   incremental: bool = True, pattern: str = "unstructured") -> dict[str, Any]:
     """One sweep point: ``name`` pruned to ``level`` by ``crit`` (the others as they are),
     evaluated, put back. The same code runs in-process and on a distributed worker."""
-    from ..patterns import nm_mask, parse_nm
-
+    pat = get_pattern(pattern)
     info = state.layer(name)
-    nm = parse_nm(pattern)
-    if nm is not None:
-        mask = nm_mask(state.keys([name], crit, seed)[0], info.shape, info.kind, *nm) if level else None
-        if mask is not None:
-            mask = mask.to(state.weights[name].device)
-    else:
-        k = count_to_prune(level, info.n_params)
-        mask = k_smallest_masks(state.keys([name], crit, seed), k, [info.shape])[0] if k else None
+    k = pat.count(info, pat.snap(level, info))
+    mask = None
+    if k:
+        mask = pat.mask(info, k, lambda: state.keys([name], crit, seed)[0], lambda: state.scores(name, crit, seed))
+        mask = mask.to(state.weights[name].device)
     with state.trial({name: mask}):
         r = evaluator.evaluate(commit=False, incremental=incremental)
     return {"layer": name, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
