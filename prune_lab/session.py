@@ -244,10 +244,11 @@ class Session:
 
     def _set_global_pattern(self, sparsity: float, allocation: Any, criterion: Any, seed: Optional[int],
                             locked: Sequence[str], pat: Pattern) -> "Session":
-        """A structured-within-a-layer pattern (N:M, kernels) over the model: every unlocked layer
-        it fits takes it, the others stay as they are (named in a warning). A pattern with fixed
-        levels (N:M) gives each the same sparsity; any other takes the allocation's per-layer
-        fractions, each snapped to what the pattern can reach."""
+        """A structured-within-a-layer pattern (N:M, kernels) over the model: ``sparsity`` is that
+        of the layers it fits (locked ones keep theirs and count toward it); the others stay as
+        they are (named in a warning). A pattern with fixed levels (N:M) gives each unlocked
+        layer the same sparsity; any other takes the allocation's per-layer fractions, each
+        snapped to what the pattern can reach."""
         import warnings
 
         check_fraction(sparsity, "sparsity")
@@ -261,7 +262,11 @@ class Session:
             fractions = {i.name: sparsity for i in fitting}
         else:
             self._fresh_calibration(criterion)
-            planned, _, _ = allocate(self.state, sparsity, allocation, criterion, seed, list(locked) + skipped,
+            held = [i for i in self.layers if not pat.fits(i)]  # count toward the model's total as they are
+            zeros = sum(self.state.counts[i.name] for i in held)
+            fit_params = sum(i.n_params for i in self.layers if pat.fits(i))
+            total = (sparsity * fit_params + zeros) / sum(i.n_params for i in self.layers)
+            planned, _, _ = allocate(self.state, total, allocation, criterion, seed, list(locked) + [i.name for i in held],
                                      self.last_sensitivity)
             fractions = {i.name: pat.snap(planned.counts[i.name] / i.n_params, i) for i in fitting}
         counts = {n: self._count_for(n, f, pat) for n, f in fractions.items()}
