@@ -12,6 +12,7 @@ from .export import load_recipe, load_state_dict
 from .lab_model import LabModel
 from .layers import Coverage, LayerInfo
 from .models import demo, train
+from .patterns import get_pattern, list_patterns, register_pattern
 from .runtime import int8_dynamic, latency
 from .session import Session
 from .state import Event, Snapshot
@@ -21,7 +22,7 @@ __all__ = [
     "Session", "LayerInfo", "Coverage", "Snapshot", "Event", "LabModel", "demo", "train", "datasets", "models", "criteria", "masks",
     "distributed", "formats", "latency", "int8_dynamic",
     "load_recipe", "load_state_dict", "save_compact", "load_compact", "register_criterion", "register_allocation",
-    "list_criteria", "list_allocations", "plots", "Lab", "__version__",
+    "register_pattern", "get_pattern", "list_patterns", "list_criteria", "list_allocations", "plots", "Lab", "__version__",
 ]
 
 
