@@ -266,6 +266,65 @@ class NM(Pattern):
         return nm_mask(keys(), info.shape, info.kind, self.n, self.m)
 
 
+class Kernel(Pattern):
+    """Whole k x k kernels of a convolution: one ``(out, in)`` slice of its weight, the
+    granularity between single weights and whole channels (Mao et al. 2017, "Exploring the
+    granularity of sparsity"). A kernel's importance is the L1 (``norm=1``) or L2 norm of the
+    criterion's per-entry scores over it: with ``magnitude``, the norm of its weights. The
+    sparsity counts weights, so it moves in steps of one kernel (k*k weights); the kernels with
+    the lowest norm go first, ties by position."""
+
+    def __init__(self, name: str = "kernel", norm: int = 1, label: str = ""):
+        if norm not in (1, 2):
+            raise ValueError(f"kernel pattern: norm must be 1 or 2, got {norm!r}")
+        self.name, self.norm, self.label = name, norm, label
+
+    @staticmethod
+    def _sizes(info: "LayerInfo") -> tuple[int, int]:
+        """(kernels, weights per kernel) of a convolution weight ``(out, in, *kernel)``."""
+        size = 1
+        for d in info.shape[2:]:
+            size *= d
+        return info.shape[0] * info.shape[1], size
+
+    def fits(self, info: "LayerInfo") -> bool:
+        return info.kind.startswith(("Conv", "ConvTranspose")) and info.kind != "Conv1D" and len(info.shape) >= 3 \
+            and self._sizes(info)[1] > 1
+
+    def check(self, info: "LayerInfo") -> None:
+        if not self.fits(info):
+            raise ValueError(f"layer {info.name!r}: pattern {self.name!r} removes whole k x k kernels of a convolution; "
+                             f"{info.kind} with weight shape {info.shape} has none (use 'unstructured' or 'channels')")
+
+    def snap(self, sparsity: float, info: Optional["LayerInfo"] = None) -> float:
+        if info is None or not self.fits(info):
+            return sparsity
+        kernels, _ = self._sizes(info)
+        return round(sparsity * kernels) / kernels
+
+    def count(self, info: "LayerInfo", sparsity: float) -> int:
+        self.check(info)
+        kernels, size = self._sizes(info)
+        return int(round(sparsity * kernels)) * size
+
+    def check_count(self, info: "LayerInfo", count: int) -> None:
+        self.check(info)
+        kernels, size = self._sizes(info)
+        if not 0 <= count <= info.n_params or count % size:
+            raise ValueError(f"layer {info.name!r}: pattern {self.name!r} prunes whole kernels of {size} weights (0 to "
+                             f"{kernels} of them), not {count} weights")
+
+    def mask(self, info: "LayerInfo", count: int, keys: Keys, scores: Scores) -> Tensor:
+        from .masks import keep_mask
+
+        kernels, size = self._sizes(info)
+        per_kernel = scores().reshape(kernels, size).abs()
+        importance = per_kernel.sum(1) if self.norm == 1 else per_kernel.pow(2).sum(1).sqrt()
+        keep = keep_mask(importance.cpu(), count // size).to(per_kernel.device)
+        view = (info.shape[0], info.shape[1]) + (1,) * (len(info.shape) - 2)
+        return keep.reshape(view).expand(info.shape).contiguous()
+
+
 class Channels(Pattern):
     """Whole output channels of a layer's channel group (``groups.py``, ``channels.py``)."""
 
@@ -280,6 +339,8 @@ class Blocks(Pattern):
 
 register_pattern(Unstructured())
 register_pattern(NM(2, 4, label="2:4"))  # the one the Lab offers; any other N:M parses on demand
+register_pattern(Kernel("kernel", 1, label="kernels"))
+register_pattern(Kernel("kernel-l2", 2))
 register_pattern(Channels())
 register_pattern(Blocks())
 
