@@ -506,4 +506,25 @@ def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: 
     return stats
 
 
-__all__ = ["Calibration", "LayerStats", "calibrate", "collect", "activation_recorder", "per_sample_sq_gradient", "hutchinson_diagonal", "as_tensors", "data_fingerprint"]
+@dataclass(frozen=True, eq=False)
+class CalibrationRequest:
+    """What ``calibrate()`` was asked: the samples (on the model's device) and settings. The
+    pruning state keeps it, so it can compute the statistics again itself when its base weights
+    change (fine-tuning) before a data-aware criterion reads them."""
+
+    x: Tensor
+    y: Tensor
+    batch_size: int = 64
+    hessian: str = "fisher"
+    probes: int = 16
+    seed: int = 0
+    progress: bool = True
+    criteria: Optional[tuple[str, ...]] = None
+    loss_fn: Optional[LossFn] = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(batch_size=self.batch_size, hessian=self.hessian, probes=self.probes, seed=self.seed)
+
+
+__all__ = ["Calibration", "CalibrationRequest", "LayerStats", "calibrate", "collect", "activation_recorder", "per_sample_sq_gradient", "hutchinson_diagonal", "as_tensors", "data_fingerprint"]

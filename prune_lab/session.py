@@ -108,8 +108,6 @@ class Session:
         self.last_sensitivity: Any = None  # the latest SensitivityResult, for allocation="sensitivity"
         self.last_compact: Any = None  # the CompactReport of the latest compact(measure=True)
         self._compact_version = -1  # stats() shows it while the weights are those it measured
-        self._calibration_args: Optional[dict] = None
-        self.calibration_passes = 0  # how many times calibrate() computed statistics (not served from cache)
         self.state.subscribe(self._on_event)
 
     def _check_forward(self, scorer: Scorer) -> tuple[dict, Scorer]:
@@ -461,53 +459,35 @@ class Session:
         """
         import warnings
 
-        from .calibration import Calibration, as_tensors, calibrate, data_fingerprint
-        from .criteria import needs_of
+        from .calibration import CalibrationRequest, as_tensors, data_fingerprint
 
         check_count(samples, "samples")
         check_count(batch_size, "batch_size")
         if hessian not in ("fisher", "hutchinson"):
             raise ValueError(f"hessian must be 'fisher' or 'hutchinson', got {hessian!r}")
         check_count(probes, "probes")
-        needs = needs_of(list(criteria)) if criteria is not None else ()
+        if criteria is not None:
+            for c in criteria:
+                get_criterion(c)
         x, y = as_tensors(train_data, samples)
         x, y = x.to(self.device), y.to(self.device)
         fingerprint = data_fingerprint(x, y)
         if self.data.inputs is not None and len(x) <= len(self.data) and data_fingerprint(self.data.inputs[: len(x)], self.data.targets[: len(x)]) == fingerprint:
             warnings.warn("calibrating on the session's eval data makes the accuracy it reports optimistic; "
                           "calibrate on training data", UserWarning, stacklevel=2)
-        key = (self.state.generation, tuple(id(self.state.base(i.name)) for i in self.layers), str(self.device),
-               fingerprint, hessian, probes if hessian == "hutchinson" else 0, seed, batch_size)
-        self._calibration_args = dict(train_data=train_data, samples=samples, batch_size=batch_size, criteria=criteria,
-                                      hessian=hessian, probes=probes, seed=seed, progress=progress)
-        current = self.state.calibration
-        if current is not None and current.key == key:
-            current.ensure(needs, keep=True)
-            return current
-        loss = self.loss_fn if callable(self.loss_fn) else None
-        state, model, layers = self.state, self.model, self.layers
+        request = CalibrationRequest(x, y, batch_size, hessian, probes, seed, progress,
+                                     None if criteria is None else tuple(criteria),
+                                     self.loss_fn if callable(self.loss_fn) else None)
+        return self.state.calibrate(request)
 
-        def compute(missing: tuple[str, ...]) -> dict:
-            with state.trial({n: None for n, k in state.counts.items() if k}):  # the dense base weights
-                out = calibrate(model, layers, state.weights, x, y, missing, loss, batch_size, hessian, probes, seed,
-                                progress)
-            self.calibration_passes += 1
-            return out
-
-        result = Calibration([i.name for i in self.layers], (x, y),
-                             dict(batch_size=batch_size, hessian=hessian, probes=probes, seed=seed), fingerprint, compute, key)
-        result.ensure(needs, keep=True)
-        self.state.calibration = result
-        return result
+    @property
+    def calibration_passes(self) -> int:
+        """How many times :meth:`calibrate` computed statistics (not served from its cache)."""
+        return self.state.calibration_passes
 
     def _fresh_calibration(self, criterion: Any) -> None:
         """Re-run the last calibrate() when the base weights changed since (fine-tuning)."""
-        crit = get_criterion(criterion)
-        cal = self.state.calibration
-        if not crit.needs or cal is None or self._calibration_args is None:
-            return
-        if cal.key[0] != self.state.generation or cal.key[2] != str(self.device):
-            self.calibrate(**self._calibration_args)
+        self.state.refresh_calibration(get_criterion(criterion))
 
     # ------------------------------------------------------------------ measuring
     def evaluate(self, limit: Optional[int] = None) -> dict[str, float]:
@@ -804,12 +784,12 @@ class Session:
         the loss); the teacher is a frozen copy, never modified; ``alpha=0`` is plain fine-tuning.
         Quantized layers are re-quantized from the trained weights after each phase.
         """
-        loss = self.loss_fn if callable(self.loss_fn) else None
-        get_criterion(criterion)
-        return _finetune.finetune(self.state, self.evaluator, train_data, epochs, steps, lr, schedule, target_sparsity,
-                                  allocation, rounds, rewind_step, restore, optimizer, momentum, weight_decay, batch_size,
-                                  seed, progress, on_step, loss, criterion, lambda: self._fresh_calibration(criterion),
-                                  distill)
+        config = _finetune.FinetuneConfig(
+            epochs=epochs, steps=steps, lr=lr, schedule=schedule, target_sparsity=target_sparsity, allocation=allocation,
+            rounds=rounds, rewind_step=rewind_step, restore=restore, optimizer=optimizer, momentum=momentum,
+            weight_decay=weight_decay, batch_size=batch_size, seed=seed, progress=progress, on_step=on_step,
+            loss_fn=self.loss_fn if callable(self.loss_fn) else None, criterion=criterion, distill=distill)
+        return _finetune.finetune(self.state, self.evaluator, train_data, config)
 
     def sensitivity(self, levels: Optional[Sequence[float]] = None, criterion: Union[str, Callable, Criterion] = "magnitude",
                     metric: Optional[str] = None, layers: Optional[Sequence[str]] = None, resume: Any = None,
@@ -862,7 +842,7 @@ class Session:
         ex = resolve_executor(executor, self)
         loss = self.loss_fn if callable(self.loss_fn) else None
         return _tradeoff.run_tradeoff(self.state, self.evaluator, self.stats, strategies, compressions, finetune, seeds,
-                                      cache, progress, cache_dir(), loss, self._fresh_calibration, executor=ex,
+                                      cache, progress, cache_dir(), loss, executor=ex,
                                       prune_channels=lambda f, alloc, crit, seed: self._set_global_channels(f, alloc, crit, seed, ()))
 
     # ------------------------------------------------------------------ display

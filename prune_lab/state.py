@@ -16,13 +16,16 @@ import contextlib
 import itertools
 import threading
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .criteria import Criterion
 from .layers import LayerInfo
+
+if TYPE_CHECKING:
+    from .calibration import Calibration, CalibrationRequest
 from .patterns import CHANNELS, UNSTRUCTURED, get_pattern
 from .registry import close_names
 
@@ -169,7 +172,9 @@ class PruningState:
         self._listeners: list[Listener] = []
         self._trial_depth = 0
         self.lock = threading.RLock()
-        self.calibration: Any = None  # statistics for data-aware criteria (``calibration.Calibration``)
+        self.calibration: Optional["Calibration"] = None  # statistics for data-aware criteria
+        self.calibration_request: Optional["CalibrationRequest"] = None  # how to compute them again
+        self.calibration_passes = 0  # how many times statistics were computed (not served from the cache)
         self.groups: Any = None  # channel groups (``groups.Groups``), found when channel pruning is first asked for
         self._channels: dict[str, ChannelRecord] = {}
         self._member_bases: dict[str, Tensor] = {}  # group members that are not layers (biases, BatchNorm): unmasked values
@@ -268,6 +273,50 @@ class PruningState:
             for k, v in self._original.items():
                 current[k].copy_(v)
         return model
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, request: "CalibrationRequest") -> "Calibration":
+        """Statistics for data-aware criteria from ``request`` 's samples, on the dense base
+        weights, computed when a criterion first needs them (``request.criteria``: now, and kept).
+        Cached by base weights, device, data and settings: the same request again computes
+        nothing; after fine-tuning it computes anew. Interrupted, it changes nothing."""
+        from .calibration import Calibration, calibrate, data_fingerprint
+        from .criteria import needs_of
+
+        needs = needs_of(list(request.criteria)) if request.criteria is not None else ()
+        fingerprint = data_fingerprint(request.x, request.y)
+        key = (self.generation, tuple(id(self.base(i.name)) for i in self.layers), str(request.x.device), fingerprint,
+               request.hessian, request.probes if request.hessian == "hutchinson" else 0, request.seed, request.batch_size)
+        self.calibration_request = request
+        current = self.calibration
+        if current is not None and current.key == key:
+            current.ensure(needs, keep=True)
+            return current
+
+        def compute(missing: tuple[str, ...]) -> dict:
+            with self.trial({n: None for n, k in self.counts.items() if k}):  # the dense base weights
+                out = calibrate(self.model, self.layers, self.weights, request.x, request.y, missing, request.loss_fn,
+                                request.batch_size, request.hessian, request.probes, request.seed, request.progress)
+            self.calibration_passes += 1
+            return out
+
+        result = Calibration([i.name for i in self.layers], (request.x, request.y), request.settings, fingerprint, compute,
+                             key)
+        result.ensure(needs, keep=True)
+        self.calibration = result
+        return result
+
+    def refresh_calibration(self, criterion: Criterion) -> None:
+        """Compute the statistics again (the last request) when the base weights or the device
+        changed since, before ``criterion`` reads them; nothing for a criterion without data."""
+        cal, request = self.calibration, self.calibration_request
+        if not criterion.needs or cal is None or request is None:
+            return
+        device = str(next(iter(self.weights.values())).device)
+        if cal.key[0] != self.generation or cal.key[2] != device:
+            if str(request.x.device) != device:
+                request = replace(request, x=request.x.to(device), y=request.y.to(device))
+            self.calibrate(request)
 
     def _calibration_id(self, criterion: Criterion) -> str:
         if not criterion.needs:

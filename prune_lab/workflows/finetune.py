@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..allocation import apply_global
+from ..criteria import get_criterion
 from ..evaluate import Evaluator
 from ..measure import model_logits
 from ..state import PruningState
@@ -205,104 +206,145 @@ def token_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(outputs, targets, ignore_index=-100)
 
 
-def finetune(
-    state: PruningState,
-    evaluator: Evaluator,
-    train_data: Any,
-    epochs: Optional[float] = None,
-    steps: Optional[int] = None,
-    lr: float = 0.01,
-    schedule: str = "oneshot",
-    target_sparsity: Optional[float] = None,
-    allocation: Any = "global",
-    rounds: int = 3,
-    rewind_step: int = 0,
-    restore: str = "last",
-    optimizer: Union[str, Callable] = "sgd",
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: bool = True,
-    on_step: Optional[Callable[[int, float], None]] = None,
-    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-    criterion: Any = "magnitude",
-    recalibrate: Optional[Callable[[], None]] = None,
-    distill: Optional[dict] = None,
-) -> FinetuneResult:
-    """See :meth:`prune_lab.Session.finetune`. ``recalibrate()`` runs before every pruning step
-    (a data-aware criterion then scores the weights as they are after the previous round)."""
-    kd = check_distill(distill)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
-    if restore not in ("last", "best"):
-        raise ValueError(f"restore must be 'last' or 'best', got {restore!r}")
-    if target_sparsity is not None and (isinstance(target_sparsity, bool) or not 0 <= target_sparsity <= 1):
-        raise ValueError(f"target_sparsity {target_sparsity!r} is outside [0, 1]")
-    if schedule != "oneshot" and target_sparsity is None:
-        raise ValueError(f"schedule {schedule!r} needs target_sparsity=...")
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-    n_train = len(train_data[0]) if isinstance(train_data, (tuple, list)) else len(getattr(train_data, "dataset", train_data))
-    if steps is None:
-        if epochs is None:
+@dataclass
+class FinetuneConfig:
+    """How :func:`finetune` trains and prunes (see :meth:`prune_lab.Session.finetune` for each
+    field). Checked by :meth:`check` before anything changes."""
+
+    epochs: Optional[float] = None
+    steps: Optional[int] = None
+    lr: float = 0.01
+    schedule: str = "oneshot"
+    target_sparsity: Optional[float] = None
+    allocation: Any = "global"
+    rounds: int = 3
+    rewind_step: int = 0
+    restore: str = "last"
+    optimizer: Union[str, Callable] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+    on_step: Optional[Callable[[int, float], None]] = None
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+    criterion: Any = "magnitude"
+    distill: Optional[dict] = None
+
+    def check(self, train_data: Any) -> int:
+        """Validate every field; returns the steps per phase (from ``epochs`` if needed)."""
+        check_distill(self.distill)
+        get_criterion(self.criterion)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {self.schedule!r}")
+        if self.restore not in ("last", "best"):
+            raise ValueError(f"restore must be 'last' or 'best', got {self.restore!r}")
+        t = self.target_sparsity
+        if t is not None and (isinstance(t, bool) or not 0 <= t <= 1):
+            raise ValueError(f"target_sparsity {t!r} is outside [0, 1]")
+        if self.schedule != "oneshot" and t is None:
+            raise ValueError(f"schedule {self.schedule!r} needs target_sparsity=...")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is None:
             raise ValueError("finetune needs steps=... or epochs=...")
-        steps = max(1, int(math.ceil(epochs * n_train / batch_size)))
-    loss_fn = loss_fn or token_cross_entropy
+        n_train = len(train_data[0]) if isinstance(train_data, (tuple, list)) else len(getattr(train_data, "dataset", train_data))
+        return max(1, int(math.ceil(self.epochs * n_train / self.batch_size)))
+
+
+def finetune(state: PruningState, evaluator: Evaluator, train_data: Any, config: Optional[FinetuneConfig] = None,
+             **settings: Any) -> FinetuneResult:
+    """See :meth:`prune_lab.Session.finetune` (``settings``: the fields of :class:`FinetuneConfig`).
+    A data-aware criterion is re-calibrated by the state before every pruning step, so it
+    scores the weights as they are after the previous round."""
+    config = config if config is not None else FinetuneConfig(**settings)
+    steps = config.check(train_data)
+    kd = check_distill(config.distill)
     teacher = make_teacher(state) if kd is not None and kd[1] > 0 else None
     evaluator.baseline()  # the dense reference is measured before any weight changes
-    result = FinetuneResult()
-    best: tuple[float, Any] = (-math.inf, None)
-    metric = evaluator.metric_name
+    run = _Run(state, evaluator, train_data, config, teacher, kd or (4.0, 0.0))
+    SCHEDULE_RUNS[config.schedule](run, steps)
+    return run.finish()
 
-    def prune(sparsity: float) -> None:
-        if recalibrate is not None:
-            recalibrate()
-        apply_global(state, sparsity, allocation, criterion)
 
-    def train(n: int, phase_seed: int, hook: Optional[Callable[[int, float], None]] = on_step) -> None:
-        nonlocal best
-        masked_train(state, train_data, n, lr, optimizer, momentum, weight_decay, batch_size, phase_seed, progress,
-                     loss_fn, hook, result, teacher, *(kd or (4.0, 0.0)))
-        ev = {**evaluator.evaluate(), "sparsity": state.total_sparsity(), "steps": result.steps}
-        result.evaluations.append(ev)
-        if restore == "best" and ev[metric] > best[0]:
-            best = (ev[metric], state.snapshot())
+class _Run:
+    """One fine-tuning run: pruning steps, training phases, the best state seen."""
 
-    if schedule == "oneshot":
-        if target_sparsity is not None:
-            prune(target_sparsity)
-        train(steps, seed)
-    elif schedule == "iterative":
-        for r, s in enumerate(iterative_sparsities(target_sparsity, rounds)):  # type: ignore[arg-type]
-            prune(s)
-            train(steps, seed + r)
-            if result.interrupted:
-                break
-    elif schedule == "agp":
-        per = max(1, steps // rounds)
-        for r in range(rounds):
-            prune(agp_sparsity(r + 1, rounds, target_sparsity))  # type: ignore[arg-type]
-            train(per, seed + r)
-            if result.interrupted:
-                break
-    else:  # lottery
-        recorded: dict[str, Tensor] = {}
-        if rewind_step == 0:
-            recorded = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+    def __init__(self, state: PruningState, evaluator: Evaluator, train_data: Any, config: FinetuneConfig,
+                 teacher: Optional[torch.nn.Module], kd: tuple[float, float]):
+        self.state, self.evaluator, self.train_data, self.config = state, evaluator, train_data, config
+        self.teacher, self.kd = teacher, kd
+        self.criterion = get_criterion(config.criterion)
+        self.loss_fn = config.loss_fn or token_cross_entropy
+        self.result = FinetuneResult()
+        self.best: tuple[float, Any] = (-math.inf, None)
 
-        def record(step: int, _loss: float) -> None:
-            if step + 1 == rewind_step:
-                recorded.update({k: v.detach().clone() for k, v in state.model.state_dict().items()})
+    def prune(self, sparsity: float) -> None:
+        self.state.refresh_calibration(self.criterion)
+        apply_global(self.state, sparsity, self.config.allocation, self.config.criterion)
 
-        train(steps, seed, record)
-        if not result.interrupted:
-            prune(target_sparsity)  # type: ignore[arg-type]
-            state.rewind_to(recorded)
-            train(steps, seed + 1)
-    if restore == "best" and best[1] is not None:
-        state.restore(best[1])
-        result.restored = "best"
-    else:
-        result.restored = "last"
-    return result
+    def train(self, n: int, phase_seed: int, hook: Any = "default") -> None:
+        c = self.config
+        masked_train(self.state, self.train_data, n, c.lr, c.optimizer, c.momentum, c.weight_decay, c.batch_size, phase_seed,
+                     c.progress, self.loss_fn, c.on_step if hook == "default" else hook, self.result, self.teacher, *self.kd)
+        metric = self.evaluator.metric_name
+        ev = {**self.evaluator.evaluate(), "sparsity": self.state.total_sparsity(), "steps": self.result.steps}
+        self.result.evaluations.append(ev)
+        if c.restore == "best" and ev[metric] > self.best[0]:
+            self.best = (ev[metric], self.state.snapshot())
+
+    def finish(self) -> FinetuneResult:
+        if self.config.restore == "best" and self.best[1] is not None:
+            self.state.restore(self.best[1])
+            self.result.restored = "best"
+        else:
+            self.result.restored = "last"
+        return self.result
+
+
+def _oneshot(run: _Run, steps: int) -> None:
+    if run.config.target_sparsity is not None:
+        run.prune(run.config.target_sparsity)
+    run.train(steps, run.config.seed)
+
+
+def _iterative(run: _Run, steps: int) -> None:
+    for r, s in enumerate(iterative_sparsities(run.config.target_sparsity, run.config.rounds)):  # type: ignore[arg-type]
+        run.prune(s)
+        run.train(steps, run.config.seed + r)
+        if run.result.interrupted:
+            break
+
+
+def _agp(run: _Run, steps: int) -> None:
+    rounds = run.config.rounds
+    per = max(1, steps // rounds)
+    for r in range(rounds):
+        run.prune(agp_sparsity(r + 1, rounds, run.config.target_sparsity))  # type: ignore[arg-type]
+        run.train(per, run.config.seed + r)
+        if run.result.interrupted:
+            break
+
+
+def _lottery(run: _Run, steps: int) -> None:
+    """Train, prune by the criterion, rewind the survivors to their values at ``rewind_step``, retrain."""
+    state, rewind_step = run.state, run.config.rewind_step
+    recorded: dict[str, Tensor] = {}
+    if rewind_step == 0:
+        recorded = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+    def record(step: int, _loss: float) -> None:
+        if step + 1 == rewind_step:
+            recorded.update({k: v.detach().clone() for k, v in state.model.state_dict().items()})
+
+    run.train(steps, run.config.seed, record)
+    if not run.result.interrupted:
+        run.prune(run.config.target_sparsity)  # type: ignore[arg-type]
+        state.rewind_to(recorded)
+        run.train(steps, run.config.seed + 1)
+
+
+SCHEDULE_RUNS: dict[str, Callable[[_Run, int], None]] = {"oneshot": _oneshot, "iterative": _iterative, "agp": _agp,
+                                                         "lottery": _lottery}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from ..allocation import apply_global
+from ..criteria import get_criterion
 from ..evaluate import Evaluator
 from ..export import weights_digest
 from ..state import PruningState
@@ -155,12 +156,10 @@ def run_tradeoff(
     progress: bool = True,
     cache_dir: Optional[Path] = None,
     loss_fn: Any = None,
-    recalibrate: Optional[Callable[[Any], None]] = None,
     executor: Any = None,
     prune_channels: Optional[Callable[[float, str, str, int], None]] = None,
 ) -> TradeoffResult:
     """See :meth:`prune_lab.Session.tradeoff`. ``stats()`` gives the current stats table;
-    ``recalibrate(criterion)`` brings data-aware statistics up to date before each point;
     ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead;
     ``prune_channels(fraction, allocation, criterion, seed)`` prunes whole channels (channel
     strategies)."""
@@ -211,7 +210,7 @@ def run_tradeoff(
         bar = tqdm(total=len(points), desc="trade-off", disable=not progress, leave=False)
         try:
             for point in points:
-                result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn, recalibrate,
+                result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn,
                                                      prune_channels))
                 bar.update(1)
         except KeyboardInterrupt:
@@ -230,7 +229,6 @@ def run_tradeoff(
 
 def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[], Any], point: tuple,
                    train_data: Any = None, finetune: Optional[dict[str, Any]] = None, loss_fn: Any = None,
-                   recalibrate: Optional[Callable[[Any], None]] = None,
                    prune_channels: Optional[Callable[[float, str, str, int], None]] = None) -> dict[str, Any]:
     """One trade-off point ``(seed, strategy, allocation, criterion, compression)``: from the
     original model, pruned by the strategy, measured, and fine-tuned when ``train_data`` is
@@ -243,8 +241,7 @@ def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[]
         assert prune_channels is not None
         channel_fraction(state, stats, c, lambda f: prune_channels(f, CHANNEL_STRATEGIES[allocation], criterion, seed))
     else:
-        if recalibrate is not None:
-            recalibrate(criterion)
+        state.refresh_calibration(get_criterion(criterion))  # the statistics of the weights as they are
         apply_global(state, 1 - 1 / c, allocation=allocation, criterion=criterion, seed=seed)
     ev, st = evaluator.evaluate(), stats().total
     record = {
