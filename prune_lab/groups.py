@@ -34,9 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from .measure import OUTPUT_TOLERANCE, output_difference
-from .registry import close_names
+from .registry import Registry, close_names
 
-GROUP_CRITERIA = ("l1", "l2", "bn_scale", "random", "taylor", "obd")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -401,43 +400,99 @@ def _unfaithful(model: nn.Module, groups: Mapping[str, ChannelGroup], example_in
 
 
 # ---------------------------------------------------------------------- importance
+@dataclass(frozen=True)
+class ChannelCriterion:
+    """A channel importance: ``score(group, tensors, seed, element_scores) -> float64 (size,)``,
+    higher = keep. ``needs`` names the element criterion whose per-entry scores it sums (those
+    need calibration), or is empty."""
+
+    name: str
+    score: Any = field(repr=False)
+    needs: str = ""
+
+
+CHANNEL_CRITERIA: Registry[ChannelCriterion] = Registry("channel criterion")
+
+
+def register_channel_criterion(name: str, needs: str = ""):
+    """Decorator registering ``fn(group, tensors, seed, element_scores) -> scores`` (float64,
+    one per channel of the group; the lowest are removed first)."""
+    def wrap(fn):
+        CHANNEL_CRITERIA.register(name, ChannelCriterion(name, fn, needs))
+        return fn
+    return wrap
+
+
+def get_channel_criterion(criterion: Any) -> ChannelCriterion:
+    """The channel criterion for a name (``"magnitude"`` means ``"l1"``); an unknown name lists
+    the valid ones and the closest."""
+    if not isinstance(criterion, str):
+        raise TypeError(f"pattern 'channels' takes a group criterion name ({', '.join(CHANNEL_CRITERIA.names())}), "
+                        f"got {type(criterion).__name__}")
+    name = "l1" if criterion == "magnitude" else criterion
+    if name not in CHANNEL_CRITERIA:
+        raise ValueError(f"unknown channel criterion {criterion!r}.{close_names(name, CHANNEL_CRITERIA.names())} Valid: "
+                         f"{', '.join(CHANNEL_CRITERIA.names())} ('magnitude' means 'l1')")
+    return CHANNEL_CRITERIA.get(name)
+
+
+def _sum_members(group: ChannelGroup, tensors: Mapping[str, Tensor], fn: Any, roles: Optional[set[str]] = None) -> Tensor:
+    out = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        if roles is None or m.role in roles:
+            out += m.per_channel(fn(tensors[m.key].detach()), group.size).cpu()
+    return out
+
+
+@register_channel_criterion("l1")
+def _l1(group: ChannelGroup, tensors: Mapping[str, Tensor], seed: int, element: Any = None) -> Tensor:
+    """Sum of ``|w|`` over every member entry of the channel (weights, biases, BatchNorm scale
+    and shift; the readers' columns included, as Torch-Pruning's group norm)."""
+    return _sum_members(group, tensors, torch.abs)
+
+
+@register_channel_criterion("l2")
+def _l2(group: ChannelGroup, tensors: Mapping[str, Tensor], seed: int, element: Any = None) -> Tensor:
+    """The square root of the sum of ``w**2`` over the same entries."""
+    return _sum_members(group, tensors, lambda t: t.double() ** 2).sqrt()
+
+
+@register_channel_criterion("bn_scale")
+def _bn_scale(group: ChannelGroup, tensors: Mapping[str, Tensor], seed: int, element: Any = None) -> Tensor:
+    """``|gamma|`` of the group's BatchNorm(s), summed (network slimming, Liu et al. 2017)."""
+    if not any(m.role == "bn" for m in group.members):
+        raise ValueError(f"criterion 'bn_scale': group {group.name!r} has no BatchNorm; use 'l1' or 'l2'")
+    return _sum_members(group, tensors, torch.abs, {"bn"})
+
+
+@register_channel_criterion("random")
+def _random(group: ChannelGroup, tensors: Mapping[str, Tensor], seed: int, element: Any = None) -> Tensor:
+    """Uniform, seeded by ``seed`` and the group's name."""
+    g = torch.Generator().manual_seed(int(seed) + sum(map(ord, group.name)))
+    return torch.rand(group.size, generator=g, dtype=torch.float64)
+
+
+def _element_sum(group: ChannelGroup, tensors: Mapping[str, Tensor], seed: int, element: Any = None) -> Tensor:
+    """The element criterion's per-entry scores (by parameter name) summed over the channel's
+    entries in prunable layers."""
+    assert element is not None
+    out = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        if m.key in element:
+            out += m.per_channel(element[m.key], group.size).cpu()
+    return out
+
+
+register_channel_criterion("taylor", needs="taylor")(_element_sum)
+register_channel_criterion("obd", needs="obd")(_element_sum)
+GROUP_CRITERIA = tuple(CHANNEL_CRITERIA.names())  # the names, in registry order (kept for readers of the tuple)
+
+
 def channel_scores(group: ChannelGroup, tensors: Mapping[str, Tensor], criterion: str, seed: int,
                    element_scores: Optional[Mapping[str, Tensor]] = None) -> Tensor:
-    """Importance of each channel of ``group`` (float64, ``size``), higher = keep.
-
-    - ``"l1"``: sum of ``|w|`` over every member entry of the channel (weights, biases,
-      BatchNorm scale and shift; the readers' columns included, as Torch-Pruning's group norm);
-    - ``"l2"``: the square root of the sum of ``w**2`` over the same entries;
-    - ``"bn_scale"``: ``|gamma|`` of the group's BatchNorm(s), summed (network slimming, Liu et al. 2017);
-    - ``"taylor"``/``"obd"``: the elementwise scores of the data-aware criteria
-      (``element_scores``, by parameter name) summed over the channel's entries in prunable layers;
-    - ``"random"``: uniform, seeded by ``seed``.
-    """
-    size = group.size
-    if criterion == "random":
-        g = torch.Generator().manual_seed(int(seed) + sum(map(ord, group.name)))
-        return torch.rand(size, generator=g, dtype=torch.float64)
-    out = torch.zeros(size, dtype=torch.float64)
-    if criterion in ("l1", "l2"):
-        for m in group.members:
-            t = tensors[m.key].detach()
-            out += m.per_channel(t.abs() if criterion == "l1" else t.double() ** 2, size).cpu()
-        return out.sqrt() if criterion == "l2" else out
-    if criterion == "bn_scale":
-        bns = [m for m in group.members if m.role == "bn"]
-        if not bns:
-            raise ValueError(f"criterion 'bn_scale': group {group.name!r} has no BatchNorm; use 'l1' or 'l2'")
-        for m in bns:
-            out += m.per_channel(tensors[m.key].detach().abs(), size).cpu()
-        return out
-    if criterion in ("taylor", "obd"):
-        assert element_scores is not None
-        for m in group.members:
-            if m.key in element_scores:
-                out += m.per_channel(element_scores[m.key], size).cpu()
-        return out
-    raise ValueError(f"unknown channel criterion {criterion!r}.{close_names(criterion, list(GROUP_CRITERIA))} "
-                     f"Valid: {', '.join(GROUP_CRITERIA)} ('magnitude' means 'l1')")
+    """Importance of each channel of ``group`` (float64, ``size``), higher = keep, by the
+    registered channel criterion ``criterion`` (see each one's docstring)."""
+    return get_channel_criterion(criterion).score(group, tensors, seed, element_scores)
 
 
 def channels_to_remove(fraction: float, size: int, round_to: Optional[int] = None) -> int:

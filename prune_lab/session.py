@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import channels as _channels
 from . import export as _export
 from ._version import __version__
 from .allocation import LayerCollapseWarning, allocate
@@ -275,24 +276,19 @@ class Session:
                           PatternWarning, stacklevel=3)
         return self
 
-    # ------------------------------------------------------------------ channels
+    # ------------------------------------------------------------------ channels (channels.py)
     @property
     def groups(self) -> Any:
         """The model's channel groups (``groups.Groups``), found by Torch-Pruning on first use:
         ``.groups`` by name, ``.by_layer`` (a producing layer's group), ``.excluded`` (why a
         layer has none)."""
-        if self.state.groups is None:
-            from .groups import find_groups
-
-            with self.state.lock:
-                self.state.groups = find_groups(self.model, self.layers, self.data.sample(2)[0])
-        return self.state.groups
+        return _channels.ensure_groups(self.state, self.data.sample(2)[0])
 
     @property
     def channels(self) -> dict[str, tuple[int, int]]:
         """Per channel group: ``(kept, total)`` channels (every group, pruned or not)."""
-        removed = {g: c.count for g, c in self.state.channels.items()}
-        return {g: (grp.size - removed.get(g, 0), grp.size) for g, grp in self.groups.groups.items()}
+        self.groups
+        return _channels.kept(self.state)
 
     @property
     def blocks(self) -> dict[str, bool]:
@@ -300,125 +296,33 @@ class Session:
         a residual block, a transformer block), whether it is removed."""
         return {b: b in self.state.channels for b in self.groups.blocks}
 
-    def _set_blocks(self, values: Mapping[str, Any]) -> "Session":
-        counts: dict[str, int] = {}
-        for name, v in values.items():
-            self.groups.block(name)
-            if isinstance(v, bool) or v not in (0, 1, 0.0, 1.0):
-                raise ValueError(f"block {name!r}: pattern 'blocks' takes 1 (remove the block) or 0 (keep it), got {v!r}")
-            counts[name] = int(v)
-        keeps = {b: torch.zeros(1, dtype=torch.bool) for b, k in counts.items() if k}
-        channels, records = self.state.compute_channels(counts, lambda b: torch.zeros(1, dtype=torch.float64), "block", 0,
-                                                        keeps=keeps, replace_unstructured=True)
-        self.state.apply_channels(channels, records)
-        return self
-
     def channel_keep(self, group: str) -> Tensor:
         """The keep-mask over a group's channels (True = kept)."""
-        grp = self.groups.of(group)
-        c = self.state.channels.get(grp.name)
-        return torch.ones(grp.size, dtype=torch.bool) if c is None else c.keep.clone()
-
-    def _channel_criterion(self, criterion: Any) -> tuple[str, str]:
-        """(group criterion name, calibration fingerprint) for a channel criterion."""
-        from .groups import GROUP_CRITERIA
-
-        if not isinstance(criterion, str):
-            raise TypeError(f"pattern 'channels' takes a group criterion name ({', '.join(GROUP_CRITERIA)}), "
-                            f"got {type(criterion).__name__}")
-        name = "l1" if criterion == "magnitude" else criterion
-        if name not in GROUP_CRITERIA:
-            raise ValueError(f"unknown channel criterion {criterion!r}.{close_names(name, list(GROUP_CRITERIA))} Valid: "
-                             f"{', '.join(GROUP_CRITERIA)} ('magnitude' means 'l1')")
-        calibration = ""
-        if name in ("taylor", "obd"):
-            self._fresh_calibration(name)
-            calibration = self.state._calibration_id(get_criterion(name))
-        return name, calibration
+        self.groups
+        return _channels.keep_of(self.state, group)
 
     def channel_scores(self, group: str, criterion: str = "l1", seed: Optional[int] = None) -> Tensor:
         """Importance of each channel of ``group`` (float64; the lowest are removed first), from
-        the base weights; see ``groups.channel_scores`` for each criterion's formula."""
-        from .groups import channel_scores
-
-        grp = self.groups.of(group)
-        name, _ = self._channel_criterion(criterion)
-        seed = self.seed if seed is None else int(seed)
-        element = None
-        if name in ("taylor", "obd"):
-            crit = get_criterion(name)
-            element = {self.layer(n).param: self.state.scores(n, crit, seed) for n in grp.layers}
-        tensors = {m.key: self.state.channel_member_base(m.key) for m in grp.members}
-        return channel_scores(grp, tensors, name, seed, element)
-
-    def _channel_counts(self, sparsities: Mapping[str, Any], round_to: Optional[int]) -> dict[str, int]:
-        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-            raise ValueError(f"round_to must be a positive integer (channels kept are a multiple of it), got {round_to!r}")
-        counts: dict[str, int] = {}
-        asked: dict[str, str] = {}
-        for layer, value in sparsities.items():
-            grp = self.groups.of(layer)
-            fraction = check_fraction(value, f"layer {layer!r}: channel sparsity")
-            k = grp.removal(fraction, round_to)
-            if k >= grp.size:
-                most = grp.size - grp.period
-                raise ValueError(f"layer {layer!r}: sparsity {fraction:g} would remove every one of its {grp.size} channels "
-                                 f"(group {grp.name!r}); at most {most} can go (sparsity <= {most / grp.size:.3g})")
-            if grp.name in counts and counts[grp.name] != k:
-                raise ValueError(f"layers {asked[grp.name]!r} and {layer!r} share channel group {grp.name!r}: give one value")
-            counts[grp.name], asked[grp.name] = k, layer
-        return counts
+        the base weights; see ``groups.py`` for each criterion's formula."""
+        self.groups
+        name, _ = _channels.criterion_of(self.state, criterion)
+        return _channels.scores(self.state, group, name, seed)
 
     def _set_channels(self, sparsities: Mapping[str, Any], criterion: Any, seed: Optional[int], round_to: Optional[int],
                       replace_unstructured: bool = False) -> "Session":
-        counts = self._channel_counts(sparsities, round_to)
-        name, calibration = self._channel_criterion(criterion)
-        seed = self.seed if seed is None else int(seed)
-        channels, records = self.state.compute_channels(counts, lambda g: self.channel_scores(g, name, seed), name, seed,
-                                                        replace_unstructured=replace_unstructured, calibration=calibration)
-        self.state.apply_channels(channels, records)
+        self.groups
+        _channels.set_channels(self.state, sparsities, criterion, seed, round_to, replace_unstructured)
+        return self
+
+    def _set_blocks(self, values: Mapping[str, Any]) -> "Session":
+        self.groups
+        _channels.set_blocks(self.state, values)
         return self
 
     def _set_global_channels(self, sparsity: Any, allocation: Any, criterion: Any, seed: Optional[int],
                              locked: Sequence[str], round_to: Optional[int] = None) -> "Session":
-        """``uniform``: every unlocked group loses the same fraction (each keeps at least one
-        channel); ``global``: the channels
-        with the lowest importance, each group's scores divided by their mean so groups of
-        different size and scale compare (Torch-Pruning's global pruning), at least one kept."""
-        fraction = check_fraction(sparsity, "channel sparsity")
-        locked_groups = {self.groups.of(n).name for n in locked}
-        free = [g for g in self.groups.groups if g not in locked_groups]
-        if allocation not in ("uniform", "global"):
-            raise ValueError(f"pattern 'channels' takes allocation 'uniform' or 'global', not {allocation!r}")
-        name, calibration = self._channel_criterion(criterion)
-        seed = self.seed if seed is None else int(seed)
-        if allocation == "uniform":  # the same fraction of every group, each keeping at least one channel (class)
-            groups = self.groups.groups
-            counts = {g: min(groups[g].removal(fraction, round_to), groups[g].size - groups[g].period) for g in free}
-            channels, records = self.state.compute_channels(counts, lambda g: self.channel_scores(g, name, seed), name, seed,
-                                                            replace_unstructured=True, calibration=calibration)
-            self.state.apply_channels(channels, records)
-            return self
-        scores = {g: self.channel_scores(g, name, seed) for g in free}
-        total = sum(self.groups.groups[g].size for g in free)
-        target = int(round(fraction * total))
-        pool = []
-        for g, sc in scores.items():
-            unit = self.groups.groups[g].class_scores(sc)  # a class of tied channels goes whole (grouped convolutions)
-            norm = unit / unit.mean().clamp(min=1e-300)
-            order = torch.argsort(unit, stable=True)
-            pool += [(float(norm[i]), g, int(rank)) for rank, i in enumerate(order[:-1])]  # the best class always stays
-        pool.sort()
-        counts = {g: 0 for g in free}
-        removed = 0
-        for _, g, _rank in pool:
-            step = self.groups.groups[g].period
-            if removed + step <= target:
-                counts[g] += step
-                removed += step
-        channels, records = self.state.compute_channels(counts, lambda g: scores[g], name, seed,
-                                                        replace_unstructured=True, calibration=calibration)
-        self.state.apply_channels(channels, records)
+        self.groups
+        _channels.set_global_channels(self.state, sparsity, allocation, criterion, seed, locked, round_to)
         return self
 
     def reset(self) -> "Session":
@@ -813,11 +717,11 @@ class Session:
         from .workflows.distributed import resolve_executor
 
         if get_pattern(pattern).grouped:  # per channel group by a group criterion; which block can go
-            name = "block" if get_pattern(pattern).removes_blocks else self._channel_criterion(criterion)[0]
+            self.groups
+            name = "block" if get_pattern(pattern).removes_blocks else _channels.criterion_of(self.state, criterion)[0]
             self.groups  # found before the sweep starts
             result = _sensitivity.sweep(self.state, self.evaluator, levels, name, layers, resume, incremental, progress,
-                                        on_step, should_stop, executor=resolve_executor(executor, self), pattern=pattern,
-                                        channel_scores=lambda g: self.channel_scores(g, name))
+                                        on_step, should_stop, executor=resolve_executor(executor, self), pattern=pattern)
             self.last_sensitivity = result
             return result
         ex = resolve_executor(executor, self)  # an unreachable cluster fails here, before any work
@@ -841,9 +745,10 @@ class Session:
 
         ex = resolve_executor(executor, self)
         loss = self.loss_fn if callable(self.loss_fn) else None
+        if _tradeoff.needs_groups(strategies):
+            self.groups  # found before any point
         return _tradeoff.run_tradeoff(self.state, self.evaluator, self.stats, strategies, compressions, finetune, seeds,
-                                      cache, progress, cache_dir(), loss, executor=ex,
-                                      prune_channels=lambda f, alloc, crit, seed: self._set_global_channels(f, alloc, crit, seed, ()))
+                                      cache, progress, cache_dir(), loss, executor=ex)
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:

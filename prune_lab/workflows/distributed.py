@@ -401,9 +401,7 @@ class _Worker:
 
         s = self.session
         loss = s.loss_fn if callable(s.loss_fn) else None
-        return tradeoff_point(s.state, s.evaluator, s.stats, point, self.train_data if finetuned else None, finetune,
-                              loss,
-                              lambda f, alloc, crit, seed: s._set_global_channels(f, alloc, crit, seed, ()))
+        return tradeoff_point(s.state, s.evaluator, s.stats, point, self.train_data if finetuned else None, finetune, loss)
 
 
 __all__ = ["RayExecutor", "resolve_executor", "session_spec", "RAY_HINT"]

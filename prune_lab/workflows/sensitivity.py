@@ -248,7 +248,6 @@ def sweep(
     seed: Optional[int] = None,
     executor: Any = None,
     pattern: str = "unstructured",
-    channel_scores: Optional[Callable[[str], "torch.Tensor"]] = None,
 ) -> SensitivityResult:
     """Prune each layer alone to each level (the others as they are), evaluate, put it back.
 
@@ -257,13 +256,13 @@ def sweep(
     ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead.
 
     ``pattern="channels"``: each *channel group* (named by its first producing layer) loses
-    each level's fraction of its channels, lowest ``channel_scores(group)`` first (at least one
+    each level's fraction of its channels, lowest channel score first (``criterion``: a channel criterion; at least one
     channel stays); ``n_params`` then holds each group's channel count."""
     seed = state.seed if seed is None else int(seed)
     pat = get_pattern(pattern)
     if pat.grouped:
         return _group_sweep(state, evaluator, pat, levels, str(criterion), layers, resume, incremental, progress,
-                            on_step, should_stop, executor, channel_scores)
+                            on_step, should_stop, executor)
     crit = get_criterion(criterion)
     pattern = pat.name
     fixed = pat.levels()
@@ -312,15 +311,14 @@ def sweep(
 def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels: Optional[Sequence[float]],
                  criterion: str, layers: Optional[Sequence[str]], resume: Optional[SensitivityResult], incremental: bool,
                  progress: bool, on_step: Optional[Callable[[dict[str, Any]], None]],
-                 should_stop: Optional[Callable[[], bool]], executor: Any,
-                 channel_scores: Optional[Callable[[str], "torch.Tensor"]]) -> SensitivityResult:
+                 should_stop: Optional[Callable[[], bool]], executor: Any) -> SensitivityResult:
     """The sweep over channel groups (each level a fraction of a group's channels, lowest
-    ``channel_scores`` first) or removable blocks (levels 0 kept, 1 removed), in this process.
+    channel score first) or removable blocks (levels 0 kept, 1 removed), in this process.
     ``n_params`` holds each group's channel count (1 for a block)."""
     groups = state.groups
     blocks = pat.removes_blocks
     pattern = pat.name
-    if groups is None or (not blocks and channel_scores is None):
+    if groups is None:
         raise RuntimeError(f"a {pattern} sweep needs the session's groups (use Session.sensitivity)")
     if blocks:
         names = list(groups.blocks) if layers is None else [groups.block(n).name for n in layers]
@@ -333,7 +331,9 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels
         levels = list(DEFAULT_LEVELS if levels is None else levels)
         for lv in levels:
             check_fraction(lv, "sensitivity level")
-        scores = {g: channel_scores(g) for g in names}  # type: ignore[misc]
+        from ..channels import scores as channel_scores
+
+        scores = {g: channel_scores(state, g, criterion) for g in names}
     if resume is not None and not same_pattern(resume.pattern, pattern):
         raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not {pattern!r}")
     sizes = {g: groups.get(g).size for g in names}

@@ -120,6 +120,11 @@ class TradeoffResult:
         return tradeoff(self, x)
 
 
+def needs_groups(strategies: Sequence[Any]) -> bool:
+    """Whether any strategy removes whole channels (it then needs the model's channel groups)."""
+    return any(parse_strategy(s)[0] in CHANNEL_STRATEGIES for s in strategies)
+
+
 def parse_strategy(strategy: Any) -> tuple[str, str]:
     """A strategy is an allocation paired with a criterion: ``"lamp"`` (magnitude),
     ``"global/taylor"`` or ``("global", "taylor")``; both names are checked here."""
@@ -157,12 +162,10 @@ def run_tradeoff(
     cache_dir: Optional[Path] = None,
     loss_fn: Any = None,
     executor: Any = None,
-    prune_channels: Optional[Callable[[float, str, str, int], None]] = None,
 ) -> TradeoffResult:
     """See :meth:`prune_lab.Session.tradeoff`. ``stats()`` gives the current stats table;
-    ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead;
-    ``prune_channels(fraction, allocation, criterion, seed)`` prunes whole channels (channel
-    strategies)."""
+    ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead.
+    Channel strategies need the state's channel groups (``channels.ensure_groups``)."""
     from tqdm.auto import tqdm
 
     from .._version import __version__
@@ -179,8 +182,8 @@ def run_tradeoff(
     from ..criteria import get_criterion
 
     channel_pairs = [a for a, _ in pairs if a in CHANNEL_STRATEGIES]
-    if channel_pairs and prune_channels is None and executor is None:
-        raise ValueError(f"channel strategies ({', '.join(channel_pairs)}) run in process, through Session.tradeoff")
+    if channel_pairs and state.groups is None:
+        raise ValueError(f"channel strategies ({', '.join(channel_pairs)}) need the channel groups: use Session.tradeoff")
     data_aware = sorted({c for a, c in pairs if a not in CHANNEL_STRATEGIES and get_criterion(c).needs})
     if data_aware and state.calibration is None:
         raise ValueError(f"strategies with {', '.join(data_aware)} need calibrate(train_data) first")
@@ -210,8 +213,7 @@ def run_tradeoff(
         bar = tqdm(total=len(points), desc="trade-off", disable=not progress, leave=False)
         try:
             for point in points:
-                result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn,
-                                                     prune_channels))
+                result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn))
                 bar.update(1)
         except KeyboardInterrupt:
             result.config["interrupted"] = True
@@ -228,8 +230,7 @@ def run_tradeoff(
 
 
 def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[], Any], point: tuple,
-                   train_data: Any = None, finetune: Optional[dict[str, Any]] = None, loss_fn: Any = None,
-                   prune_channels: Optional[Callable[[float, str, str, int], None]] = None) -> dict[str, Any]:
+                   train_data: Any = None, finetune: Optional[dict[str, Any]] = None, loss_fn: Any = None) -> dict[str, Any]:
     """One trade-off point ``(seed, strategy, allocation, criterion, compression)``: from the
     original model, pruned by the strategy, measured, and fine-tuned when ``train_data`` is
     given. The same code runs in-process and on a distributed worker; it leaves the state pruned."""
@@ -238,8 +239,9 @@ def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[]
     state.reset()
     channels = allocation in CHANNEL_STRATEGIES
     if channels:
-        assert prune_channels is not None
-        channel_fraction(state, stats, c, lambda f: prune_channels(f, CHANNEL_STRATEGIES[allocation], criterion, seed))
+        from ..channels import set_global_channels
+
+        channel_fraction(state, stats, c, lambda f: set_global_channels(state, f, CHANNEL_STRATEGIES[allocation], criterion, seed))
     else:
         state.refresh_calibration(get_criterion(criterion))  # the statistics of the weights as they are
         apply_global(state, 1 - 1 / c, allocation=allocation, criterion=criterion, seed=seed)
