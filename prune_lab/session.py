@@ -467,30 +467,7 @@ class Session:
 
         The mask bits are stored (packed, base64) where the criterion cannot be recomputed from
         the recipe alone (a callable criterion); ``masks=True`` stores them for every layer."""
-        layers = {}
-        for i in self.layers:
-            r = self.state.record(i.name)
-            entry: dict[str, Any] = {"shape": list(i.shape), "pattern": r.pattern, "pruned": r.count,
-                                     "sparsity": r.count / i.n_params, "criterion": r.criterion, "seed": r.seed}
-            if r.mask is not None and (masks or (masks is None and not r.reproducible)):
-                entry["mask"] = _export.pack_mask(r.mask)
-            if r.calibration and r.count:
-                entry["calibration_sha256"] = r.calibration.split("/")[0]  # the data its statistics came from
-            if r.bits is not None:
-                entry["bits"], entry["quant_method"] = r.bits, r.qmethod
-            layers[i.name] = entry
-        recipe = {
-            "prune_lab_recipe": _export.RECIPE_FORMAT,
-            "prune_lab_version": __version__,
-            "model": type(self.model).__name__,
-            "seed": self.seed,
-            "weights_sha256": _export.weights_digest([self.state.base(i.name) for i in self.layers]),
-            "layers": layers,
-        }
-        if self.state.channels:  # the channel keep-masks, always stored: a few bytes per group
-            recipe["channels"] = {g: {"size": c.size, "removed": c.count, "criterion": c.criterion, "seed": c.seed,
-                                      "keep": _export.pack_mask(c.keep)} for g, c in self.state.channels.items()}
-        return recipe
+        return _export.build_recipe(self.state, type(self.model).__name__, masks)
 
     @staticmethod
     def load_recipe(path: Union[str, Path, Mapping[str, Any]]) -> dict[str, Any]:
@@ -501,62 +478,9 @@ class Session:
         """Reproduce a recipe's masks on this session's model (checked against its layers first;
         all or nothing)."""
         data = _export.load_recipe(recipe)
-        layers = data["layers"]
-        for name, entry in layers.items():
-            if name not in {i.name for i in self.layers}:
-                raise ValueError(
-                    f"recipe layer {name!r} is not in this model (another architecture?).{close_names(name, [i.name for i in self.layers])}"
-                )
-            if tuple(entry["shape"]) != self.layer(name).shape:
-                raise ValueError(
-                    f"recipe layer {name!r} has shape {tuple(entry['shape'])} but the model's is "
-                    f"{self.layer(name).shape} (another architecture?)"
-                )
-        missing = [i.name for i in self.layers if i.name not in layers]
-        if missing:
-            raise ValueError(f"recipe has no entry for layer(s) {', '.join(missing)} of this model (another architecture?)")
-        channels = data.get("channels") or {}
-        if not isinstance(channels, Mapping):
-            raise ValueError("recipe 'channels' must be an object of group name -> settings")
-        keeps = {}
-        for g, entry in channels.items() if channels or self.state.channels else ():
-            if (g not in self.groups.groups and g not in self.groups.blocks) or self.groups.get(g).size != entry.get("size"):
-                raise ValueError(f"recipe channel group {g!r} ({entry.get('size')} channels) is not in this model; its groups: "
-                                 f"{ {n: grp.size for n, grp in self.groups.groups.items()} }")
-            keeps[g] = _export.unpack_mask(entry["keep"], (entry["size"],))
-        records = {}
-        weight_dependent = False
-        for name, entry in layers.items():
-            if entry.get("pattern") == "channels":
-                continue  # rebuilt from the recipe's channel groups
-            seed = int(entry.get("seed", data.get("seed", 0)))
-            if "mask" in entry:
-                mask = _export.unpack_mask(entry["mask"], self.layer(name).shape).to(self.device)
-                crit = Criterion(entry["criterion"], lambda w, **_: w, reproducible=False)
-                records.update(self.state.compute({name: entry["pruned"]}, crit, seed, {name: mask}, entry.get("pattern", "unstructured"),
-                                                  over_channels=True))
-            else:
-                crit = get_criterion(entry["criterion"])  # unknown names fail here, before any change
-                weight_dependent |= crit.weight_dependent and entry["pruned"] > 0
-                records.update(self.state.compute({name: entry["pruned"]}, crit, seed, None, entry.get("pattern", "unstructured"),
-                                                  over_channels=True))
-        new_channels: dict = {}
-        if channels or self.state.channels:  # the recipe's channel records, as stored; their layer masks derived
-            start = {g: self.state.channel_record(g, keeps[g], int(e["removed"]), str(e.get("criterion", "l1")),
-                                                  int(e.get("seed", 0))) for g, e in channels.items()}
-            new_channels, channel_records = self.state.compute_channels({}, lambda g: keeps[g], "", 0,
-                                                                        replace_unstructured=True, start=start)
-            records.update({n: r for n, r in channel_records.items() if r.grouped or n not in records})
-        if weight_dependent and data.get("weights_sha256") not in (None, self.recipe(masks=False)["weights_sha256"]):
-            import warnings
-
-            warnings.warn(
-                "the recipe was made on different weights; magnitude masks depend on the weights, so they will differ",
-                stacklevel=2,
-            )
-        records = {n: self.state.with_quant(r, (layers[n]["bits"], layers[n]["quant_method"]) if "bits" in layers[n] else None)
-                   for n, r in records.items()}
-        self.state.apply_channels(new_channels, records, "restore")
+        if data.get("channels") or self.state.channels:
+            self.groups  # the recipe names channel groups: found before anything is checked
+        _export.apply_recipe(self.state, data)
         return self
 
     # ------------------------------------------------------------------ quantization
