@@ -28,7 +28,7 @@ from .measure import AUTO, EvalData, Metric, Scorer, weight_uses
 from .registry import close_names, describe
 from .patterns import UNSTRUCTURED, Pattern, PatternWarning, get_pattern
 from .state import Event, PruningState, Snapshot
-from .stats import NonzeroCounter, Stats, compute_stats
+from .stats import Stats, StatsTable
 from .workflows import finetune as _finetune
 from .workflows import sensitivity as _sensitivity
 from .workflows import tradeoff as _tradeoff
@@ -100,11 +100,7 @@ class Session:
         self.settings = dict(metric=metric, loss_fn=loss_fn, extra_layers=list(extra_layers), seed=self.seed,
                              batch_size=batch_size, incremental=incremental, cache_budget_bytes=cache_budget_bytes,
                              check=check)
-        self._nonzeros = NonzeroCounter()
-        self._dense_file_bytes: Optional[int] = None
-        from .compress import Planner
-
-        self._planner = Planner()
+        self.sizes = StatsTable(self.state, self._uses)  # stats(): counts, bytes, MACs, cached per layer value
         self.version = 0  # bumped on every recorded change of weights or device
         self.last_sensitivity: Any = None  # the latest SensitivityResult, for allocation="sensitivity"
         self.last_compact: Any = None  # the CompactReport of the latest compact(measure=True)
@@ -413,42 +409,18 @@ class Session:
         weight takes part in a matrix product or convolution (modules, functional calls, shared
         and sliced uses), and the totals' file bytes are the lengths of the actual exports.
         """
-        with self.state.lock:
-            entries, _ = self._compressed_plan()
-            stats = compute_stats(self.model, self.layers, self.state.weights, self._uses, self._nonzeros,
-                                  self.dense_file_bytes(), entries, self.bits)
-            if self.last_compact is not None and self._compact_version == self.version:
-                stats.compact = self.last_compact
-            return stats
-
-    def _compressed_plan(self, parts_wanted: bool = False) -> tuple[list, list]:
-        """The compressed export of the live weights: pruned or quantized layers as gaps +
-        values or codes (Huffman-coded), everything else raw (sizes cached per layer value)."""
-        from .quantize import quantize
-
-        compressed, tokens = {}, {}
-        for i in self.layers:
-            r = self.state.record(i.name)
-            if not r.count and r.bits is None:
-                continue
-            for key in (i.param, *i.aliases):
-                compressed[key] = (lambda i=i, r=r: None if r.bits is None else
-                                   quantize(self.state.base(i.name), r.mask, r.bits, r.qmethod, i.kind))
-                tokens[key] = self.state.token(i.name)
-        return self._planner.plan(self.model.state_dict(), compressed, tokens, parts_wanted)
+        stats = self.sizes.table()
+        if self.last_compact is not None and self._compact_version == self.version:
+            stats.compact = self.last_compact
+        return stats
 
     def dense_file_bytes(self) -> int:
         """Length of ``torch.save(model.state_dict())`` of the dense model (cached)."""
-        if self._dense_file_bytes is None:
-            self._dense_file_bytes = len(_export.serialize(self.state.original_state()))
-        return self._dense_file_bytes
+        return self.sizes.dense_file_bytes()
 
     def sparse_file_bytes(self) -> int:
         """Exact length of ``export(path, sparse=True)``'s file for the current weights."""
-        from .compress import file_size
-
-        with self.state.lock:
-            return file_size(self._compressed_plan()[0])
+        return self.sizes.sparse_file_bytes()
 
     # ------------------------------------------------------------------ devices
     def to(self, device: DeviceLike) -> "Session":
@@ -526,7 +498,7 @@ class Session:
         if sparse:
             from .compress import file_bytes
 
-            data = file_bytes(*self._compressed_plan(parts_wanted=True))
+            data = file_bytes(*self.sizes.compressed_plan(parts_wanted=True))
         else:
             data = _export.serialize({k: v.detach().cpu() for k, v in state.items()})
         recipe = json.dumps(self.recipe(), indent=1).encode()
@@ -547,36 +519,15 @@ class Session:
         ``semi_structured=True`` instead gives Linear layers pruned with ``pattern="2:4"``
         ``torch.sparse.to_sparse_semi_structured`` weights (CUDA, compute capability >= 8.0;
         elsewhere a RuntimeError says why)."""
-        from .workflows.compact import CompactReport, check_outputs, compact_copy, measure_pair
+        from .workflows import compact as _compact
 
-        if self.state.in_trial:
-            raise RuntimeError("cannot compact while a sweep holds trial masks in the model; stop the sweep first")
         if semi_structured:
-            from .runtime import to_semi_structured
-
-            eligible = [i.param.rsplit(".", 1)[0] for i in self.layers
-                        if get_pattern(self.state.record(i.name).pattern).semi_structured and i.kind == "Linear"
-                        and i.param.endswith(".weight")]
-            if not eligible:
-                raise ValueError("no Linear layer is pruned 2:4: set_sparsity({...: 0.5}, pattern='2:4') first")
-            model, _ = to_semi_structured(self.model, eligible)
-            return model
-        with self.state.lock:
-            channels = self.state.channels
-            if not channels:
-                raise ValueError("no channels are removed, so compact() would return the same shapes: prune with "
-                                 "set_sparsity({layer: s}, pattern='channels') (or set_global_sparsity(..., pattern='channels'))")
-            groups = self.groups
-            removed = {groups.groups[g].root_module: torch.nonzero(~c.keep).flatten().tolist() for g, c in channels.items()
-                       if g in groups.groups}
-            blocks = [g for g in channels if g in groups.blocks]
-            example = self.data.sample(min(check_samples, len(self.data)))[0]
-            small = compact_copy(self.model, removed, example, blocks)
-            diff, scale = check_outputs(self.model, small, example)
-            if measure:
-                dense_row, small_row = measure_pair(self.model, small, example)
-                self.last_compact = CompactReport(dense_row, small_row, diff, scale, device=str(self.device))
-                self._compact_version = self.version
+            return _compact.semi_structured(self.state)
+        self.groups
+        example = self.data.sample(min(check_samples, len(self.data)))[0]
+        small, report = _compact.compact_state(self.state, example, measure, str(self.device))
+        if report is not None:
+            self.last_compact, self._compact_version = report, self.version
         return small
 
     def to_torch_prune(self, model: nn.Module) -> nn.Module:

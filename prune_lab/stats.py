@@ -1,12 +1,15 @@
 """The stats table: per layer and total counts, bytes and MACs, all counted in live tensors."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from .measure import WeightUse, count_macs
+
+if TYPE_CHECKING:
+    from .state import PruningState
 
 
 class NonzeroCounter:
@@ -104,3 +107,58 @@ def compute_stats(model: torch.nn.Module, layers: list, weights: Mapping[str, Te
     total["file_compression"] = total["dense_file_bytes"] / total["sparse_file_bytes"]
     total["speedup"] = total["macs"] / max(total["effective_macs"], 1)
     return Stats(rows, total)
+
+
+class StatsTable:
+    """The stats of a pruning state, kept cheap to recompute after a slider move: nonzeros are
+    counted per tensor until it is written, and the compressed export's size plan is cached per
+    layer value token, so only the changed layer's share of the file is recomputed."""
+
+    def __init__(self, state: "PruningState", uses: Mapping[str, list[WeightUse]]):
+        from .compress import Planner
+
+        self.state, self.uses = state, uses
+        self._nonzeros = NonzeroCounter()
+        self._planner = Planner()
+        self._dense_file_bytes: Optional[int] = None
+
+    def compressed_plan(self, parts_wanted: bool = False) -> tuple[list, list]:
+        """The compressed export of the live weights: pruned or quantized layers as gaps +
+        values or codes (Huffman-coded), everything else raw."""
+        from .quantize import quantize
+
+        state = self.state
+        compressed, tokens = {}, {}
+        for i in state.layers:
+            r = state.record(i.name)
+            if not r.count and r.bits is None:
+                continue
+            for key in (i.param, *i.aliases):
+                compressed[key] = (lambda i=i, r=r: None if r.bits is None else
+                                   quantize(state.base(i.name), r.mask, r.bits, r.qmethod, i.kind))
+                tokens[key] = state.token(i.name)
+        return self._planner.plan(state.model.state_dict(), compressed, tokens, parts_wanted)
+
+    def dense_file_bytes(self) -> int:
+        """Length of ``torch.save(model.state_dict())`` of the dense model (cached)."""
+        if self._dense_file_bytes is None:
+            from .export import serialize
+
+            self._dense_file_bytes = len(serialize(self.state.original_state()))
+        return self._dense_file_bytes
+
+    def sparse_file_bytes(self) -> int:
+        """Exact length of the compressed export's file for the current weights."""
+        from .compress import file_size
+
+        with self.state.lock:
+            return file_size(self.compressed_plan()[0])
+
+    def table(self) -> Stats:
+        """Per layer and total: params, nonzeros, sparsity, bytes, MACs (see ``compute_stats``)."""
+        state = self.state
+        with state.lock:
+            entries, _ = self.compressed_plan()
+            bits = {n: r.bits for n, r in state.records.items()}
+            return compute_stats(state.model, state.layers, state.weights, self.uses, self._nonzeros,
+                                 self.dense_file_bytes(), entries, bits)

@@ -166,3 +166,45 @@ def check_outputs(masked: nn.Module, small: nn.Module, x: Tensor, tolerance: flo
                            "with the model; the session is unchanged")
     return diff, scale
 
+
+def compact_state(state: Any, example: Tensor, measure: bool = True, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """The physically smaller copy of ``state`` 's model (every removed channel and block taken
+    out, the other masks kept as zeros), checked against the masked model on ``example``; with
+    ``measure``, the :class:`CompactReport` of both (else None). ``state.groups`` must be found."""
+    if state.in_trial:
+        raise RuntimeError("cannot compact while a sweep holds trial masks in the model; stop the sweep first")
+    with state.lock:
+        channels = state.channels
+        if not channels:
+            raise ValueError("no channels are removed, so compact() would return the same shapes: prune with "
+                             "set_sparsity({layer: s}, pattern='channels') (or set_global_sparsity(..., pattern='channels'))")
+        groups = state.groups
+        removed = {groups.groups[g].root_module: torch.nonzero(~c.keep).flatten().tolist() for g, c in channels.items()
+                   if g in groups.groups}
+        blocks = [g for g in channels if g in groups.blocks]
+        small = compact_copy(state.model, removed, example, blocks)
+        diff, scale = check_outputs(state.model, small, example)
+        report = None
+        if measure:
+            dense_row, small_row = measure_pair(state.model, small, example)
+            report = CompactReport(dense_row, small_row, diff, scale, device=device)
+    return small, report
+
+
+def semi_structured(state: Any) -> nn.Module:
+    """A copy whose Linear layers pruned with a semi-structured pattern (2:4) hold
+    ``torch.sparse.to_sparse_semi_structured`` weights (CUDA, compute capability >= 8.0;
+    elsewhere a RuntimeError says why)."""
+    from ..patterns import get_pattern
+    from ..runtime import to_semi_structured
+
+    if state.in_trial:
+        raise RuntimeError("cannot compact while a sweep holds trial masks in the model; stop the sweep first")
+    eligible = [i.param.rsplit(".", 1)[0] for i in state.layers
+                if get_pattern(state.record(i.name).pattern).semi_structured and i.kind == "Linear"
+                and i.param.endswith(".weight")]
+    if not eligible:
+        raise ValueError("no Linear layer is pruned 2:4: set_sparsity({...: 0.5}, pattern='2:4') first")
+    model, _ = to_semi_structured(state.model, eligible)
+    return model
+
