@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import Tensor
 
 from .criteria import Criterion
 from .masks import check_fraction, count_to_prune, k_smallest_masks
 from .registry import Registry
-from .state import PruningState as Session  # allocations read the pruning state (layers, base weights, keys)
+from .state import PruningState  # allocations read the pruning state (layers, base weights, keys)
 
 
 @dataclass
@@ -52,7 +52,7 @@ def list_allocations() -> list[str]:
     return ALLOCATIONS.names()
 
 
-def free_budget(session: "Session", sparsity: float, locked: Mapping[str, int]) -> tuple[list[str], int]:
+def free_budget(session: "PruningState", sparsity: float, locked: Mapping[str, int]) -> tuple[list[str], int]:
     """Unlocked layers and how many weights they must prune so the total hits ``sparsity``."""
     total = sum(info.n_params for info in session.layers)
     free = [info.name for info in session.layers if info.name not in locked]
@@ -85,7 +85,7 @@ def largest_remainder(shares: Mapping[str, float], k: int, caps: Mapping[str, in
 
 
 @register_allocation("uniform")
-def uniform(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def uniform(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """The same sparsity in every unlocked layer (each within one weight), total exact."""
     free, k = free_budget(session, sparsity, locked)
     caps = {name: session.layer(name).n_params for name in free}
@@ -93,7 +93,7 @@ def uniform(session: "Session", sparsity: float, *, criterion: Criterion, seed: 
 
 
 @register_allocation("global")
-def global_threshold(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def global_threshold(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """One threshold on the criterion across all unlocked layers (``prune.global_unstructured``).
 
     Found by radix select over per-layer keys: no concatenation of all weights.
@@ -106,7 +106,7 @@ def global_threshold(session: "Session", sparsity: float, *, criterion: Criterio
     return Allocation(counts, dict(zip(free, masks)))
 
 
-def as_allocation(result: Any, session: "Session") -> Allocation:
+def as_allocation(result: Any, session: "PruningState") -> Allocation:
     """Normalise what an allocation returned; a ``{layer: sparsity}`` dict is rounded per layer."""
     if isinstance(result, Allocation):
         return result
@@ -120,7 +120,7 @@ def as_allocation(result: Any, session: "Session") -> Allocation:
 
 
 @register_allocation("sensitivity")
-def sensitivity_plan(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int],
+def sensitivity_plan(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int],
                      sensitivity: Any = None) -> Allocation:
     """The greedy plan from the session's last sensitivity sweep (``session.sensitivity()``)."""
     result = sensitivity
@@ -139,7 +139,7 @@ sensitivity_plan.needs_sensitivity = True  # type: ignore[attr-defined]
 
 
 @register_allocation("erk")
-def erdos_renyi_kernel(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def erdos_renyi_kernel(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """Erdos-Renyi-Kernel (Evci et al. 2020, RigL): density of a layer proportional to
     sum(shape) / prod(shape), so small layers stay denser; layers that would exceed density 1
     are kept dense and the rest rescaled. Kept counts are rounded to hit the total exactly."""
@@ -163,7 +163,7 @@ def erdos_renyi_kernel(session: "Session", sparsity: float, *, criterion: Criter
 
 
 @register_allocation("lamp")
-def lamp(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def lamp(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """Layer-adaptive magnitude pruning (Lee et al. 2021): each weight's score is w^2 divided by
     the sum of w'^2 over the weights of its layer at least as large; one global threshold on that
     score. Within a layer the order is magnitude order, so the masks are magnitude masks."""
@@ -191,7 +191,7 @@ def lamp(session: "Session", sparsity: float, *, criterion: Criterion, seed: int
 
 
 @register_allocation("random")
-def random_allocation(session: "Session", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def random_allocation(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """The floor: weights pruned uniformly at random across all unlocked layers (seeded). Counts
     per layer are one multivariate hypergeometric draw; masks use the random criterion."""
     import numpy as np
@@ -208,7 +208,7 @@ class LayerCollapseWarning(UserWarning):
     """A global allocation pruned a whole layer."""
 
 
-def allocate(state: "Session", sparsity: float, allocation: Union[str, AllocationFn] = "global", criterion: Any = "magnitude",
+def allocate(state: "PruningState", sparsity: float, allocation: Union[str, AllocationFn] = "global", criterion: Any = "magnitude",
              seed: Optional[int] = None, locked: Any = (), sensitivity: Any = None) -> tuple[Allocation, Criterion, int]:
     """Validate and run an allocation: ``(Allocation, criterion used, seed)``; writes nothing.
 
@@ -239,7 +239,32 @@ def allocate(state: "Session", sparsity: float, allocation: Union[str, Allocatio
     return result, result.criterion or crit, seed
 
 
-def apply_global(state: "Session", sparsity: float, allocation: Union[str, AllocationFn] = "global", criterion: Any = "magnitude",
+def pattern_counts(state: "PruningState", pat: Any, sparsity: float, allocation: Any, criterion: Criterion,
+                   seed: Optional[int], locked: Sequence[str], sensitivity: Any = None) -> tuple[dict[str, int], list[str]]:
+    """Per-layer counts for a pattern that is structured within a layer (N:M, kernels), and the
+    unlocked layers it does not fit (left as they are). ``sparsity`` is that of the layers it
+    fits (locked ones keep theirs and count toward it). A pattern with fixed levels (N:M) gives
+    each unlocked layer the same sparsity; any other takes the allocation's per-layer fractions,
+    each snapped to what the pattern can reach. Writes nothing."""
+    check_fraction(sparsity, "sparsity")
+    unlocked = [i for i in state.layers if i.name not in locked]
+    fitting = [i for i in unlocked if pat.fits(i)]
+    skipped = [i.name for i in unlocked if not pat.fits(i)]
+    if not fitting:
+        raise ValueError(f"pattern {pat.name}: no unlocked layer fits it: {', '.join(skipped)}")
+    if pat.levels() is not None:
+        fractions = {i.name: float(sparsity) for i in fitting}
+    else:
+        held = [i for i in state.layers if not pat.fits(i)]  # count toward the model's total as they are
+        zeros = sum(state.counts[i.name] for i in held)
+        fit_params = sum(i.n_params for i in state.layers if pat.fits(i))
+        total = (sparsity * fit_params + zeros) / sum(i.n_params for i in state.layers)
+        planned, _, _ = allocate(state, total, allocation, criterion, seed, list(locked) + [i.name for i in held], sensitivity)
+        fractions = {i.name: pat.snap(planned.counts[i.name] / i.n_params, i) for i in fitting}
+    return {n: pat.count(state.layer(n), f) for n, f in fractions.items()}, skipped
+
+
+def apply_global(state: "PruningState", sparsity: float, allocation: Union[str, AllocationFn] = "global", criterion: Any = "magnitude",
                  seed: Optional[int] = None, locked: Any = (), sensitivity: Any = None) -> list[str]:
     """Prune the state to a total sparsity split by ``allocation``; returns the changed layers."""
     result, crit, seed = allocate(state, sparsity, allocation, criterion, seed, locked, sensitivity)

@@ -16,16 +16,16 @@ from torch import Tensor, nn
 
 from . import channels as _channels
 from . import export as _export
-from ._version import __version__
-from .allocation import LayerCollapseWarning, allocate
+from . import recipes as _recipes
+from .allocation import LayerCollapseWarning, allocate, pattern_counts
 from .cache import cache_dir
 from .criteria import Criterion, get_criterion
 from .devices import DeviceLike, model_device, resolve_device
 from .evaluate import Evaluator
 from .layers import Coverage, LayerInfo, find_prunable
-from .masks import check_count, check_fraction, count_to_prune
+from .masks import check_count, check_fraction
 from .measure import AUTO, EvalData, Metric, Scorer, weight_uses
-from .registry import close_names, describe
+from .registry import describe
 from .patterns import UNSTRUCTURED, Pattern, PatternWarning, get_pattern
 from .state import Event, PruningState, Snapshot
 from .stats import Stats, StatsTable
@@ -239,33 +239,11 @@ class Session:
 
     def _set_global_pattern(self, sparsity: float, allocation: Any, criterion: Any, seed: Optional[int],
                             locked: Sequence[str], pat: Pattern) -> "Session":
-        """A structured-within-a-layer pattern (N:M, kernels) over the model: ``sparsity`` is that
-        of the layers it fits (locked ones keep theirs and count toward it); the others stay as
-        they are (named in a warning). A pattern with fixed levels (N:M) gives each unlocked
-        layer the same sparsity; any other takes the allocation's per-layer fractions, each
-        snapped to what the pattern can reach."""
         import warnings
 
-        check_fraction(sparsity, "sparsity")
         crit = get_criterion(criterion)
-        unlocked = [i for i in self.layers if i.name not in locked]
-        fitting = [i for i in unlocked if pat.fits(i)]
-        skipped = [i.name for i in unlocked if not pat.fits(i)]
-        if not fitting:
-            raise ValueError(f"pattern {pat.name}: no unlocked layer fits it: {', '.join(skipped)}")
-        if pat.levels() is not None:
-            fractions = {i.name: sparsity for i in fitting}
-        else:
-            self._fresh_calibration(criterion)
-            held = [i for i in self.layers if not pat.fits(i)]  # count toward the model's total as they are
-            zeros = sum(self.state.counts[i.name] for i in held)
-            fit_params = sum(i.n_params for i in self.layers if pat.fits(i))
-            total = (sparsity * fit_params + zeros) / sum(i.n_params for i in self.layers)
-            planned, _, _ = allocate(self.state, total, allocation, criterion, seed, list(locked) + [i.name for i in held],
-                                     self.last_sensitivity)
-            fractions = {i.name: pat.snap(planned.counts[i.name] / i.n_params, i) for i in fitting}
-        counts = {n: self._count_for(n, f, pat) for n, f in fractions.items()}
         self._fresh_calibration(crit)
+        counts, skipped = pattern_counts(self.state, pat, sparsity, allocation, crit, seed, locked, self.last_sensitivity)
         self.state.set_counts(counts, crit, self.seed if seed is None else int(seed), pattern=pat.name)
         if skipped:
             warnings.warn(f"pattern {pat.name}: left as they were (the pattern does not fit them): {', '.join(skipped)}",
@@ -439,7 +417,7 @@ class Session:
 
         The mask bits are stored (packed, base64) where the criterion cannot be recomputed from
         the recipe alone (a callable criterion); ``masks=True`` stores them for every layer."""
-        return _export.build_recipe(self.state, type(self.model).__name__, masks)
+        return _recipes.build_recipe(self.state, type(self.model).__name__, masks)
 
     @staticmethod
     def load_recipe(path: Union[str, Path, Mapping[str, Any]]) -> dict[str, Any]:
@@ -452,7 +430,7 @@ class Session:
         data = _export.load_recipe(recipe)
         if data.get("channels") or self.state.channels:
             self.groups  # the recipe names channel groups: found before anything is checked
-        _export.apply_recipe(self.state, data)
+        _recipes.apply_recipe(self.state, data)
         return self
 
     # ------------------------------------------------------------------ quantization
