@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -61,7 +62,6 @@ def resolve_executor(executor: Any, session: Any = None) -> Optional["RayExecuto
     ex.connect()
     if session is not None:
         ex.session_settings = dict(session.settings)
-        ex.session_class = type(session)
     return ex
 
 
@@ -125,7 +125,6 @@ class RayExecutor:
         self.started_runtime = False
         self.overhead_s = 0.0  # time to start the workers of the last sweep (Ray's fixed cost)
         self.session_settings: dict[str, Any] = {}  # the Session's constructor settings (set per sweep)
-        self.session_class: Any = None  # the class workers rebuild the session with (set per sweep)
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, workers={self.workers}, threads_per_worker={self.threads_per_worker})"
@@ -276,7 +275,7 @@ class RayExecutor:
         """Measure ``todo`` (layer, level) points of a sensitivity sweep on the workers and merge
         them into ``result`` in the in-process order. ``scores`` (per channel group or block, on
         the CPU) make it a channel/block sweep."""
-        spec = session_spec(state, evaluator, self.session_settings, self.session_class, criterion=crit)
+        spec = session_spec(state, evaluator, self.session_settings, criterion=crit)
         found: dict[tuple[str, float], dict] = {}
 
         def on_result(point: Any, record: dict) -> None:
@@ -305,7 +304,7 @@ class RayExecutor:
 
         data_aware = any(p[3] in ("taylor", "obd") if p[2] in CHANNEL_STRATEGIES else get_criterion(p[3]).needs
                          for p in points)
-        spec = session_spec(state, evaluator, self.session_settings, self.session_class, calibration=data_aware)
+        spec = session_spec(state, evaluator, self.session_settings, calibration=data_aware)
         if train_data is not None:
             spec["train_data"] = train_data
         found: dict[int, dict] = {}
@@ -328,7 +327,7 @@ def _is_cuda(state: Any) -> bool:
     return next(iter(state.weights.values())).device.type == "cuda"
 
 
-def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] = None, session_class: Any = None,
+def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] = None,
                  criterion: Any = None, calibration: bool = False) -> dict[str, Any]:
     """What a worker needs to rebuild the session: the model with its original weights (on the
     CPU), the session settings, the current state (snapshot), the eval data and, for data-aware
@@ -342,7 +341,7 @@ def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] 
         payload = data.loader
     cal = state.calibration
     needs_cal = calibration or (criterion is not None and bool(getattr(criterion, "needs", ())))
-    spec = {"model": model, "settings": dict(settings or {}), "session_class": session_class, "snapshot": snap, "data": payload, "batch_size": data.batch_size,
+    spec = {"model": model, "settings": dict(settings or {}), "snapshot": snap, "data": payload, "batch_size": data.batch_size,
             "calibration": None, "groups": state.groups is not None}
     if needs_cal and cal is not None:
         x, y = cal.data
@@ -350,8 +349,54 @@ def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] 
     return spec
 
 
+@dataclass
+class WorkerParts:
+    """What a worker measures with: the pruning state, its evaluator and stats, the loss."""
+
+    state: Any
+    evaluator: Any
+    stats: Callable[[], Any]
+    loss_fn: Any
+
+
+def build_worker(spec: dict[str, Any], device: torch.device) -> WorkerParts:
+    """The one factory of a worker's measuring parts, from a :func:`session_spec` (plain,
+    serialisable values): the model, the session's constructor settings, the eval data, the
+    whole pruning state (adopted), the channel groups and the calibration when the sweep needs
+    them. It builds what ``Session`` builds (state, evaluator, stats), from the modules below it."""
+    from ..calibration import CalibrationRequest
+    from ..channels import ensure_groups
+    from ..evaluate import Evaluator
+    from ..layers import find_prunable
+    from ..measure import AUTO, EvalData, Scorer, weight_uses
+    from ..registry import describe
+    from ..state import PruningState
+    from ..stats import StatsTable
+
+    settings = dict(spec["settings"])
+    model = spec["model"].to(device)
+    metric, loss_fn = settings.get("metric"), settings.get("loss_fn", AUTO)
+    infos, _ = find_prunable(model, settings.get("extra_layers", ()))
+    data = EvalData(spec["data"], device, spec.get("batch_size", settings.get("batch_size", 1024)))
+    state = PruningState(model, infos, seed=settings.get("seed", 0))
+    x, y = data.sample(1)
+    uses, out = weight_uses(model, state.weights, x)
+    scorer = Scorer(metric, loss_fn).check(out, y)
+    evaluator = Evaluator(state, data, scorer, "accuracy" if metric is None else describe(metric),
+                          settings.get("incremental", True), settings.get("cache_budget_bytes"), settings.get("check"))
+    if spec.get("groups") or spec["snapshot"].channels:
+        ensure_groups(state, data.sample(2)[0])  # traced as the driver traced them: channel records name these groups
+    state.adopt(spec["snapshot"])
+    loss = loss_fn if callable(loss_fn) else None
+    cal = spec.get("calibration")
+    if cal is not None:
+        state.calibrate(CalibrationRequest(cal["x"].to(device), cal["y"].to(device), cal["batch_size"], cal["hessian"],
+                                           cal["probes"], cal["seed"], False, None, loss))
+    return WorkerParts(state, evaluator, StatsTable(state, uses).table, loss)
+
+
 class _Worker:
-    """A Ray actor: one session rebuilt from a :func:`session_spec`, measuring points."""
+    """A Ray actor: the measuring parts built once from a :func:`session_spec` (:func:`build_worker`)."""
 
     def __init__(self, spec: dict[str, Any], threads: int, device: str):
         import ray
@@ -363,19 +408,8 @@ class _Worker:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the store's arrays are read-only; nothing writes them
                 data = (torch.as_tensor(data[0]), torch.as_tensor(data[1]))
-        settings = dict(spec["settings"])
-        settings["batch_size"] = spec.get("batch_size", settings.get("batch_size", 1024))
-        if spec.get("session_class") is None:
-            raise ValueError("a worker needs the Session class: sweep through Session.sensitivity/tradeoff(executor=...)")
-        self.session = spec["session_class"](spec["model"], data, device=resolve_device(device), **settings)
-        if spec.get("groups") or spec["snapshot"].channels:
-            self.session.groups  # traced as the driver traced them: channel records name these groups
-        self.session.state.adopt(spec["snapshot"])
+        self.parts = build_worker({**spec, "data": data}, resolve_device(device))
         self.train_data = spec.get("train_data")
-        cal = spec.get("calibration")
-        if cal is not None:
-            self.session.calibrate((cal["x"], cal["y"]), samples=len(cal["x"]), batch_size=cal["batch_size"],
-                                   hessian=cal["hessian"], probes=cal["probes"], seed=cal["seed"], progress=False)
         self._reference = False
 
     def ready(self) -> bool:
@@ -387,7 +421,7 @@ class _Worker:
         driver) make it a channel/block point."""
         from .sensitivity import measure_channels, measure_point
 
-        s = self.session
+        s = self.parts
         if not self._reference:  # the same evaluation the in-process sweep starts with (fills the same cache)
             s.evaluator.evaluate()
             self._reference = True
@@ -399,9 +433,9 @@ class _Worker:
     def tradeoff_point(self, point: tuple, finetuned: bool, finetune: dict[str, Any]) -> dict[str, Any]:
         from .tradeoff import tradeoff_point
 
-        s = self.session
-        loss = s.loss_fn if callable(s.loss_fn) else None
-        return tradeoff_point(s.state, s.evaluator, s.stats, point, self.train_data if finetuned else None, finetune, loss)
+        s = self.parts
+        return tradeoff_point(s.state, s.evaluator, s.stats, point, self.train_data if finetuned else None, finetune,
+                              s.loss_fn)
 
 
 __all__ = ["RayExecutor", "resolve_executor", "session_spec", "RAY_HINT"]
