@@ -44,6 +44,21 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """A local Ray runtime (2 CPUs) for one test module, stopped afterwards whatever happens."""
+    import ray
+
+    from prune_lab.workflows.distributed import _default_runtime_env
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=200 * 1024 * 1024, runtime_env=_default_runtime_env())
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def digits():
     return pl.datasets.digits()

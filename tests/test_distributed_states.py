@@ -5,21 +5,11 @@ quantized, calibrated and fine-tuned; channel and block sweeps and channel trade
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 import prune_lab as pl
-from prune_lab.workflows.distributed import RayExecutor, _default_runtime_env
+from prune_lab.workflows.distributed import RayExecutor
 
-
-@pytest.fixture(scope="module")
-def ray_runtime():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=200 * 1024 * 1024, runtime_env=_default_runtime_env())
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
