@@ -129,6 +129,7 @@ class Pattern:
     grouped: bool = False  # values apply to channel groups or blocks (``groups.py``), not to one layer's weights
     removes_blocks: bool = False  # (grouped) a value removes a whole block (1) or keeps it (0)
     semi_structured: bool = False  # torch.sparse's semi-structured (2:4) kernels can run it (CUDA)
+    allocated: bool = False  # an allocation's own masks (a global threshold...) are this pattern's masks
 
     def fits(self, info: "LayerInfo") -> bool:
         """Whether the pattern can prune this layer at all."""
@@ -216,7 +217,7 @@ def lab_patterns() -> list[tuple[str, str]]:
 
 
 class Unstructured(Pattern):
-    name, label = UNSTRUCTURED, "weights"
+    name, label, allocated = UNSTRUCTURED, "weights", True
 
 
 class NM(Pattern):

@@ -26,7 +26,7 @@ from .layers import Coverage, LayerInfo, find_prunable
 from .masks import check_count, check_fraction
 from .measure import AUTO, EvalData, Metric, Scorer, weight_uses
 from .registry import describe
-from .patterns import UNSTRUCTURED, Pattern, PatternWarning, get_pattern
+from .patterns import Pattern, PatternWarning, get_pattern
 from .state import Event, PruningState, Snapshot
 from .stats import Stats, StatsTable
 from .workflows import finetune as _finetune
@@ -230,7 +230,7 @@ class Session:
             if pat.removes_blocks:
                 raise ValueError("pattern 'blocks' removes named blocks: set_sparsity({block: 1}, pattern='blocks')")
             return self._set_global_channels(sparsity, allocation, criterion, seed, locked)
-        if pat.name == UNSTRUCTURED:
+        if pat.allocated:
             self._fresh_calibration(criterion)
             result, crit, seed = allocate(self.state, sparsity, allocation, criterion, seed, locked, self.last_sensitivity)
             self.state.set_counts(result.counts, crit, seed, result.masks)
