@@ -256,7 +256,9 @@ class Session:
         """The model's channel groups (``groups.Groups``), found by Torch-Pruning on first use:
         ``.groups`` by name, ``.by_layer`` (a producing layer's group), ``.excluded`` (why a
         layer has none)."""
-        return _channels.ensure_groups(self.state, self.data.sample(2)[0])
+        if self.state.groups is None:  # traced once; the sample is drawn only then (a DataLoader starts an epoch)
+            _channels.ensure_groups(self.state, self.data.sample(2)[0])
+        return self.state.groups
 
     @property
     def channels(self) -> dict[str, tuple[int, int]]:
