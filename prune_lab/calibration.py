@@ -527,4 +527,34 @@ class CalibrationRequest:
         return dict(batch_size=self.batch_size, hessian=self.hessian, probes=self.probes, seed=self.seed)
 
 
-__all__ = ["Calibration", "CalibrationRequest", "LayerStats", "calibrate", "collect", "activation_recorder", "per_sample_sq_gradient", "hutchinson_diagonal", "as_tensors", "data_fingerprint"]
+def make_request(train_data: Any, samples: int = 512, batch_size: int = 64, criteria: Optional[Iterable[str]] = None,
+                 hessian: str = "fisher", probes: int = 16, seed: int = 0, progress: bool = True,
+                 device: Any = "cpu", loss_fn: Optional[LossFn] = None,
+                 eval_pair: Optional[tuple[Tensor, Tensor]] = None) -> CalibrationRequest:
+    """A checked :class:`CalibrationRequest` from ``calibrate()``'s arguments: the first
+    ``samples`` of ``train_data`` moved to ``device``. Warns (UserWarning) when they are the
+    start of ``eval_pair``, the eval data, which would make the accuracy reported optimistic."""
+    import warnings
+
+    from .criteria import get_criterion
+    from .masks import check_count
+
+    check_count(samples, "samples")
+    check_count(batch_size, "batch_size")
+    if hessian not in ("fisher", "hutchinson"):
+        raise ValueError(f"hessian must be 'fisher' or 'hutchinson', got {hessian!r}")
+    check_count(probes, "probes")
+    if criteria is not None:
+        criteria = tuple(criteria)
+        for c in criteria:
+            get_criterion(c)
+    x, y = as_tensors(train_data, samples)
+    x, y = x.to(device), y.to(device)
+    if eval_pair is not None and eval_pair[0] is not None and len(x) <= len(eval_pair[0]):
+        if data_fingerprint(eval_pair[0][: len(x)], eval_pair[1][: len(x)]) == data_fingerprint(x, y):
+            warnings.warn("calibrating on the session's eval data makes the accuracy it reports optimistic; "
+                          "calibrate on training data", UserWarning, stacklevel=3)
+    return CalibrationRequest(x, y, batch_size, hessian, probes, seed, progress, criteria, loss_fn)
+
+
+__all__ = ["Calibration", "CalibrationRequest", "make_request", "LayerStats", "calibrate", "collect", "activation_recorder", "per_sample_sq_gradient", "hutchinson_diagonal", "as_tensors", "data_fingerprint"]

@@ -171,6 +171,15 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
     return path
 
 
+def write_export(path: PathLike, model_bytes: bytes, recipe: Mapping[str, Any]) -> dict[str, Path]:
+    """Write an export's model file and its recipe beside it (``<stem>.recipe.json``), each
+    whole or not at all: ``{"model": path, "recipe": path}``."""
+    path = Path(path)
+    model_path = write_bytes(path, model_bytes)
+    recipe_path = write_bytes(path.with_name(path.stem + ".recipe.json"), json.dumps(recipe, indent=1).encode())
+    return {"model": model_path, "recipe": recipe_path}
+
+
 def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Tensor]:
     """A dense state_dict from a dense (``torch.save``) or sparse export, for ``model.load_state_dict``."""
     with open(path, "rb") as f:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from .registry import close_names
@@ -145,3 +146,20 @@ def find_prunable(model: nn.Module, extra_layers: Iterable[str] = ()) -> tuple[l
     )
     total = sum(p.numel() for p in params.values())
     return infos, Coverage(sum(i.n_params for i in infos), total, tuple(not_covered))
+
+
+def prunable_layers(model: nn.Module, extra_layers: Iterable[str] = ()) -> tuple[list[LayerInfo], Coverage]:
+    """:func:`find_prunable`, refused with a clear error when the model has no prunable layer
+    or a prunable weight holds NaN or inf (pruning by magnitude would be meaningless)."""
+    infos, coverage = find_prunable(model, extra_layers)
+    if not infos:
+        raise ValueError(
+            f"{type(model).__name__} has no prunable layers (Linear, Conv*, ConvTranspose*, Conv1D, attention "
+            "and RNN weight matrices); name other parameters via extra_layers=['block.weight', ...]"
+        )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for info in infos:
+        bad = int((~torch.isfinite(params[info.param].detach())).sum())
+        if bad:
+            raise ValueError(f"layer {info.name!r}: weight has {bad} NaN/inf values; fix the model before pruning")
+    return infos, coverage

@@ -168,6 +168,12 @@ class Scorer:
     loss_fn: Any = AUTO
     class_dim: int = -1
 
+    def __post_init__(self) -> None:
+        if self.metric is not None and not callable(self.metric):
+            raise TypeError(f"metric must be a callable (outputs, targets) -> value, got {type(self.metric).__name__}")
+        if self.loss_fn is not None and self.loss_fn != AUTO and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be a callable (outputs, targets) -> loss, 'auto' or None, got {self.loss_fn!r}")
+
     def batch(self, outputs: Any, targets: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
         """``(metric_sum, metric_count, loss_sum or None, loss_count)`` for one batch."""
         out = model_logits(outputs)
@@ -439,6 +445,19 @@ def weight_uses(model: nn.Module, weights: dict[str, Tensor], sample: Tensor) ->
     with unfused(model), Recorder():
         out = model(sample)
     return uses, out
+
+
+def forward_check(model: nn.Module, weights: dict[str, Tensor], sample: Tensor, first_layer: Any) -> tuple[dict[str, list[WeightUse]], Any]:
+    """:func:`weight_uses` on one eval batch, refused with the input shape and the first
+    prunable layer (``LayerInfo``) named when the model cannot run on the data."""
+    try:
+        return weight_uses(model, weights, sample)
+    except Exception as e:
+        raise ValueError(
+            f"the model cannot run on the eval data: inputs of shape {tuple(sample.shape)} (batch of 1) failed with "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. First prunable layer {first_layer.name!r} "
+            f"is {first_layer.kind} with weight shape {first_layer.shape}."
+        ) from None
 
 
 def count_macs(weight: Tensor, uses: list[WeightUse], nonzeros: Optional[int] = None) -> tuple[int, int]:

@@ -7,28 +7,26 @@ public method validates all input before anything changes.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from . import channels as _channels
+from . import pruning as _pruning
 from . import export as _export
 from . import recipes as _recipes
-from .allocation import LayerCollapseWarning, allocate, pattern_counts
+from .allocation import LayerCollapseWarning
 from .cache import cache_dir
-from .criteria import Criterion, get_criterion
+from .criteria import Criterion
 from .devices import DeviceLike, model_device, resolve_device
 from .evaluate import Evaluator
-from .layers import Coverage, LayerInfo, find_prunable
-from .masks import check_count, check_fraction
-from .measure import AUTO, EvalData, Metric, Scorer, weight_uses
+from .layers import Coverage, LayerInfo, prunable_layers
+from .measure import AUTO, EvalData, Metric, Scorer, forward_check
 from .registry import describe
-from .patterns import Pattern, PatternWarning, get_pattern
+from .patterns import get_pattern
 from .state import Event, PruningState, Snapshot
-from .stats import Stats, StatsTable
+from .stats import Stats, StatsTable, describe_layers
 from .workflows import finetune as _finetune
 from .workflows import sensitivity as _sensitivity
 from .workflows import tradeoff as _tradeoff
@@ -64,21 +62,8 @@ class Session:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if metric is not None and not callable(metric):
-            raise TypeError(f"metric must be a callable (outputs, targets) -> value, got {type(metric).__name__}")
-        if loss_fn is not None and loss_fn != AUTO and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be a callable (outputs, targets) -> loss, 'auto' or None, got {loss_fn!r}")
-        infos, coverage = find_prunable(model, extra_layers)
-        if not infos:
-            raise ValueError(
-                f"{type(model).__name__} has no prunable layers (Linear, Conv*, ConvTranspose*, Conv1D, attention "
-                "and RNN weight matrices); name other parameters via extra_layers=['block.weight', ...]"
-            )
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for info in infos:
-            bad = int((~torch.isfinite(params[info.param].detach())).sum())
-            if bad:
-                raise ValueError(f"layer {info.name!r}: weight has {bad} NaN/inf values; fix the model before pruning")
+        scorer = Scorer(metric, loss_fn)  # checks both
+        infos, coverage = prunable_layers(model, extra_layers)
         self.device = resolve_device(device)
         self.model = model
         self.layers: list[LayerInfo] = infos
@@ -91,7 +76,7 @@ class Session:
         try:
             self.data = EvalData(eval_data, self.device, batch_size)
             self.state = PruningState(model, infos, seed=self.seed)
-            self._uses, scorer = self._check_forward(Scorer(metric, loss_fn))
+            self._uses, scorer = self._check_forward(scorer)
         except Exception:
             model.to(old_device)
             raise
@@ -109,15 +94,7 @@ class Session:
 
     def _check_forward(self, scorer: Scorer) -> tuple[dict, Scorer]:
         x, y = self.data.sample(1)
-        try:
-            uses, out = weight_uses(self.model, self.state.weights, x)
-        except Exception as e:
-            first = self.layers[0]
-            raise ValueError(
-                f"the model cannot run on the eval data: inputs of shape {tuple(x.shape)} (batch of 1) failed with "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. First prunable layer {first.name!r} "
-                f"is {first.kind} with weight shape {first.shape}."
-            ) from None
+        uses, out = forward_check(self.model, self.state.weights, x, self.layers[0])
         return uses, scorer.check(out, y)
 
     def _on_event(self, event: Event) -> None:
@@ -131,8 +108,8 @@ class Session:
         return self.state.info(name)
 
     def check_sparsity(self, name: str, value: Any) -> float:
-        self.layer(name)
-        return check_fraction(value, f"layer {name!r}: sparsity")
+        """``value`` as a sparsity of layer ``name`` (a clear error otherwise)."""
+        return _pruning.check_layer_sparsity(self.state, name, value)
 
     @property
     def sparsity(self) -> dict[str, float]:
@@ -197,23 +174,9 @@ class Session:
                 "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
                 f"got {type(sparsities).__name__}"
             )
-        pat = get_pattern(pattern)
-        if pat.grouped:
-            if pat.removes_blocks:
-                return self._set_blocks(sparsities)
-            return self._set_channels(sparsities, criterion, seed, round_to)
-        if round_to is not None:
-            raise ValueError(f"round_to applies to pattern='channels' only, not {pat.name!r}")
-        crit = get_criterion(criterion)
-        counts = {name: self._count_for(name, v, pat) for name, v in sparsities.items()}
-        self._fresh_calibration(crit)
-        seed = self.seed if seed is None else int(seed)
-        self.state.set_counts(counts, crit, seed, pattern=pat.name)
+        self._groups_for(pattern)
+        _pruning.set_sparsity(self.state, sparsities, criterion, seed, pattern, round_to)
         return self
-
-    def _count_for(self, name: str, value: Any, pattern: Pattern) -> int:
-        """Weights to prune for a sparsity under a pattern (checked: a clear error names the layer)."""
-        return pattern.count(self.layer(name), self.check_sparsity(name, value))
 
     def set_global_sparsity(self, sparsity: float, allocation: Union[str, Callable] = "global",
                             criterion: Union[str, Callable, Criterion] = "magnitude", seed: Optional[int] = None,
@@ -225,30 +188,15 @@ class Session:
         (``sparsity`` must be (M-N)/M; the allocation does not apply) and the others are left as
         they are, named in a warning.
         """
-        pat = get_pattern(pattern)
-        if pat.grouped:
-            if pat.removes_blocks:
-                raise ValueError("pattern 'blocks' removes named blocks: set_sparsity({block: 1}, pattern='blocks')")
-            return self._set_global_channels(sparsity, allocation, criterion, seed, locked)
-        if pat.allocated:
-            self._fresh_calibration(criterion)
-            result, crit, seed = allocate(self.state, sparsity, allocation, criterion, seed, locked, self.last_sensitivity)
-            self.state.set_counts(result.counts, crit, seed, result.masks)
-            return self
-        return self._set_global_pattern(sparsity, allocation, criterion, seed, locked, pat)
-
-    def _set_global_pattern(self, sparsity: float, allocation: Any, criterion: Any, seed: Optional[int],
-                            locked: Sequence[str], pat: Pattern) -> "Session":
-        import warnings
-
-        crit = get_criterion(criterion)
-        self._fresh_calibration(crit)
-        counts, skipped = pattern_counts(self.state, pat, sparsity, allocation, crit, seed, locked, self.last_sensitivity)
-        self.state.set_counts(counts, crit, self.seed if seed is None else int(seed), pattern=pat.name)
-        if skipped:
-            warnings.warn(f"pattern {pat.name}: left as they were (the pattern does not fit them): {', '.join(skipped)}",
-                          PatternWarning, stacklevel=3)
+        self._groups_for(pattern)
+        _pruning.set_global_sparsity(self.state, sparsity, allocation, criterion, seed, locked, pattern,
+                                     self.last_sensitivity)
         return self
+
+    def _groups_for(self, pattern: Any) -> None:
+        """Trace the channel groups first when ``pattern`` prunes them (validated by name)."""
+        if get_pattern(pattern).grouped:
+            self.groups
 
     # ------------------------------------------------------------------ channels (channels.py)
     @property
@@ -283,23 +231,6 @@ class Session:
         self.groups
         name, _ = _channels.criterion_of(self.state, criterion)
         return _channels.scores(self.state, group, name, seed)
-
-    def _set_channels(self, sparsities: Mapping[str, Any], criterion: Any, seed: Optional[int], round_to: Optional[int],
-                      replace_unstructured: bool = False) -> "Session":
-        self.groups
-        _channels.set_channels(self.state, sparsities, criterion, seed, round_to, replace_unstructured)
-        return self
-
-    def _set_blocks(self, values: Mapping[str, Any]) -> "Session":
-        self.groups
-        _channels.set_blocks(self.state, values)
-        return self
-
-    def _set_global_channels(self, sparsity: Any, allocation: Any, criterion: Any, seed: Optional[int],
-                             locked: Sequence[str], round_to: Optional[int] = None) -> "Session":
-        self.groups
-        _channels.set_global_channels(self.state, sparsity, allocation, criterion, seed, locked, round_to)
-        return self
 
     def reset(self) -> "Session":
         """Restore every parameter and buffer to the state at construction, bit for bit
@@ -337,37 +268,16 @@ class Session:
         ``hessian="hutchinson"`` makes ``obd`` use Hutchinson's estimate of the Hessian diagonal
         (``probes`` Rademacher vectors per batch) instead of the empirical Fisher.
         """
-        import warnings
+        from .calibration import make_request
 
-        from .calibration import CalibrationRequest, as_tensors, data_fingerprint
-
-        check_count(samples, "samples")
-        check_count(batch_size, "batch_size")
-        if hessian not in ("fisher", "hutchinson"):
-            raise ValueError(f"hessian must be 'fisher' or 'hutchinson', got {hessian!r}")
-        check_count(probes, "probes")
-        if criteria is not None:
-            for c in criteria:
-                get_criterion(c)
-        x, y = as_tensors(train_data, samples)
-        x, y = x.to(self.device), y.to(self.device)
-        fingerprint = data_fingerprint(x, y)
-        if self.data.inputs is not None and len(x) <= len(self.data) and data_fingerprint(self.data.inputs[: len(x)], self.data.targets[: len(x)]) == fingerprint:
-            warnings.warn("calibrating on the session's eval data makes the accuracy it reports optimistic; "
-                          "calibrate on training data", UserWarning, stacklevel=2)
-        request = CalibrationRequest(x, y, batch_size, hessian, probes, seed, progress,
-                                     None if criteria is None else tuple(criteria),
-                                     self.loss_fn if callable(self.loss_fn) else None)
+        request = make_request(train_data, samples, batch_size, criteria, hessian, probes, seed, progress, self.device,
+                               self.loss_fn if callable(self.loss_fn) else None, (self.data.inputs, self.data.targets))
         return self.state.calibrate(request)
 
     @property
     def calibration_passes(self) -> int:
         """How many times :meth:`calibrate` computed statistics (not served from its cache)."""
         return self.state.calibration_passes
-
-    def _fresh_calibration(self, criterion: Any) -> None:
-        """Re-run the last calibrate() when the base weights changed since (fine-tuning)."""
-        self.state.refresh_calibration(get_criterion(criterion))
 
     # ------------------------------------------------------------------ measuring
     def evaluate(self, limit: Optional[int] = None) -> dict[str, float]:
@@ -442,15 +352,9 @@ class Session:
         (Deep Compression's weight sharing, 2**bits centroids fitted on the kept weights; 1-8
         bits). Reversible like the masks: the base weights are kept, ``reset()`` is bit-exact, and
         the masks hold (pruned weights stay exactly 0). All checked before anything changes."""
-        from .quantize import check_bits
-
         if not isinstance(bits, Mapping):
             raise TypeError(f"set_bits takes a {{layer: bits}} dict (set_global_bits for every layer), got {type(bits).__name__}")
-        settings = {}
-        for name, b in bits.items():
-            self.layer(name)
-            settings[name] = None if b is None else check_bits(b, method, name)
-        self.state.set_quant(settings)
+        self.state.set_quant({name: None if b is None else (b, method) for name, b in bits.items()})
         return self
 
     def set_global_bits(self, bits: Optional[int], method: str = "uniform") -> "Session":
@@ -473,18 +377,13 @@ class Session:
         """
         if self.state.in_trial:
             raise RuntimeError("cannot export while a sweep holds trial masks in the model; stop the sweep first")
-        path = Path(path)
-        state = self.model.state_dict()
         if sparse:
             from .compress import file_bytes
 
             data = file_bytes(*self.sizes.compressed_plan(parts_wanted=True))
         else:
-            data = _export.serialize({k: v.detach().cpu() for k, v in state.items()})
-        recipe = json.dumps(self.recipe(), indent=1).encode()
-        model_path = _export.write_bytes(path, data)
-        recipe_path = _export.write_bytes(path.with_name(path.stem + ".recipe.json"), recipe)
-        return {"model": model_path, "recipe": recipe_path}
+            data = _export.serialize({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        return _export.write_export(path, data, self.recipe())
 
     def compact(self, semi_structured: bool = False, measure: bool = True, check_samples: int = 256) -> nn.Module:
         """A new, physically smaller model: every channel removed by ``pattern="channels"``
@@ -571,20 +470,12 @@ class Session:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
         from .workflows.distributed import resolve_executor
 
-        if get_pattern(pattern).grouped:  # per channel group by a group criterion; which block can go
-            self.groups
-            name = "block" if get_pattern(pattern).removes_blocks else _channels.criterion_of(self.state, criterion)[0]
-            self.groups  # found before the sweep starts
-            result = _sensitivity.sweep(self.state, self.evaluator, levels, name, layers, resume, incremental, progress,
-                                        on_step, should_stop, executor=resolve_executor(executor, self), pattern=pattern)
-            self.last_sensitivity = result
-            return result
-        ex = resolve_executor(executor, self)  # an unreachable cluster fails here, before any work
-        self._fresh_calibration(criterion)
-        result = _sensitivity.sweep(self.state, self.evaluator, levels, criterion, layers, resume, incremental, progress,
-                                    on_step, should_stop, executor=ex, pattern=pattern)
-        self.last_sensitivity = result
-        return result
+        self._groups_for(pattern)
+        ex = resolve_executor(executor, self.settings)  # an unreachable cluster fails here, before any work
+        self.last_sensitivity = _sensitivity.sweep(self.state, self.evaluator, levels, criterion, layers, resume,
+                                                   incremental, progress, on_step, should_stop, executor=ex,
+                                                   pattern=pattern)
+        return self.last_sensitivity
 
     def tradeoff(self, strategies: Sequence[str] = _tradeoff.DEFAULT_STRATEGIES,
                  compressions: Sequence[float] = _tradeoff.DEFAULT_COMPRESSIONS, finetune: Optional[dict] = None,
@@ -598,7 +489,7 @@ class Session:
         within each compression. ``executor`` as for :meth:`sensitivity` (fine-tuned points included)."""
         from .workflows.distributed import resolve_executor
 
-        ex = resolve_executor(executor, self)
+        ex = resolve_executor(executor, self.settings)
         loss = self.loss_fn if callable(self.loss_fn) else None
         if _tradeoff.needs_groups(strategies):
             self.groups  # found before any point
@@ -607,18 +498,6 @@ class Session:
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
-        lines = [
-            f"Session({type(self.model).__name__}, device={self.device}, {len(self.layers)} prunable layers, "
-            f"{self.total_sparsity():.1%} sparse, eval on {len(self.data)} samples)",
-            f"  {self.coverage!r}",
-        ]
-        width = max(len(i.name) for i in self.layers)
-        for i in self.layers:
-            shape = "x".join(map(str, i.shape))
-            r = self.state.record(i.name)
-            tied = f"  tied with {', '.join(i.aliases)}" if i.aliases else ""
-            lines.append(
-                f"  {i.name:<{width}}  {i.kind:<18} {shape:>14} {i.n_params:>10,}  "
-                f"{self.sparsity[i.name]:6.1%} {r.criterion if r.count else ''}{tied}"
-            )
-        return "\n".join(lines)
+        header = (f"Session({type(self.model).__name__}, device={self.device}, {len(self.layers)} prunable layers, "
+                  f"{self.total_sparsity():.1%} sparse, eval on {len(self.data)} samples)")
+        return describe_layers(self.state, header, self.coverage)

@@ -162,3 +162,17 @@ class StatsTable:
             bits = {n: r.bits for n, r in state.records.items()}
             return compute_stats(state.model, state.layers, state.weights, self.uses, self._nonzeros,
                                  self.dense_file_bytes(), entries, bits)
+
+
+def describe_layers(state: "PruningState", header: str, coverage: Any) -> str:
+    """The Session's text table: a header line, the coverage, then one line per prunable layer
+    (kind, shape, parameters, sparsity, criterion, tied names)."""
+    lines = [header, f"  {coverage!r}"]
+    width = max(len(i.name) for i in state.layers)
+    sparsity = state.sparsity
+    for i in state.layers:
+        r = state.record(i.name)
+        tied = f"  tied with {', '.join(i.aliases)}" if i.aliases else ""
+        lines.append(f"  {i.name:<{width}}  {i.kind:<18} {'x'.join(map(str, i.shape)):>14} {i.n_params:>10,}  "
+                     f"{sparsity[i.name]:6.1%} {r.criterion if r.count else ''}{tied}")
+    return "\n".join(lines)

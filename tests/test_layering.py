@@ -16,7 +16,7 @@ RANKS = {
     "masks": 1, "datasets": 1, "quantize": 1, "compress": 1, "runtime": 1,
     "criteria": 2, "layers": 2, "export": 2, "patterns": 2.5,
     "measure": 3, "calibration": 3.2, "state": 3.4, "groups": 3.5,
-    "allocation": 4, "incremental": 4, "stats": 4, "recipes": 4, "channels": 4.5,
+    "allocation": 4, "incremental": 4, "stats": 4, "recipes": 4, "channels": 4.5, "pruning": 4.6,
     "evaluate": 5,
     "workflows": 6.9, "workflows.sensitivity": 6, "workflows.finetune": 6, "workflows.compact": 6,
     "workflows.tradeoff": 6.5,

@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -40,12 +40,12 @@ def _ray() -> Any:
     return ray
 
 
-def resolve_executor(executor: Any, session: Any = None) -> Optional["RayExecutor"]:
+def resolve_executor(executor: Any, settings: Optional[Mapping[str, Any]] = None) -> Optional["RayExecutor"]:
     """``None``/``"local"``: in-process. ``"ray"``: the Ray runtime already initialised in this
     process, else a local one. Any other string: a Ray address (``"auto"``,
     ``"ray://head:10001"``, ``"10.0.0.5:6379"``). The ``ray`` module itself: its initialised
     runtime. A :class:`RayExecutor`: as configured. Connects now, so an unreachable address fails
-    before any work starts."""
+    before any work starts. ``settings``: the Session's constructor settings, for the workers."""
     if executor is None or executor == "local":
         return None
     if isinstance(executor, RayExecutor):
@@ -60,8 +60,8 @@ def resolve_executor(executor: Any, session: Any = None) -> Optional["RayExecuto
         raise ValueError(f"executor must be None, 'local', 'ray', a Ray address string, the ray module or a RayExecutor; "
                          f"got {executor!r}")
     ex.connect()
-    if session is not None:
-        ex.session_settings = dict(session.settings)
+    if settings is not None:
+        ex.session_settings = dict(settings)
     return ex
 
 

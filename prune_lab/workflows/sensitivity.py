@@ -261,9 +261,10 @@ def sweep(
     seed = state.seed if seed is None else int(seed)
     pat = get_pattern(pattern)
     if pat.grouped:
-        return _group_sweep(state, evaluator, pat, levels, str(criterion), layers, resume, incremental, progress,
+        return _group_sweep(state, evaluator, pat, levels, criterion, layers, resume, incremental, progress,
                             on_step, should_stop, executor)
     crit = get_criterion(criterion)
+    state.refresh_calibration(crit)  # after fine-tuning: the statistics of the weights now
     pattern = pat.name
     fixed = pat.levels()
     levels = list((fixed or DEFAULT_LEVELS) if levels is None else levels)
@@ -309,7 +310,7 @@ def sweep(
 
 
 def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels: Optional[Sequence[float]],
-                 criterion: str, layers: Optional[Sequence[str]], resume: Optional[SensitivityResult], incremental: bool,
+                 criterion: Any, layers: Optional[Sequence[str]], resume: Optional[SensitivityResult], incremental: bool,
                  progress: bool, on_step: Optional[Callable[[dict[str, Any]], None]],
                  should_stop: Optional[Callable[[], bool]], executor: Any) -> SensitivityResult:
     """The sweep over channel groups (each level a fraction of a group's channels, lowest
@@ -321,6 +322,7 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels
     if groups is None:
         raise RuntimeError(f"a {pattern} sweep needs the session's groups (use Session.sensitivity)")
     if blocks:
+        criterion = "block"
         names = list(groups.blocks) if layers is None else [groups.block(n).name for n in layers]
         levels = [0.0, 1.0] if levels is None else list(levels)
         if any(lv not in (0.0, 1.0) for lv in levels):
@@ -331,8 +333,10 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels
         levels = list(DEFAULT_LEVELS if levels is None else levels)
         for lv in levels:
             check_fraction(lv, "sensitivity level")
+        from ..channels import criterion_of
         from ..channels import scores as channel_scores
 
+        criterion = criterion_of(state, criterion)[0]  # checked, and its statistics fresh
         scores = {g: channel_scores(state, g, criterion) for g in names}
     if resume is not None and not same_pattern(resume.pattern, pattern):
         raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not {pattern!r}")
