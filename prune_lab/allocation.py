@@ -52,11 +52,11 @@ def list_allocations() -> list[str]:
     return ALLOCATIONS.names()
 
 
-def free_budget(session: "PruningState", sparsity: float, locked: Mapping[str, int]) -> tuple[list[str], int]:
+def free_budget(state: "PruningState", sparsity: float, locked: Mapping[str, int]) -> tuple[list[str], int]:
     """Unlocked layers and how many weights they must prune so the total hits ``sparsity``."""
-    total = sum(info.n_params for info in session.layers)
-    free = [info.name for info in session.layers if info.name not in locked]
-    capacity = sum(session.layer(name).n_params for name in free)
+    total = sum(info.n_params for info in state.layers)
+    free = [info.name for info in state.layers if info.name not in locked]
+    capacity = sum(state.layer(name).n_params for name in free)
     k = count_to_prune(sparsity, total) - sum(locked.values())
     return free, max(0, min(capacity, k))
 
@@ -85,28 +85,28 @@ def largest_remainder(shares: Mapping[str, float], k: int, caps: Mapping[str, in
 
 
 @register_allocation("uniform")
-def uniform(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def uniform(state: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """The same sparsity in every unlocked layer (each within one weight), total exact."""
-    free, k = free_budget(session, sparsity, locked)
-    caps = {name: session.layer(name).n_params for name in free}
+    free, k = free_budget(state, sparsity, locked)
+    caps = {name: state.layer(name).n_params for name in free}
     return Allocation(largest_remainder(caps, k, caps))
 
 
 @register_allocation("global")
-def global_threshold(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def global_threshold(state: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """One threshold on the criterion across all unlocked layers (``prune.global_unstructured``).
 
     Found by radix select over per-layer keys: no concatenation of all weights.
     """
-    free, k = free_budget(session, sparsity, locked)
-    keys = session.lazy_keys(free, criterion, seed)
-    shapes = [session.layer(name).shape for name in free]
+    free, k = free_budget(state, sparsity, locked)
+    keys = state.keys(free, criterion, seed)
+    shapes = [state.layer(name).shape for name in free]
     masks = k_smallest_masks(keys, k, shapes)
     counts = {name: int(m.numel() - m.sum()) for name, m in zip(free, masks)}
     return Allocation(counts, dict(zip(free, masks)))
 
 
-def as_allocation(result: Any, session: "PruningState") -> Allocation:
+def as_allocation(result: Any, state: "PruningState") -> Allocation:
     """Normalise what an allocation returned; a ``{layer: sparsity}`` dict is rounded per layer."""
     if isinstance(result, Allocation):
         return result
@@ -114,24 +114,24 @@ def as_allocation(result: Any, session: "PruningState") -> Allocation:
         counts = {}
         for name, s in result.items():
             v = check_fraction(s, f"layer {name!r}: sparsity")
-            counts[name] = count_to_prune(v, session.layer(name).n_params)
+            counts[name] = count_to_prune(v, state.layer(name).n_params)
         return Allocation(counts)
     raise TypeError(f"an allocation must return an Allocation or a {{layer: sparsity}} dict, got {type(result).__name__}")
 
 
 @register_allocation("sensitivity")
-def sensitivity_plan(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int],
+def sensitivity_plan(state: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int],
                      sensitivity: Any = None) -> Allocation:
-    """The greedy plan from the session's last sensitivity sweep (``session.sensitivity()``)."""
+    """The greedy plan from the last sensitivity sweep (``Session.sensitivity()``)."""
     result = sensitivity
     if result is None:
-        raise ValueError("allocation 'sensitivity' needs a sweep first: run session.sensitivity()")
+        raise ValueError("allocation 'sensitivity' needs a sweep first: run Session.sensitivity()")
     held = dict(locked)
-    for info in session.layers:  # layers the sweep did not cover stay as they are
+    for info in state.layers:  # layers the sweep did not cover stay as they are
         if info.name not in result.layers:
-            held[info.name] = session.counts[info.name]
+            held[info.name] = state.counts[info.name]
     plan = result.allocate(target_sparsity=sparsity, locked={n: k for n, k in held.items() if n in result.layers})
-    counts = {n: round(s * session.layer(n).n_params) for n, s in plan.items() if n not in held}
+    counts = {n: round(s * state.layer(n).n_params) for n, s in plan.items() if n not in held}
     return Allocation(counts)
 
 
@@ -139,13 +139,13 @@ sensitivity_plan.needs_sensitivity = True  # type: ignore[attr-defined]
 
 
 @register_allocation("erk")
-def erdos_renyi_kernel(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def erdos_renyi_kernel(state: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """Erdos-Renyi-Kernel (Evci et al. 2020, RigL): density of a layer proportional to
     sum(shape) / prod(shape), so small layers stay denser; layers that would exceed density 1
     are kept dense and the rest rescaled. Kept counts are rounded to hit the total exactly."""
-    free, k = free_budget(session, sparsity, locked)
-    n = {name: session.layer(name).n_params for name in free}
-    raw = {name: sum(session.layer(name).shape) / n[name] for name in free}
+    free, k = free_budget(state, sparsity, locked)
+    n = {name: state.layer(name).n_params for name in free}
+    raw = {name: sum(state.layer(name).shape) / n[name] for name in free}
     keep_total = sum(n.values()) - k
     dense: set[str] = set()
     while True:  # find the scale eps with sum(min(1, eps * raw) * n) == keep_total
@@ -163,7 +163,7 @@ def erdos_renyi_kernel(session: "PruningState", sparsity: float, *, criterion: C
 
 
 @register_allocation("lamp")
-def lamp(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def lamp(state: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """Layer-adaptive magnitude pruning (Lee et al. 2021): each weight's score is w^2 divided by
     the sum of w'^2 over the weights of its layer at least as large; one global threshold on that
     score. Within a layer the order is magnitude order, so the masks are magnitude masks."""
@@ -171,14 +171,14 @@ def lamp(session: "PruningState", sparsity: float, *, criterion: Criterion, seed
 
     from .masks import ordered_keys
 
-    free, k = free_budget(session, sparsity, locked)
+    free, k = free_budget(state, sparsity, locked)
 
     class _Scores:
         def __len__(self) -> int:
             return len(free)
 
         def __getitem__(self, i: int):
-            w2 = session.original_weight(free[i]).detach().double().reshape(-1) ** 2
+            w2 = state.original_weight(free[i]).detach().double().reshape(-1) ** 2
             order = torch.argsort(w2, stable=True)
             sorted_w2 = w2[order]
             suffix = torch.flip(torch.cumsum(torch.flip(sorted_w2, [0]), 0), [0])
@@ -186,21 +186,21 @@ def lamp(session: "PruningState", sparsity: float, *, criterion: Criterion, seed
             score[order] = sorted_w2 / suffix.clamp_min(torch.finfo(torch.float64).tiny)
             return ordered_keys(score)
 
-    masks = k_smallest_masks(_Scores(), k, [session.layer(name).shape for name in free])
+    masks = k_smallest_masks(_Scores(), k, [state.layer(name).shape for name in free])
     return Allocation({name: int(m.numel() - m.sum()) for name, m in zip(free, masks)})
 
 
 @register_allocation("random")
-def random_allocation(session: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
+def random_allocation(state: "PruningState", sparsity: float, *, criterion: Criterion, seed: int, locked: Mapping[str, int]) -> Allocation:
     """The floor: weights pruned uniformly at random across all unlocked layers (seeded). Counts
     per layer are one multivariate hypergeometric draw; masks use the random criterion."""
     import numpy as np
 
     from .criteria import get_criterion
 
-    free, k = free_budget(session, sparsity, locked)
+    free, k = free_budget(state, sparsity, locked)
     rng = np.random.default_rng(seed)
-    draw = rng.multivariate_hypergeometric([session.layer(name).n_params for name in free], k) if free else []
+    draw = rng.multivariate_hypergeometric([state.layer(name).n_params for name in free], k) if free else []
     return Allocation({name: int(c) for name, c in zip(free, draw)}, criterion=get_criterion("random"))
 
 

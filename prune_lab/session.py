@@ -45,21 +45,9 @@ class Session:
     ``check=True`` (or ``PRUNE_LAB_CHECK=1``) compares every evaluation with a plain forward pass.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        eval_data: Any,
-        device: DeviceLike = None,
-        metric: Optional[Metric] = None,
-        *,
-        loss_fn: Any = AUTO,
-        extra_layers: Sequence[str] = (),
-        seed: int = 0,
-        batch_size: int = 1024,
-        incremental: bool = True,
-        cache_budget_bytes: Optional[int] = None,
-        check: Optional[bool] = None,
-    ):
+    def __init__(self, model: nn.Module, eval_data: Any, device: DeviceLike = None, metric: Optional[Metric] = None, *,
+                 loss_fn: Any = AUTO, extra_layers: Sequence[str] = (), seed: int = 0, batch_size: int = 1024,
+                 incremental: bool = True, cache_budget_bytes: Optional[int] = None, check: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         scorer = Scorer(metric, loss_fn)  # checks both
@@ -94,7 +82,7 @@ class Session:
 
     def _check_forward(self, scorer: Scorer) -> tuple[dict, Scorer]:
         x, y = self.data.sample(1)
-        uses, out = forward_check(self.model, self.state.weights, x, self.layers[0])
+        uses, out = forward_check(self.model, self.state.weights, x, self.layers[0])  # a clear error if it cannot run
         return uses, scorer.check(out, y)
 
     def _on_event(self, event: Event) -> None:
@@ -143,9 +131,6 @@ class Session:
     def total_sparsity(self) -> float:
         return self.state.total_sparsity()
 
-    def lazy_keys(self, names: list[str], criterion: Criterion, seed: int) -> Sequence[Tensor]:
-        return self.state.keys(names, criterion, seed)
-
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` after every change (an ``Event`` naming the layers changed)."""
         return self.state.subscribe(listener)
@@ -153,22 +138,13 @@ class Session:
     # ------------------------------------------------------------------ pruning
     def set_sparsity(self, sparsities: Mapping[str, float], criterion: Union[str, Callable, Criterion] = "magnitude",
                      seed: Optional[int] = None, pattern: str = "unstructured", round_to: Optional[int] = None) -> "Session":
-        """Prune each named layer to ``round(s * n)`` zeros by ``criterion``; other layers keep theirs.
-
-        ``pattern="N:M"`` (e.g. ``"2:4"``) keeps the N most important of every M consecutive
-        weights along the input dimension; the sparsity given must then be (M-N)/M, or 0 to
-        un-prune.
-
-        ``pattern="channels"``: the value is the fraction of the layer's *output channels* to
-        remove, with everything coupled to them (its channel group, see :attr:`groups`):
-        ``round(s * channels)`` whole channels, or with ``round_to=8`` a multiple of 8 kept.
-        ``pattern="blocks"``: ``{block module: 1}`` removes a whole residual block (it then
-        computes the identity; see :attr:`blocks`), ``0`` brings it back.
-        ``criterion``: a group criterion, ``"l1"`` (``"magnitude"`` means it), ``"l2"``,
-        ``"bn_scale"``, ``"taylor"``/``"obd"`` (after :meth:`calibrate`) or ``"random"``. The
-        masks zero every member of the group at those channels (weights, biases, BatchNorm,
-        the readers' input columns), so the model computes what :meth:`compact` 's physically
-        smaller model computes."""
+        """Prune each named layer to its pattern's count for ``s`` (``round(s * n)`` weights by
+        ``criterion``); other layers keep theirs. ``pattern``: ``"unstructured"``; ``"2:4"`` (N:M along the
+        input dimension; ``s`` = (M-N)/M, or 0); ``"kernel"`` (whole k x k kernels); ``"channels"`` (``s`` is the
+        fraction of the layer's channel group removed, with every coupled member zeroed so the model computes what
+        :meth:`compact` 's smaller one does; ``round_to=8`` keeps a multiple of 8; group criteria ``"l1"``
+        (= ``"magnitude"``), ``"l2"``, ``"bn_scale"``, ``"taylor"``/``"obd"``, ``"random"``); ``"blocks"``
+        (``{block: 1}`` removes a residual block, 0 restores it). All checked before anything changes."""
         if not isinstance(sparsities, Mapping):
             raise TypeError(
                 "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
@@ -181,13 +157,9 @@ class Session:
     def set_global_sparsity(self, sparsity: float, allocation: Union[str, Callable] = "global",
                             criterion: Union[str, Callable, Criterion] = "magnitude", seed: Optional[int] = None,
                             locked: Sequence[str] = (), pattern: str = "unstructured") -> "Session":
-        """Prune the model to a total sparsity, split across unlocked layers by ``allocation``.
-
-        Locked layers keep their current masks and count toward the total. With
-        ``pattern="N:M"`` every unlocked layer whose input dimension M divides takes the pattern
-        (``sparsity`` must be (M-N)/M; the allocation does not apply) and the others are left as
-        they are, named in a warning.
-        """
+        """Prune to a total sparsity split across unlocked layers by ``allocation`` (locked layers keep their
+        masks and count toward it). ``pattern="2:4"``: every layer it fits takes it (``sparsity`` 0.5), the others
+        are named in a ``PatternWarning``; ``"kernel"``: the allocation's fractions snapped to whole kernels."""
         self._groups_for(pattern)
         _pruning.set_global_sparsity(self.state, sparsity, allocation, criterion, seed, locked, pattern,
                                      self.last_sensitivity)
@@ -201,9 +173,7 @@ class Session:
     # ------------------------------------------------------------------ channels (channels.py)
     @property
     def groups(self) -> Any:
-        """The model's channel groups (``groups.Groups``), found by Torch-Pruning on first use:
-        ``.groups`` by name, ``.by_layer`` (a producing layer's group), ``.excluded`` (why a
-        layer has none)."""
+        """The channel groups (``groups.Groups``: ``.groups``, ``.by_layer``, ``.excluded``), traced on first use."""
         if self.state.groups is None:  # traced once; the sample is drawn only then (a DataLoader starts an epoch)
             _channels.ensure_groups(self.state, self.data.sample(2)[0])
         return self.state.groups
@@ -216,8 +186,7 @@ class Session:
 
     @property
     def blocks(self) -> dict[str, bool]:
-        """Per removable block (a module that computes its input once its parameters are zero:
-        a residual block, a transformer block), whether it is removed."""
+        """Per removable block (residual or transformer block: the identity once zeroed), whether it is removed."""
         return {b: b in self.state.channels for b in self.groups.blocks}
 
     def channel_keep(self, group: str) -> Tensor:
@@ -226,15 +195,13 @@ class Session:
         return _channels.keep_of(self.state, group)
 
     def channel_scores(self, group: str, criterion: str = "l1", seed: Optional[int] = None) -> Tensor:
-        """Importance of each channel of ``group`` (float64; the lowest are removed first), from
-        the base weights; see ``groups.py`` for each criterion's formula."""
+        """Importance of each channel of ``group`` (float64, lowest removed first; formulas in ``groups.py``)."""
         self.groups
         name, _ = _channels.criterion_of(self.state, criterion)
         return _channels.scores(self.state, group, name, seed)
 
     def reset(self) -> "Session":
-        """Restore every parameter and buffer to the state at construction, bit for bit
-        (fine-tuning included: masks are computed from the construction-time weights again)."""
+        """Every parameter and buffer back to its construction-time bits (fine-tuning included)."""
         self.state.reset()
         return self
 
@@ -256,18 +223,12 @@ class Session:
     # ------------------------------------------------------------------ calibration
     def calibrate(self, train_data: Any, samples: int = 512, batch_size: int = 64, criteria: Optional[Sequence[str]] = None,
                   hessian: str = "fisher", probes: int = 16, seed: int = 0, progress: bool = True) -> Any:
-        """Prepare the data-aware criteria (``taylor``, ``obd``, ``wanda``): their statistics
-        come from the first ``samples`` of *training* data, on the dense base weights.
-
-        Statistics are computed when a criterion first needs them (one forward and one backward
-        pass per batch of ``batch_size``), and the calibration keeps only those of the criterion
-        in use: at most one float32 copy of the prunable weights. ``criteria`` computes what
-        those criteria need now, and keeps all of it (one copy per statistic). The result is
-        cached by base weights, device, data and settings: calling again after fine-tuning
-        recomputes, calling again otherwise does not. Ctrl-C leaves the session as it was.
-        ``hessian="hutchinson"`` makes ``obd`` use Hutchinson's estimate of the Hessian diagonal
-        (``probes`` Rademacher vectors per batch) instead of the empirical Fisher.
-        """
+        """Prepare the data-aware criteria (``taylor``, ``obd``, ``wanda``) from the first ``samples``
+        of *training* data, on the dense base weights. Statistics are computed when a criterion first needs them
+        and only those in use are kept (one float32 copy of the weights), or all of ``criteria`` now. Cached by
+        base weights, device, data and settings (fine-tuning recomputes). Ctrl-C changes nothing.
+        ``hessian="hutchinson"``: ``obd`` uses Hutchinson's diagonal (``probes`` Rademacher vectors per batch)
+        instead of the empirical Fisher."""
         from .calibration import make_request
 
         request = make_request(train_data, samples, batch_size, criteria, hessian, probes, seed, progress, self.device,
@@ -281,11 +242,8 @@ class Session:
 
     # ------------------------------------------------------------------ measuring
     def evaluate(self, limit: Optional[int] = None) -> dict[str, float]:
-        """``{metric_name: value, "loss": value}`` on the eval data (first ``limit`` samples).
-
-        Exact: only the part of the model downstream of layers changed since the last
-        evaluation is recomputed (see ``incremental.py``); ``limit`` runs full passes.
-        """
+        """``{metric_name: value, "loss": value}`` on the eval data (first ``limit`` samples, full passes);
+        exact, recomputing only what lies downstream of the layers changed since the last call (``incremental.py``)."""
         return self.evaluator.evaluate(limit)
 
     def baseline(self, limit: Optional[int] = None) -> dict[str, float]:
@@ -293,12 +251,8 @@ class Session:
         return self.evaluator.baseline(limit)
 
     def stats(self) -> Stats:
-        """Per layer and total: params, nonzeros, sparsity, dense/sparse bytes, dense/effective MACs.
-
-        Nonzeros are counted in the live weights; MACs are counted per input sample wherever a
-        weight takes part in a matrix product or convolution (modules, functional calls, shared
-        and sliced uses), and the totals' file bytes are the lengths of the actual exports.
-        """
+        """Per layer and total: params, nonzeros (counted in the live weights), sparsity, dense/sparse bytes (the
+        exports' lengths), dense/effective MACs per sample (counted at every matrix product or convolution)."""
         stats = self.sizes.table()
         if self.last_compact is not None and self._compact_version == self.version:
             stats.compact = self.last_compact
@@ -325,10 +279,8 @@ class Session:
 
     # ------------------------------------------------------------------ recipes and export
     def recipe(self, masks: Optional[bool] = None) -> dict[str, Any]:
-        """What was pruned, reproducibly: per layer pattern, count, sparsity, criterion and seed.
-
-        The mask bits are stored (packed, base64) where the criterion cannot be recomputed from
-        the recipe alone (a callable criterion); ``masks=True`` stores them for every layer."""
+        """What was pruned, reproducibly: per layer pattern, count, sparsity, criterion and seed; the mask bits
+        (packed, base64) where a callable criterion cannot be recomputed, or for every layer with ``masks=True``."""
         return _recipes.build_recipe(self.state, type(self.model).__name__, masks)
 
     @staticmethod
@@ -337,8 +289,7 @@ class Session:
         return _export.load_recipe(path)
 
     def apply_recipe(self, recipe: Union[str, Path, Mapping[str, Any]]) -> "Session":
-        """Reproduce a recipe's masks on this session's model (checked against its layers first;
-        all or nothing)."""
+        """Reproduce a recipe's masks on this model (checked against its layers first; all or nothing)."""
         data = _export.load_recipe(recipe)
         if data.get("channels") or self.state.channels:
             self.groups  # the recipe names channel groups: found before anything is checked
@@ -347,11 +298,9 @@ class Session:
 
     # ------------------------------------------------------------------ quantization
     def set_bits(self, bits: Mapping[str, Optional[int]], method: str = "uniform") -> "Session":
-        """Quantize the named layers' weights after pruning (``{layer: bits}``; None removes it):
-        ``method="uniform"`` (symmetric per output channel; 2, 4 or 8 bits) or ``"kmeans"``
-        (Deep Compression's weight sharing, 2**bits centroids fitted on the kept weights; 1-8
-        bits). Reversible like the masks: the base weights are kept, ``reset()`` is bit-exact, and
-        the masks hold (pruned weights stay exactly 0). All checked before anything changes."""
+        """Quantize the named layers after pruning (``{layer: bits}``; None removes it): ``"uniform"`` (symmetric
+        per output channel; 2, 4, 8 bits) or ``"kmeans"`` (Deep Compression's 2**bits shared centroids; 1-8 bits).
+        Reversible like the masks (``reset()`` bit-exact; pruned weights stay 0); checked before anything changes."""
         if not isinstance(bits, Mapping):
             raise TypeError(f"set_bits takes a {{layer: bits}} dict (set_global_bits for every layer), got {type(bits).__name__}")
         self.state.set_quant({name: None if b is None else (b, method) for name, b in bits.items()})
@@ -367,37 +316,21 @@ class Session:
         return {n: r.bits for n, r in self.state.records.items()}
 
     def export(self, path: Union[str, Path], sparse: bool = False) -> dict[str, Path]:
-        """Write the pruned state_dict (dense, or compressed) and its recipe.
-
-        ``sparse=True`` writes the compressed export (Deep Compression's storage): each pruned or
-        quantized weight as Huffman-coded gaps between its nonzeros plus its float values or its
-        Huffman-coded codes and codebook; everything else raw. Its length is
-        ``stats().total["sparse_file_bytes"]``. Returns ``{"model": path, "recipe": <stem>.recipe.json}``. Load either form with
-        ``prune_lab.load_state_dict(path)`` (a dense export also loads with ``torch.load``).
-        """
+        """Write the pruned state_dict and its recipe: ``{"model": path, "recipe": <stem>.recipe.json}``.
+        ``sparse=True`` writes Deep Compression's storage (Huffman-coded gaps between nonzeros plus values, or
+        codes and codebook; the rest raw), of length ``stats().total["sparse_file_bytes"]``. Load either with
+        ``prune_lab.load_state_dict(path)`` (a dense one also with ``torch.load``)."""
         if self.state.in_trial:
             raise RuntimeError("cannot export while a sweep holds trial masks in the model; stop the sweep first")
-        if sparse:
-            from .compress import file_bytes
-
-            data = file_bytes(*self.sizes.compressed_plan(parts_wanted=True))
-        else:
-            data = _export.serialize({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
-        return _export.write_export(path, data, self.recipe())
+        return _export.write_export(path, self.sizes.export_bytes(sparse), self.recipe())
 
     def compact(self, semi_structured: bool = False, measure: bool = True, check_samples: int = 256) -> nn.Module:
-        """A new, physically smaller model: every channel removed by ``pattern="channels"``
-        taken out (Torch-Pruning), the other masks kept as zeros. The session and its model
-        are untouched. Its outputs are checked against the masked model's on the first
-        ``check_samples`` eval samples (max abs difference <= 1e-4 of the output scale; a
-        RuntimeError otherwise). Save it with ``pl.save_compact`` and rebuild it from the
-        original architecture with ``pl.load_compact``. ``measure=True`` measures MACs,
-        parameters, file bytes and latency (batch 1 and 64) of both models: ``last_compact``
-        and the ``compact`` rows of :meth:`stats`.
-
-        ``semi_structured=True`` instead gives Linear layers pruned with ``pattern="2:4"``
-        ``torch.sparse.to_sparse_semi_structured`` weights (CUDA, compute capability >= 8.0;
-        elsewhere a RuntimeError says why)."""
+        """A new, physically smaller model (Torch-Pruning): channels removed by ``pattern="channels"``
+        taken out, other masks kept as zeros; the session is untouched. Checked against the masked model on
+        ``check_samples`` eval samples (max abs difference <= 1e-4 of the output scale, else RuntimeError).
+        ``measure=True`` measures MACs, parameters, file bytes and latency (batch 1, 64) of both: ``last_compact``
+        and :meth:`stats`. ``semi_structured=True`` instead gives 2:4 Linear layers
+        ``to_sparse_semi_structured`` weights (CUDA, compute capability >= 8.0; elsewhere a RuntimeError)."""
         from .workflows import compact as _compact
 
         if semi_structured:
@@ -416,8 +349,7 @@ class Session:
 
     # ------------------------------------------------------------------ workflows
     def rewind_to(self, state_dict: Mapping[str, Tensor]) -> "Session":
-        """Lottery-ticket rewinding: every tensor back to ``state_dict`` (recorded earlier),
-        surviving weights included, pruned weights kept at zero; masks unchanged."""
+        """Lottery-ticket rewinding: every tensor back to ``state_dict``, pruned weights kept 0, masks unchanged."""
         self.state.rewind_to(state_dict)
         return self
 
@@ -427,26 +359,15 @@ class Session:
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64, seed: int = 0,
                  progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None,
                  criterion: Union[str, Callable, Criterion] = "magnitude", distill: Optional[dict] = None) -> Any:
-        """Train with the masks held (pruned weights stay exactly 0), optionally pruning on a schedule.
-
-        ``schedule``: "oneshot" (prune to ``target_sparsity`` if given, then train), "iterative"
-        (``rounds`` of prune-then-train, geometric sparsities), "agp" (cubic ramp to the target,
-        ``rounds`` pruning steps), "lottery" (train, prune by magnitude, rewind the survivors to
-        their values at ``rewind_step``, retrain). ``steps`` (or ``epochs``) is the training
-        budget per phase. ``restore="best"`` keeps the state with the best eval metric seen.
-        Ctrl-C stops early with what was learned. ``reset()`` still restores the original model.
-        ``criterion`` picks the weights at every pruning step; a data-aware one is re-calibrated
-        (with the last ``calibrate()`` settings) on the weights of the previous round.
-        ``distill={"temperature": 4.0, "alpha": 0.9}`` trains against the dense original model
-        as teacher (Hinton et al. 2015: alpha * T^2 * KL of the softened outputs + (1 - alpha) *
-        the loss); the teacher is a frozen copy, never modified; ``alpha=0`` is plain fine-tuning.
-        Quantized layers are re-quantized from the trained weights after each phase.
-        """
-        config = _finetune.FinetuneConfig(
-            epochs=epochs, steps=steps, lr=lr, schedule=schedule, target_sparsity=target_sparsity, allocation=allocation,
-            rounds=rounds, rewind_step=rewind_step, restore=restore, optimizer=optimizer, momentum=momentum,
-            weight_decay=weight_decay, batch_size=batch_size, seed=seed, progress=progress, on_step=on_step,
-            loss_fn=self.loss_fn if callable(self.loss_fn) else None, criterion=criterion, distill=distill)
+        """Train with the masks held (pruned weights stay exactly 0), optionally pruning on a schedule:
+        ``"oneshot"`` (to ``target_sparsity``, then train), ``"iterative"`` (``rounds`` of prune-then-train),
+        ``"agp"`` (Zhu & Gupta's cubic ramp, ``rounds`` steps), ``"lottery"`` (train, prune, rewind survivors to
+        ``rewind_step``, retrain). ``steps``/``epochs``: budget per phase; ``restore="best"`` keeps the best eval
+        state; Ctrl-C stops with what was learned; ``reset()`` still restores the original. A data-aware
+        ``criterion`` is re-calibrated each round. ``distill={"temperature": T, "alpha": a}`` trains against a
+        frozen dense copy (Hinton 2015: a T^2 KL + (1 - a) loss). Quantized layers are re-quantized per phase."""
+        settings = {k: v for k, v in locals().items() if k not in ("self", "train_data")}  # every argument, by name
+        config = _finetune.FinetuneConfig(**settings, loss_fn=self.loss_fn if callable(self.loss_fn) else None)
         return _finetune.finetune(self.state, self.evaluator, train_data, config)
 
     def sensitivity(self, levels: Optional[Sequence[float]] = None, criterion: Union[str, Callable, Criterion] = "magnitude",
@@ -454,18 +375,11 @@ class Session:
                     incremental: bool = True, progress: bool = True, on_step: Optional[Callable[[dict], None]] = None,
                     should_stop: Optional[Callable[[], bool]] = None, executor: Any = None,
                     pattern: str = "unstructured") -> Any:
-        """Prune each layer alone to each level (others at their current sparsity), evaluate,
-        restore exactly. Returns a ``SensitivityResult``; Ctrl-C returns the partial one.
-
-        ``levels`` default to 0.0-0.95 in 0.05 steps. ``metric`` must be the session's metric
-        name (set the metric on the Session). ``resume`` continues an interrupted result.
-        ``executor``: ``None`` measures in this process; ``"ray"`` (a local Ray runtime, or the
-        one already initialised), a Ray address (``"ray://head:10001"``, ``"auto"``) or a
-        :class:`prune_lab.workflows.distributed.RayExecutor` (also ``pl.distributed``) spread the points over Ray workers, with the
-        same result (bit for bit on CPU). ``pattern="2:4"`` sweeps each layer at that N:M
-        pattern (levels 0 and (M-N)/M). ``pattern="channels"`` sweeps each channel group (the
-        fraction of its channels removed, by a group criterion such as ``"l1"``), ``"blocks"`` each removable block.
-        """
+        """Prune each layer alone to each level (the others as they are), evaluate, restore exactly:
+        a ``SensitivityResult`` (Ctrl-C returns the partial one; ``resume=`` continues it). ``levels`` default to
+        0-0.95 by 0.05; ``metric`` must be the session's. ``executor``: None (here), ``"ray"``, a Ray address or a
+        ``RayExecutor`` (the same result, bit for bit on CPU). ``pattern``: ``"2:4"`` (levels 0 and 0.5),
+        ``"kernel"``, ``"channels"`` (per channel group, by a group criterion) or ``"blocks"`` (per block)."""
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
         from .workflows.distributed import resolve_executor
@@ -480,13 +394,11 @@ class Session:
     def tradeoff(self, strategies: Sequence[str] = _tradeoff.DEFAULT_STRATEGIES,
                  compressions: Sequence[float] = _tradeoff.DEFAULT_COMPRESSIONS, finetune: Optional[dict] = None,
                  seeds: int = 1, cache: bool = True, progress: bool = True, executor: Any = None) -> Any:
-        """Every strategy at every compression (params / nonzeros), measured. A strategy is an
-        allocation with a criterion: ``"lamp"`` (magnitude), ``"global/taylor"``. With
-        ``finetune={"train_data": ..., "steps": ..., ...}`` also after masked fine-tuning. Returns
-        a ``TradeoffResult``; cached on disk by (model, data, config). The session is left exactly
-        as it was found. ``"channels"`` / ``"channels-global"`` (``"channels/bn_scale"``...)
-        remove whole channels (uniformly, or globally by importance) to the largest fraction
-        within each compression. ``executor`` as for :meth:`sensitivity` (fine-tuned points included)."""
+        """Every strategy at every compression (params / nonzeros), measured: a ``TradeoffResult``,
+        cached on disk by (model, data, config); the session is left as it was. A strategy is an allocation with a
+        criterion (``"lamp"``, ``"global/taylor"``) or ``"channels"``/``"channels-global"`` (``"channels/bn_scale"``).
+        ``finetune={"train_data": ..., "steps": ...}`` also measures after fine-tuning; ``executor`` as for
+        :meth:`sensitivity`."""
         from .workflows.distributed import resolve_executor
 
         ex = resolve_executor(executor, self.settings)

@@ -154,6 +154,17 @@ class StatsTable:
         with self.state.lock:
             return file_size(self.compressed_plan()[0])
 
+    def export_bytes(self, sparse: bool) -> bytes:
+        """The bytes of the live model's export: ``torch.save`` of the state_dict, or the compressed file."""
+        if sparse:
+            from .compress import file_bytes
+
+            with self.state.lock:
+                return file_bytes(*self.compressed_plan(parts_wanted=True))
+        from .export import serialize
+
+        return serialize({k: v.detach().cpu() for k, v in self.state.model.state_dict().items()})
+
     def table(self) -> Stats:
         """Per layer and total: params, nonzeros, sparsity, bytes, MACs (see ``compute_stats``)."""
         state = self.state
