@@ -4,7 +4,8 @@
 preview policy and the choices the controls make (criterion, allocation, locks). It subscribes
 to the session's events, so a change made anywhere (another cell, a script) reaches the view.
 The ipywidgets view (``widgets/lab.py``) only forwards control changes here and draws what
-``LabModel`` holds; it listens through :meth:`LabModel.observe`.
+``LabModel`` holds; it subscribes per :class:`LabEvent` kind through :meth:`LabModel.observe`,
+so a slider move re-syncs that slider, not every control. Both use only public Session methods.
 """
 from __future__ import annotations
 
@@ -90,7 +91,22 @@ class SweepJob:
     result: Any = None
 
 
-Listener = Callable[[str], None]
+LAB_EVENTS = ("sparsity", "bits", "device", "pattern", "criterion", "allocation", "locks", "job", "progress", "status")
+SESSION_KINDS = ("sparsity", "bits", "device")  # the ones a session change causes (merged within one Lab action)
+
+
+@dataclass(frozen=True)
+class LabEvent:
+    """What changed. ``kind``: 'sparsity' (masks or weights of ``layers``), 'bits' (quantization of
+    ``layers``), 'device', 'pattern', 'criterion', 'allocation', 'locks' (the Lab's choices),
+    'job' (a sweep or fine-tuning started or ended, or trial masks came or went), 'progress'
+    (a point or step done), 'status' (the status line)."""
+
+    kind: str
+    layers: tuple[str, ...] = ()
+
+
+Listener = Callable[[LabEvent], None]
 
 
 class LabModel:
@@ -120,28 +136,52 @@ class LabModel:
         self.evaluation: dict[str, Any] = {}
         self.numbers: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[Listener, frozenset[str]]] = []
         self._acting = 0
+        self._pending: dict[str, set[str]] = {}  # session events held while the Lab acts, merged per kind
         self._last_push: tuple[Optional[str], float] = (None, 0.0)
         self.coalesce_s = 0.35  # moves of one control closer than this are one undo step
         self.unsubscribe = session.subscribe(self._on_session_event)
 
     # ------------------------------------------------------------------ observing
-    def observe(self, listener: Listener) -> Callable[[], None]:
-        """``listener(kind)`` after changes: 'state' (masks changed: controls and numbers),
-        'busy' (a sweep started or ended), 'progress', 'status'."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+    def observe(self, listener: Listener, *kinds: str) -> Callable[[], None]:
+        """Call ``listener(event)`` (a :class:`LabEvent`) after changes of the given kinds
+        (default: all of ``LAB_EVENTS``); returns the unsubscribe function."""
+        bad = [k for k in kinds if k not in LAB_EVENTS]
+        if bad:
+            raise ValueError(f"unknown Lab event {bad[0]!r}; the kinds are {', '.join(LAB_EVENTS)}")
+        entry = (listener, frozenset(kinds or LAB_EVENTS))
+        self._listeners.append(entry)
+        return lambda: self._listeners.remove(entry) if entry in self._listeners else None
 
-    def _emit(self, kind: str) -> None:
-        for listener in list(self._listeners):
-            listener(kind)
+    def _emit(self, kind: str, layers: Sequence[str] = ()) -> None:
+        """Deliver an event; a session-caused one during a Lab action waits for its end (merged)."""
+        if self._acting and kind in SESSION_KINDS:
+            self._pending.setdefault(kind, set()).update(layers)
+            return
+        event = LabEvent(kind, tuple(layers))
+        for listener, kinds in list(self._listeners):
+            if kind in kinds:
+                listener(event)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        order = {n: i for i, n in enumerate(i.name for i in self.session.layers)}
+        for kind in SESSION_KINDS:
+            if kind in pending:
+                self._emit(kind, sorted(pending[kind], key=lambda n: order.get(n, len(order))))
 
     def _on_session_event(self, event: Event) -> None:
+        """The session changed (here or anywhere else: another cell, a script): say what."""
         if event.kind in ("trial-start", "trial-end"):
-            self._emit("busy")
-        elif not self._acting:  # a change made elsewhere: the view follows
-            self._emit("state")
+            self._emit("job")
+        elif event.kind == "masks":
+            self._emit("sparsity", event.tensors)
+        elif event.kind in ("quant", "device"):
+            self._emit("bits" if event.kind == "quant" else "device", event.tensors)
+        else:  # reset, restore, finetune, rewind: weights, masks and bits alike
+            self._emit("sparsity", event.tensors)
+            self._emit("bits", event.tensors)
 
     @property
     def busy(self) -> bool:
@@ -152,15 +192,15 @@ class LabModel:
 
     def _foreign_trial(self, timeout: float) -> bool:
         """Trial masks held by another thread (waiting up to ``timeout`` s for them to go)."""
-        state = self.session.state
-        if not state.in_trial:
+        s = self.session
+        if not s.in_trial:
             return False
-        if not state.lock.acquire(timeout=timeout) if timeout > 0 else not state.lock.acquire(blocking=False):
+        if not s.lock.acquire(timeout=timeout) if timeout > 0 else not s.lock.acquire(blocking=False):
             return True  # another thread is inside a trial (it holds the lock throughout)
         try:
             return False  # this thread holds it (re-entrant) or the trial ended: not another thread's
         finally:
-            state.lock.release()
+            s.lock.release()
 
     def _act(self) -> "_Acting":
         return _Acting(self)
@@ -272,16 +312,16 @@ class LabModel:
                     f"{n}: {why}" for n, why in list(groups.excluded.items())[:3]))
             self.push_undo()
             with self._act():
-                self.session.set_sparsity({i.name: 0.0 for i in self.session.layers
-                                           if not self.session.state.record(i.name).grouped})
+                self.session.set_sparsity({n: 0.0 for n, p in self.session.patterns.items() if not get_pattern(p).grouped})
             self.pattern = pat.name
-            self._emit("state")
+            self._emit("pattern")
             return
-        if get_pattern(self.pattern).grouped and self.session.state.channels:  # back to weights: channels restored first
+        if get_pattern(self.pattern).grouped and self.channel_total() > 0:  # back to weights: channels restored first
             self.push_undo()
             with self._act():
                 self.session.set_global_sparsity(0.0, allocation="uniform", pattern=self.pattern)
         self.pattern = pat.name
+        self._emit("pattern")
         if pat.levels() is not None:  # a pattern with a fixed level (N:M): wherever it fits
             self.set_global(1.0)
         else:
@@ -291,7 +331,7 @@ class LabModel:
     @property
     def quant(self) -> Optional[tuple[int, str]]:
         """``(bits, method)`` when every layer is quantized alike, else None (float or mixed)."""
-        held = {r.quant for r in self.session.state.records.values()}
+        held = set(self.session.quant.values())
         return held.pop() if len(held) == 1 else None
 
     def set_quant(self, quant: Optional[tuple[int, str]]) -> None:
@@ -344,23 +384,25 @@ class LabModel:
 
         self._check_idle("change the criterion")
         crit = get_criterion(criterion)  # an unknown name raises with the valid ones
-        cal = self.session.state.calibration
+        cal = self.session.calibration
         computing = bool(crit.needs) and (cal is None or not set(crit.needs) <= set(cal.needs))
         if crit.needs and cal is None:
             if self.train_data is None:
                 raise ValueError(f"criterion {criterion!r} looks at data: open the Lab with train_data=... "
                                  "(or call session.calibrate(train_data) first)")
             self.session.calibrate(self.train_data, samples=self.calibration_samples, progress=False)
-            cal = self.session.state.calibration
+            cal = self.session.calibration
         pruned = {n: s for n, s in self.session.sparsity.items() if s > 0}
         computing = computing and bool(pruned)  # else computed at the first prune
         if computing:  # one criterion's statistics are held at a time: computed at its first use
             self.set_status(f"computing the {criterion} statistics on {cal.samples} training samples...")
         self.push_undo()
         self.criterion = criterion
+        self._emit("criterion")
         by_pattern: dict[str, dict[str, float]] = {}
+        patterns = self.session.patterns
         for n, sp in pruned.items():  # each layer keeps its pattern
-            by_pattern.setdefault(self.session.state.record(n).pattern, {})[n] = sp
+            by_pattern.setdefault(patterns[n], {})[n] = sp
         with self._act():
             for pat, group in by_pattern.items():
                 self.session.set_sparsity(group, criterion=criterion, pattern=pat)
@@ -372,6 +414,7 @@ class LabModel:
         get_allocation(allocation)  # an unknown name raises with the valid ones and the closest
         self._check_idle("change the allocation")
         self.allocation = allocation
+        self._emit("allocation")
         total = self.channel_total() if get_pattern(self.pattern).grouped else self.session.total_sparsity()
         if total > 0:
             self.set_global(total)
@@ -386,6 +429,7 @@ class LabModel:
         self._check_idle("lock layers")
         self.session.layer(name)
         (self.locked.add if locked else self.locked.discard)(name)
+        self._emit("locks", (name,))
 
     def apply_plan(self, target: Optional[float] = None) -> Any:
         """Apply the sensitivity plan for ``target`` total sparsity (default: the current
@@ -524,17 +568,16 @@ class LabModel:
         self._start(job, work, background)
 
     def _start(self, job: SweepJob, work: Callable[[], None], background: bool) -> None:
-        """Run a job's ``work`` here or in a thread; whatever happens, the job ends and the view
-        follows ('busy', then 'state')."""
+        """Run a job's ``work`` here or in a thread; whatever happens, the job ends and a 'job'
+        event says so."""
         def run() -> None:
             try:
                 work()
             finally:
                 job.running = False
-                self._emit("busy")
-                self._emit("state")
+                self._emit("job")
 
-        self._emit("busy")
+        self._emit("job")
         if background:
             job.thread = threading.Thread(target=run, daemon=True)
             job.thread.start()
@@ -550,7 +593,7 @@ class LabModel:
     def measure(self, preview: bool = False) -> dict[str, Any]:
         """Evaluate (the preview subset or everything) and count; full measurements add a point."""
         s = self.session
-        with s.state.lock:  # numbers of one state, even if another thread prunes meanwhile
+        with s.lock:  # numbers of one state, even if another thread prunes meanwhile
             t0 = time.perf_counter()
             limit = min(self.policy.samples, len(s.data)) if preview else None
             result = s.evaluate(limit=limit)
@@ -613,5 +656,5 @@ class _Acting:
 
     def __exit__(self, *exc: Any) -> None:
         self.model._acting -= 1
-        if exc[0] is None:
-            self.model._emit("state")
+        if not self.model._acting:  # what the session reported meanwhile, once per kind
+            self.model._flush()

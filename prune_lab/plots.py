@@ -431,13 +431,11 @@ def criterion_scores(session: "Session", layer: str, criteria: Sequence[str] = (
     1 = kept longest) as an image, one panel per criterion, rows = output units. Ranks, not raw
     scores, so criteria on different scales share one colour scale. Data-aware criteria need
     ``session.calibrate(train_data)`` first."""
-    from .criteria import get_criterion
-
     info = session.layer(layer)
     fig = new_figure((2.6 * len(criteria), 2.8))
     axes = fig.subplots(1, len(criteria), squeeze=False)[0]
     for ax, name in zip(axes, criteria):
-        keys = session.state.keys([layer], get_criterion(name), seed)[0].cpu()
+        keys = session.importance(layer, name, seed).cpu()
         rank = np.empty(keys.numel())
         rank[np.argsort(keys.numpy(), kind="stable")] = np.arange(keys.numel()) / max(keys.numel() - 1, 1)
         image = rank.reshape(info.shape[0], -1)

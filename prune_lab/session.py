@@ -18,7 +18,7 @@ from . import export as _export
 from . import recipes as _recipes
 from .allocation import LayerCollapseWarning
 from .cache import cache_dir
-from .criteria import Criterion
+from .criteria import Criterion, get_criterion
 from .devices import DeviceLike, model_device, resolve_device
 from .evaluate import Evaluator
 from .layers import Coverage, LayerInfo, prunable_layers
@@ -131,6 +131,32 @@ class Session:
     def total_sparsity(self) -> float:
         return self.state.total_sparsity()
 
+    def importance(self, name: str, criterion: Union[str, Callable, Criterion] = "magnitude",
+                   seed: Optional[int] = None) -> Tensor:
+        """Per weight of layer ``name``, the key ``criterion`` ranks it by (lowest pruned first), from the base weights."""
+        crit = get_criterion(criterion)
+        self.state.refresh_calibration(crit)
+        return self.state.keys([self.layer(name).name], crit, self.seed if seed is None else int(seed))[0]
+
+    @property
+    def patterns(self) -> dict[str, str]:
+        """Per layer, the pattern its mask was set with (``"unstructured"``, ``"2:4"``, ``"channels"``...)."""
+        return {n: r.pattern for n, r in self.state.records.items()}
+
+    def mask_token(self, name: str) -> int:
+        """Equal tokens mean the layer's mask is unchanged (for a view's caches)."""
+        return self.state.record(name).token
+
+    @property
+    def lock(self) -> Any:
+        """The state's re-entrant lock: hold it to read numbers of one state while other threads prune."""
+        return self.state.lock
+
+    @property
+    def in_trial(self) -> bool:
+        """Whether a sweep holds trial masks in the model now (pruning and export wait)."""
+        return self.state.in_trial
+
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` after every change (an ``Event`` naming the layers changed)."""
         return self.state.subscribe(listener)
@@ -236,6 +262,11 @@ class Session:
         return self.state.calibrate(request)
 
     @property
+    def calibration(self) -> Any:
+        """The statistics of the last :meth:`calibrate` (``calibration.Calibration``), or None."""
+        return self.state.calibration
+
+    @property
     def calibration_passes(self) -> int:
         """How many times :meth:`calibrate` computed statistics (not served from its cache)."""
         return self.state.calibration_passes
@@ -309,6 +340,11 @@ class Session:
     def set_global_bits(self, bits: Optional[int], method: str = "uniform") -> "Session":
         """:meth:`set_bits` for every prunable layer."""
         return self.set_bits({i.name: bits for i in self.layers}, method)
+
+    @property
+    def quant(self) -> dict[str, Optional[tuple[int, str]]]:
+        """Per layer, ``(bits, method)`` of its quantization (None: float)."""
+        return {n: r.quant for n, r in self.state.records.items()}
 
     @property
     def bits(self) -> dict[str, Optional[int]]:

@@ -10,7 +10,7 @@ import functools
 import html
 import io
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import ipywidgets as W
 import torch
@@ -20,7 +20,7 @@ from ..allocation import list_allocations
 from ..criteria import list_criteria
 from ..devices import device_name as _device_name
 from ..formats import fmt_bytes, fmt_count, fmt_delta as _fmt_delta, fmt_metric as _fmt_metric
-from ..lab_model import LabModel
+from ..lab_model import LabEvent, LabModel
 from ..session import Session
 from .percent_slider import STYLE as _PERCENT_STYLE, PercentSlider, to_percent
 
@@ -106,7 +106,7 @@ class Lab:
         self._dragging = False
         self._last_event = 0.0
         self._build()
-        self.model.observe(self._on_model)
+        self._subscribe()
         self.refresh()
 
     # the model's state, read through the view for convenience
@@ -283,21 +283,48 @@ class Lab:
         display(self.widget)
 
     # ------------------------------------------------------------------ the model speaks
-    def _on_model(self, kind: str) -> None:
-        if kind == "state":
+    def _subscribe(self) -> None:
+        """One handler per kind of Lab event: each touches only the controls that show it."""
+        observe = self.model.observe
+        observe(self._on_sparsity, "sparsity")
+        observe(self._on_bits, "bits")
+        observe(self._on_choice, "pattern", "criterion", "allocation", "locks", "device")
+        observe(self._on_job, "job")
+        observe(lambda _e: self._job_bar(), "progress")
+        observe(self._on_status, "status")
+
+    def _on_sparsity(self, event: LabEvent) -> None:
+        """Masks or weights changed: those layers' sliders (all, under channels: groups couple
+        them) and the global slider follow, then the numbers."""
+        self._sync_sliders(None if self.model.grouped or not event.layers else event.layers)
+        self._changed()
+
+    def _on_bits(self, _event: LabEvent) -> None:
+        self._sync_choices()
+        self._changed()
+
+    def _on_choice(self, event: LabEvent) -> None:
+        """A Lab choice changed: its control follows; a pattern or device also changes what the
+        sliders and numbers show."""
+        if event.kind in ("pattern", "device"):
             self._sync_controls()
             self._changed()
-        elif kind == "busy":
-            busy = self.model.busy
-            self._set_controls_disabled(busy)
-            job = self.model.job
-            self.stop_button.disabled = not (busy and job.kind != "finetune")
-            self.ft_stop_button.disabled = not (busy and job.kind == "finetune")
-            self._job_bar().layout.visibility = "visible" if busy or job.total else "hidden"
-        elif kind == "progress":
-            self._job_bar()
-        elif kind == "status":
-            self.status.value = self.model.status
+        else:
+            self._sync_choices()
+
+    def _on_job(self, _event: LabEvent) -> None:
+        busy = self.model.busy
+        self._set_controls_disabled(busy)
+        job = self.model.job
+        self.stop_button.disabled = not (busy and job.kind != "finetune")
+        self.ft_stop_button.disabled = not (busy and job.kind == "finetune")
+        self._job_bar().layout.visibility = "visible" if busy or job.total else "hidden"
+        if not busy:  # a job ended (or trial masks went): its results are drawn
+            self._sync_controls()
+            self._changed()
+
+    def _on_status(self, _event: LabEvent) -> None:
+        self.status.value = self.model.status
 
     def _job_bar(self) -> Any:
         """The running job's progress bar (sweep or fine-tune), moved to where the job is."""
@@ -407,10 +434,16 @@ class Lab:
 
     def _sync_controls(self) -> None:
         """Move every control to what the session holds, without firing callbacks."""
+        self._sync_sliders(None)
+        self._sync_choices()
+
+    def _sync_sliders(self, layers: Optional[Sequence[str]]) -> None:
+        """The sliders of ``layers`` (None: all), their labels and the global slider."""
         self._syncing = True
         try:
             channels = self.model.grouped
-            for name, slider in self.sliders.items():
+            for name in self.sliders if layers is None else [n for n in layers if n in self.sliders]:
+                slider = self.sliders[name]
                 fraction = self.model.channel_fraction(name) if channels else None
                 self._set_slider(slider, fraction if fraction is not None else self.session.sparsity[name])
                 text = self.model.channel_text(name) if channels else ""
@@ -423,6 +456,13 @@ class Lab:
             else:
                 self._set_slider(self.global_slider, self.session.total_sparsity())
             self.speed_button.layout.display = "" if channels else "none"
+        finally:
+            self._syncing = False
+
+    def _sync_choices(self) -> None:
+        """The dropdowns and locks: device, criterion, allocation, pattern, quantization."""
+        self._syncing = True
+        try:
             self.device.value = _device_name(self.session.device)
             self.criterion.value = self.model.criterion
             self.allocation.value = self.model.allocation
@@ -535,7 +575,7 @@ class Lab:
         hist = self.panels["histogram"]
         base = s.original_weight(name)
         figure_key = (name, self.log_counts.value, s.device, id(base))
-        mask_key = (figure_key, s.state.record(name).token)
+        mask_key = (figure_key, s.mask_token(name))
         if figure_key != getattr(hist, "key", None):
             fig = hist.fig
             if fig is None:

@@ -317,8 +317,8 @@ def test_finetune_stop_keeps_what_was_learned(demo_session, digits):
     before = s.snapshot()
     stops = []
 
-    def stop_after_3(kind):
-        if kind == "progress" and lab.job.done == 3:
+    def stop_after_3(event):
+        if event.kind == "progress" and lab.job.done == 3:
             stops.append(1)
             lab.stop()
 
@@ -398,3 +398,16 @@ def test_channels_pattern_moves_whole_channels_and_measures_the_compact_model(de
     lab.pattern.value = "unstructured"
     assert not s.state.channels and lab.labels["measured"].value == ""
     assert not lab.sliders[output].disabled
+
+
+def test_a_slider_move_re_syncs_only_its_own_slider(lab, monkeypatch):
+    """Typed events: the Lab hears 'sparsity of fc2' and touches that slider, not every control."""
+    synced, choices = [], []
+    sync_sliders = lab._sync_sliders
+    monkeypatch.setattr(lab, "_sync_sliders", lambda layers: (synced.append(layers), sync_sliders(layers)))
+    monkeypatch.setattr(lab, "_sync_choices", lambda: choices.append(1))
+    lab.sliders["fc2"].value = 40
+    assert synced == [("fc2",)] and choices == []
+    assert lab.session.pruned_counts["fc2"] == round(0.4 * 84 * 120)
+    lab.session.set_sparsity({"conv2": 0.5, "fc1": 0.25})  # from another cell: both follow
+    assert synced[-1] == ("conv2", "fc1") and lab.sliders["fc1"].value == 25
