@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import matplotlib
@@ -107,8 +108,8 @@ def placeholder(figsize: tuple[float, float], text: str) -> PlotFigure:
     return fig
 
 
-def new_figure(figsize: tuple[float, float]) -> PlotFigure:
-    """A figure; in a plain script (no IPython) it is also registered with pyplot, so
+def new_figure(figsize: tuple[float, float], figure_class: type = PlotFigure) -> PlotFigure:
+    """A figure (of ``figure_class``, a PlotFigure); in a plain script (no IPython) it is also registered with pyplot, so
     ``plt.show()`` shows it. In notebooks it is shown once, by its own display."""
     import sys
 
@@ -118,8 +119,8 @@ def new_figure(figsize: tuple[float, float]) -> PlotFigure:
     if not in_ipython and not headless and "matplotlib.pyplot" in sys.modules:
         import matplotlib.pyplot as plt
 
-        return plt.figure(figsize=figsize, layout="constrained", FigureClass=PlotFigure)
-    return PlotFigure(figsize=figsize, layout="constrained")
+        return plt.figure(figsize=figsize, layout="constrained", FigureClass=figure_class)
+    return figure_class(figsize=figsize, layout="constrained")
 
 
 def magnitude_threshold(weights: np.ndarray, keep: np.ndarray) -> Optional[float]:
@@ -132,6 +133,47 @@ def magnitude_threshold(weights: np.ndarray, keep: np.ndarray) -> Optional[float
     return pruned_max
 
 
+@dataclass
+class LayerHistogram:
+    """The artists of one layer's weight histogram (:func:`draw_layer_histogram`), kept so a new
+    mask moves them in place: the original weights and bin edges, the per-bin total, the kept
+    (blue) and pruned (red, stacked on top) step patches, the pruned band and threshold lines."""
+
+    ax: Axes
+    weights: np.ndarray
+    edges: np.ndarray
+    total: np.ndarray
+    kept_bars: Any
+    pruned_bars: Any
+    band: Any
+    lines: list
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(kept, pruned) weights per bin, as drawn."""
+        kept = np.asarray(self.kept_bars.get_data().values)
+        pruned = np.asarray(self.pruned_bars.get_data().values) - np.asarray(self.pruned_bars.get_data().baseline)
+        return kept, pruned
+
+    def update(self, keep: np.ndarray, title: str = "") -> list:
+        """Re-split the bars into kept/pruned for a new mask, move the threshold lines and band;
+        returns the artists that changed. Axis limits never change: each bin's stacked total is
+        the whole weight histogram."""
+        w, edges, ax = self.weights, self.edges, self.ax
+        k = keep.reshape(-1)
+        kept, _ = np.histogram(w[k], bins=edges)
+        self.kept_bars.set_data(kept, edges, baseline=0)
+        self.pruned_bars.set_data(self.total, edges, baseline=kept)
+        t = magnitude_threshold(w, k)
+        for line, x in zip(self.lines, (-(t or 0.0), t or 0.0)):
+            line.set_xdata([x, x])
+            line.set_visible(t is not None)
+        self.band.set_x(-(t or 0.0))
+        self.band.set_width(2 * (t or 0.0))
+        self.band.set_visible(t is not None)
+        ax.set_title(title, fontsize=9)
+        return [self.kept_bars, self.pruned_bars, self.band, *self.lines, ax.title]
+
+
 def draw_layer_histogram(
     ax: Axes,
     weights: np.ndarray,
@@ -139,13 +181,10 @@ def draw_layer_histogram(
     title: str = "",
     bins: int = 60,
     log: bool = False,
-) -> None:
+) -> LayerHistogram:
     """Stacked histogram of kept (blue) and pruned (red, on top) original weights; the magnitude
-    threshold marked. Bin counts per series: :func:`histogram_counts`.
-
-    The bar, threshold and band artists always exist (hidden when unused) so
-    :func:`update_layer_histogram` can move them in place for a new mask.
-    """
+    threshold marked. Returns its :class:`LayerHistogram`, whose ``update(keep)`` moves the
+    artists in place for a new mask (they always exist, hidden when unused)."""
     ax.clear()
     w = weights.reshape(-1)
     lim = float(np.abs(w).max()) or 1.0
@@ -154,10 +193,9 @@ def draw_layer_histogram(
     # two step patches (not 2 x bins bars): cheap to draw and to update in place
     kept_bars = ax.stairs(total, edges, baseline=0, fill=True, color=KEPT_COLOR, label="kept", gid="kept")
     pruned_bars = ax.stairs(total, edges, baseline=total, fill=True, color=PRUNED_COLOR, label="pruned", gid="pruned")
-    ax.axvspan(0, 0, color=PRUNED_COLOR, alpha=0.12, gid="pruned-region")
-    for _ in range(2):
-        ax.axvline(0, color=PRUNED_COLOR, linestyle="--", linewidth=1, gid="threshold")
-    ax._prune_lab_hist = (w, edges, total, kept_bars, pruned_bars)  # for in-place updates
+    band = ax.axvspan(0, 0, color=PRUNED_COLOR, alpha=0.12, gid="pruned-region")
+    lines = [ax.axvline(0, color=PRUNED_COLOR, linestyle="--", linewidth=1, gid="threshold") for _ in range(2)]
+    hist = LayerHistogram(ax, w, edges, total, kept_bars, pruned_bars, band, lines)
     if log:
         ax.set_yscale("log")
         ax.set_ylim(0.8, max(float(total.max()), 1.0) * 1.5)
@@ -167,37 +205,24 @@ def draw_layer_histogram(
     ax.set_xlabel("weight")
     ax.set_ylabel("count (log)" if log else "count")
     ax.legend(handles=[kept_bars, pruned_bars], loc="upper right", fontsize=9, framealpha=0.8)
-    update_layer_histogram(ax, keep, title)
+    hist.update(keep, title)
+    return hist
 
 
-def histogram_counts(ax: Axes) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, pruned) weights per bin as drawn by :func:`draw_layer_histogram`."""
-    _, _, total, kept_bars, pruned_bars = ax._prune_lab_hist
-    kept = np.asarray(kept_bars.get_data().values)
-    pruned = np.asarray(pruned_bars.get_data().values) - np.asarray(pruned_bars.get_data().baseline)
-    return kept, pruned
+def histogram_counts(hist: LayerHistogram) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, pruned) weights per bin as drawn (``LayerHistogram.counts``)."""
+    return hist.counts()
 
 
-def update_layer_histogram(ax: Axes, keep: np.ndarray, title: str = "") -> list:
-    """Re-split the bars of :func:`draw_layer_histogram` into kept/pruned for a new mask, move
-    the threshold lines and band; returns the artists that changed. Axis limits never change:
-    each bin's stacked total is the whole weight histogram."""
-    w, edges, total, kept_bars, pruned_bars = ax._prune_lab_hist
-    k = keep.reshape(-1)
-    kept, _ = np.histogram(w[k], bins=edges)
-    kept_bars.set_data(kept, edges, baseline=0)
-    pruned_bars.set_data(total, edges, baseline=kept)
-    t = magnitude_threshold(w, k)
-    lines = [a for a in ax.lines if a.get_gid() == "threshold"]
-    band = [a for a in ax.patches if a.get_gid() == "pruned-region"][0]
-    for line, x in zip(lines, (-(t or 0.0), t or 0.0)):
-        line.set_xdata([x, x])
-        line.set_visible(t is not None)
-    band.set_x(-(t or 0.0))
-    band.set_width(2 * (t or 0.0))
-    band.set_visible(t is not None)
-    ax.set_title(title, fontsize=9)
-    return [kept_bars, pruned_bars, band, *lines, ax.title]
+def update_layer_histogram(hist: LayerHistogram, keep: np.ndarray, title: str = "") -> list:
+    """``hist.update(keep, title)``: the changed artists."""
+    return hist.update(keep, title)
+
+
+class HistogramFigure(PlotFigure):
+    """:func:`weight_histograms`' figure: ``histograms[layer]`` is each panel's :class:`LayerHistogram`."""
+
+    histograms: dict
 
 
 def weight_histograms(
@@ -217,7 +242,8 @@ def weight_histograms(
         session.layer(name)
     ncols = max(1, min(ncols, len(names)))
     nrows = math.ceil(len(names) / ncols)
-    fig = new_figure((3.6 * ncols, 2.6 * nrows))
+    fig = new_figure((3.6 * ncols, 2.6 * nrows), HistogramFigure)
+    fig.histograms = {}
     axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
     sparsity = session.sparsity
     for ax, name in zip(axes, names):
@@ -225,7 +251,7 @@ def weight_histograms(
         w = session.original_weight(name).detach().float().cpu().numpy()
         keep = session.mask(name).cpu().numpy()
         shape = "x".join(map(str, info.shape))
-        draw_layer_histogram(ax, w, keep, f"{name} ({shape}) - {sparsity[name]:.1%} pruned", bins, log)
+        fig.histograms[name] = draw_layer_histogram(ax, w, keep, f"{name} ({shape}) - {sparsity[name]:.1%} pruned", bins, log)
     for ax in axes[len(names):]:
         ax.set_visible(False)
     if names:
@@ -301,11 +327,18 @@ def sensitivity_heatmap(result: Any, key: Optional[str] = None) -> Figure:
     return fig
 
 
+class TradeoffFigure(PlotFigure):
+    """:func:`tradeoff_points`' figure; ``fitted``: its limits were fitted to the points once
+    (afterwards ``grow_only`` updates only widen them)."""
+
+    fitted: bool = False
+
+
 def tradeoff_points(points: Sequence[dict[str, Any]], current: Optional[int] = None, metric: str = "accuracy") -> Figure:
     """Every configuration tried: ``metric`` against sparse bytes and against effective MACs,
     Pareto fronts drawn, ``points[current]`` highlighted. Update in place with
     :func:`update_tradeoff_points`."""
-    fig = new_figure((7.0, 3.0))
+    fig = new_figure((7.0, 3.0), TradeoffFigure)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (key, label) in zip(axes, (("sparse_bytes", "sparse file bytes"), ("effective_macs", "effective MACs"))):
         ax.plot([], [], "o", color="#999999", markersize=4, gid="points", alpha=0.7)
@@ -348,16 +381,17 @@ def update_tradeoff_points(
             ylo, yhi = min(scores), max(scores)
             pad = max(0.01, (yhi - ylo) * 0.08)
             old_x, old_y = ax.get_xlim(), ax.get_ylim()
-            if not grow_only or not getattr(ax, "_prune_lab_fitted", False):
+            if not grow_only or not getattr(fig, "fitted", False):
                 ax.set_xlim(lo / 1.3, hi * 1.3)
                 ax.set_ylim(ylo - pad, yhi + pad)
-                ax._prune_lab_fitted = True
             else:
                 if lo < old_x[0] or hi > old_x[1]:
                     ax.set_xlim(min(old_x[0], lo / 2), max(old_x[1], hi * 2))
                 if ylo < old_y[0] or yhi > old_y[1]:
                     ax.set_ylim(min(old_y[0], ylo - 4 * pad), max(old_y[1], yhi + pad))
             changed = changed or (ax.get_xlim(), ax.get_ylim()) != (old_x, old_y)
+    if points and isinstance(fig, TradeoffFigure):
+        fig.fitted = True
     return changed
 
 

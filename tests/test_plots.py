@@ -28,8 +28,10 @@ def test_weight_histograms_mark_threshold_and_pruned_mass(demo_session):
     assert sorted(line.get_xdata()[0] for line in lines) == pytest.approx([-t, t])
     assert len(_artists(ax, "pruned-region")) == 1
     # the red bars hold exactly the pruned weights, the blue ones the kept
-    kept_counts, pruned_counts = pl.plots.histogram_counts(ax)
-    edges = ax._prune_lab_hist[1]
+    hist = fig.histograms["fc1"]
+    assert hist.ax is ax
+    kept_counts, pruned_counts = pl.plots.histogram_counts(hist)
+    edges = hist.edges
     assert np.array_equal(pruned_counts, np.histogram(pruned, bins=edges)[0])
     assert kept_counts.sum() == w.size - pruned.size and pruned_counts.sum() == pruned.size
     assert "75.0% pruned" in ax.get_title()
@@ -44,11 +46,12 @@ def test_histogram_updates_in_place_for_a_new_mask(demo_session):
     w = demo_session.original_weight("fc2").numpy()
     fig = new_figure((4, 3))
     ax = fig.subplots()
-    draw_layer_histogram(ax, w, demo_session.mask("fc2").numpy(), "dense")
+    hist = draw_layer_histogram(ax, w, demo_session.mask("fc2").numpy(), "dense")
     ylim = ax.get_ylim()
     demo_session.set_sparsity({"fc2": 0.6})
-    changed = update_layer_histogram(ax, demo_session.mask("fc2").numpy(), "60%")
-    assert pl.plots.histogram_counts(ax)[1].sum() == round(0.6 * w.size)
+    changed = update_layer_histogram(hist, demo_session.mask("fc2").numpy(), "60%")
+    assert pl.plots.histogram_counts(hist)[1].sum() == round(0.6 * w.size)
+    assert not hasattr(ax, "_prune_lab_hist")  # the artists live in the returned dataclass, not on the Axes
     assert ax.get_ylim() == ylim and ax.get_title() == "60%"
     t = np.abs(w[~demo_session.mask("fc2").numpy()]).max()
     assert sorted(line.get_xdata()[0] for line in _artists(ax, "threshold")) == pytest.approx([-t, t])
@@ -157,3 +160,26 @@ def test_the_labs_tradeoff_panel_reads_bytes_counts_and_percent(demo_session):
     lo, hi = fig.axes[0].get_ylim()
     ys = [t.label1.get_text() for t in fig.axes[0].yaxis.get_major_ticks() if lo <= t.get_loc() <= hi]
     assert len(ys) >= 3 and all(y.endswith("%") for y in ys), ys
+
+
+def test_tradeoff_points_fit_once_then_only_grow():
+    """The live trade-off panel: limits fitted to the first points, then widened only when a
+    point falls outside (a redraw), never shrunk (no redraw per slider move)."""
+    pts = [{"accuracy": 0.9, "sparse_bytes": 1000, "effective_macs": 500},
+           {"accuracy": 0.8, "sparse_bytes": 2000, "effective_macs": 900}]
+    fig = pl.plots.tradeoff_points(pts, current=1)
+    assert fig.fitted
+    ax = fig.axes[0]
+    assert ax.get_xlim() == pytest.approx((1000 / 1.3, 2000 * 1.3))
+    pad = max(0.01, 0.1 * 0.08)
+    assert ax.get_ylim() == pytest.approx((0.8 - pad, 0.9 + pad))
+    inside = pts + [{"accuracy": 0.85, "sparse_bytes": 1500, "effective_macs": 700}]
+    assert pl.plots.update_tradeoff_points(fig, inside, 2, grow_only=True) is False
+    assert ax.get_xlim() == pytest.approx((1000 / 1.3, 2000 * 1.3))
+    current = [l for l in ax.lines if l.get_gid() == "current"][0]
+    assert list(current.get_xdata()) == [1500] and list(current.get_ydata()) == [0.85]
+    outside = inside + [{"accuracy": 0.5, "sparse_bytes": 100, "effective_macs": 50}]
+    assert pl.plots.update_tradeoff_points(fig, outside, 3, grow_only=True) is True
+    assert ax.get_xlim() == pytest.approx((100 / 2, 2000 * 2))  # widened with room on both sides
+    pareto = [l for l in ax.lines if l.get_gid() == "pareto"][0]
+    assert sorted(pareto.get_xdata()) == [100, 1000]  # the cheapest and the best: 2000 B and 1500 B are dominated

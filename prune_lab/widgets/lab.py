@@ -101,6 +101,7 @@ class Lab:
         self.scale = scale
         self._syncing = False
         self._drawn_hist: Any = None
+        self._histogram: Optional[plots.LayerHistogram] = None  # the histogram panel's artists
         self._loop = _kernel_loop() if defer is None or defer else None
         self._pending = False
         self._dragging = False
@@ -583,11 +584,12 @@ class Lab:
                 fig.subplots()
             ax = fig.axes[0]  # another layer: same figure, new contents, laid out again (tick widths change)
             fig.set_layout_engine("constrained")
-            plots.draw_layer_histogram(ax, base.detach().float().cpu().numpy(), keep, title, log=self.log_counts.value)
-            hist.show(fig, plots.update_layer_histogram(ax, keep, title))
+            self._histogram = plots.draw_layer_histogram(ax, base.detach().float().cpu().numpy(), keep, title,
+                                                         log=self.log_counts.value)
+            hist.show(fig, self._histogram.update(keep, title))
             hist.key = figure_key
         elif mask_key != self._drawn_hist:
-            plots.update_layer_histogram(hist.fig.axes[0], keep, title)
+            self._histogram.update(keep, title)
             hist.blit()
         self._drawn_hist = mask_key
         self._figures["histogram"] = hist.fig
