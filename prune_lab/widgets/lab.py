@@ -129,6 +129,22 @@ class Lab:
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
+        """The controls, the numbers, the plots and the tabs that hold them."""
+        rows = self._build_layer_rows()
+        self._build_choices()
+        self._build_buttons()
+        self._build_numbers_and_plots()
+        self._build_finetune()
+        self._build_layout(rows)
+
+    def _button(self, label: str, role: str, handler: Callable, icon: str = "") -> W.Button:
+        b = W.Button(description=label, icon=icon, layout=W.Layout(width="auto"))
+        b.add_class(f"prune-lab-{role}")
+        b.on_click(lambda _b: handler())
+        return b
+
+    def _build_layer_rows(self) -> list:
+        """Per layer: lock, sparsity slider, kind/shape/params, sensitivity bar."""
         s = self.session
         self.sliders: dict[str, PercentSlider] = {}
         self.locks: dict[str, W.ToggleButton] = {}
@@ -157,7 +173,10 @@ class Lab:
             bar.add_class("prune-lab-sensbar")
             self.sliders[name], self.locks[name], self.sensitivity_bars[name] = slider, lock, bar
             rows.append(W.HBox([lock, slider, meta, bar]))
+        return rows
 
+    def _build_choices(self) -> None:
+        """The global slider and the dropdowns: allocation, criterion, pattern, quantization."""
         self.global_slider = PercentSlider(value=0, description="all layers", continuous_update=True,
                                            style={"description_width": "120px"}, layout=W.Layout(width="380px"))
         self.global_slider.add_class("prune-lab-global")
@@ -176,12 +195,9 @@ class Lab:
         self.quant.add_class("prune-lab-quant")
         self.quant.observe(self._on_quant, names="value")
 
-        def button(label: str, role: str, handler: Callable, icon: str = "") -> W.Button:
-            b = W.Button(description=label, icon=icon, layout=W.Layout(width="auto"))
-            b.add_class(f"prune-lab-{role}")
-            b.on_click(lambda _b: handler())
-            return b
-
+    def _build_buttons(self) -> None:
+        """History, sweep, plan, speed and export buttons; the device dropdown; the sweep bar."""
+        button = self._button
         self.reset_button = button("reset", "reset", self.reset, "undo-alt")
         self.undo_button = button("undo", "undo", self.undo, "arrow-left")
         self.redo_button = button("redo", "redo", self.redo, "arrow-right")
@@ -201,6 +217,8 @@ class Lab:
         self.progress = W.IntProgress(value=0, min=0, max=1, description="sweep", style=WIDE, layout=W.Layout(width="300px", visibility="hidden"))
         self.progress.add_class("prune-lab-progress")
 
+    def _build_numbers_and_plots(self) -> None:
+        """The measured numbers, the status line and the three plot panels."""
         self.labels: dict[str, W.HTML] = {}
         for key in ("mode", "accuracy", "delta", "loss", "sparsity", "nonzeros", "bytes", "compression", "macs", "speedup", "measured"):
             self.labels[key] = W.HTML()
@@ -221,7 +239,9 @@ class Lab:
         # rendered at scale x the CSS size (HiDPI), text at its point size at 100% zoom
         self.panels = {k: _BlitPanel(img, round(self.scale * self.dpi)) for k, img in self.images.items()}
 
-        # fine-tuning (needs training data: pl.Lab(session, train_data=...))
+    def _build_finetune(self) -> None:
+        """Fine-tuning controls (they need training data: ``pl.Lab(session, train_data=...)``)."""
+        button = self._button
         self.ft_steps = W.BoundedIntText(value=200, min=1, max=1_000_000, description="steps", style=WIDE,
                                          layout=W.Layout(width="160px"))
         self.ft_lr = W.BoundedFloatText(value=0.01, min=1e-6, max=10.0, step=0.001, description="learning rate", style=WIDE,
@@ -241,6 +261,8 @@ class Lab:
             self.finetune_button.disabled = True
             self.finetune_button.tooltip = "open the Lab with pl.Lab(session, train_data=...) to fine-tune"
 
+    def _build_layout(self, rows: list) -> None:
+        """The numbers above four tabs: prune, sensitivity, fine-tune, export (max 820 px wide)."""
         metrics = W.HBox([self.labels[k] for k in self.labels], layout=W.Layout(flex_flow="row wrap", grid_gap="2px 18px"))
         metrics.add_class("prune-lab-metrics")
         for label in self.labels.values():
