@@ -187,20 +187,10 @@ class SensitivityResult:
             goal = sum(locked.values())  # the locked layers alone reach it
             free, curves = [], {}
         while free:
-            best = None
-            for n in free:
-                c, i = curves[n], pos[n]
-                for j in range(i + 1, len(c)):
-                    add = round(c[j][0] * self.n_params[n]) - pruned[n]
-                    if add <= 0:
-                        continue
-                    cost = (c[j][1] - c[i][1]) / add
-                    key = (cost, -add)
-                    if best is None or key < best[0]:
-                        best = (key, n, j, add)
+            best = self._cheapest_step(free, curves, pos, pruned)
             if best is None:
                 break
-            _, n, j, add = best
+            n, j, add = best
             step_drop = curves[n][j][1] - curves[n][pos[n]][1]
             if target_sparsity is not None:
                 have = sum(pruned.values()) + sum(locked.values())
@@ -222,6 +212,23 @@ class SensitivityResult:
         sparsities = {n: pruned[n] / self.n_params[n] for n in self.layers}
         return Plan(sparsities, self._clip(self.reference[self.metric] - drop), self.reference[self.metric],
                     sum(pruned.values()) / total)
+
+    def _cheapest_step(self, free: Sequence[str], curves: dict[str, list[tuple[float, float]]], pos: dict[str, int],
+                       pruned: dict[str, int]) -> Optional[tuple[str, int, int]]:
+        """The next greedy step ``(layer, curve index, weights added)``: the least metric lost
+        per weight pruned from any layer's current point to any later one (ties: the larger
+        step); None when no layer can go further."""
+        best = None
+        for n in free:
+            c, i = curves[n], pos[n]
+            for j in range(i + 1, len(c)):
+                add = round(c[j][0] * self.n_params[n]) - pruned[n]
+                if add <= 0:
+                    continue
+                key = ((c[j][1] - c[i][1]) / add, -add)
+                if best is None or key < best[0]:
+                    best = (key, n, j, add)
+        return None if best is None else best[1:]
 
     def _clip(self, predicted: float) -> float:
         """A prediction kept within what is possible: never above the best value measured (the
@@ -266,26 +273,9 @@ def sweep(
     crit = get_criterion(criterion)
     state.refresh_calibration(crit)  # after fine-tuning: the statistics of the weights now
     pattern = pat.name
-    fixed = pat.levels()
-    levels = list((fixed or DEFAULT_LEVELS) if levels is None else levels)
-    if not levels:
-        raise ValueError("levels is empty; give sparsities in [0, 1], e.g. (0.0, 0.5, 0.9)")
-    for lv in levels:
-        check_fraction(lv, "sensitivity level")
-        if fixed is not None and lv not in fixed:
-            raise ValueError(f"pattern {pattern}: levels can only be {' and '.join(f'{f:g}' for f in fixed)}, got {lv!r}")
-    # by default the layers the pattern fits
-    names = [i.name for i in state.layers if pat.fits(i)] if layers is None else list(layers)
-    for n in names:
-        pat.check(state.layer(n))
+    levels, names = _points(state, pat, levels, layers)
     if resume is not None:
-        if resume.levels != levels and levels != list(DEFAULT_LEVELS):
-            raise ValueError("resume: levels differ from the interrupted sweep's")
-        levels, names = resume.levels, resume.layers
-        if resume.criterion != crit.name:
-            raise ValueError(f"resume: the interrupted sweep used criterion {resume.criterion!r}, not {crit.name!r}")
-        if not same_pattern(resume.pattern, pattern):
-            raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not {pattern!r}")
+        levels, names = _resumed(resume, levels, crit.name, pattern)
     reference = evaluator.evaluate()
     result = resume or SensitivityResult(
         layers=names,
@@ -307,6 +297,35 @@ def sweep(
                                     pattern)
     return _run(state, evaluator, result, progress, on_step, should_stop,
                 lambda n, lv: measure_point(state, evaluator, crit, seed, n, lv, incremental, pattern))
+
+
+def _points(state: PruningState, pat: Pattern, levels: Optional[Sequence[float]],
+            layers: Optional[Sequence[str]]) -> tuple[list[float], list[str]]:
+    """The sweep's checked levels (a pattern with fixed levels allows only those) and layers
+    (by default every layer the pattern fits)."""
+    fixed = pat.levels()
+    levels = list((fixed or DEFAULT_LEVELS) if levels is None else levels)
+    if not levels:
+        raise ValueError("levels is empty; give sparsities in [0, 1], e.g. (0.0, 0.5, 0.9)")
+    for lv in levels:
+        check_fraction(lv, "sensitivity level")
+        if fixed is not None and lv not in fixed:
+            raise ValueError(f"pattern {pat.name}: levels can only be {' and '.join(f'{f:g}' for f in fixed)}, got {lv!r}")
+    names = [i.name for i in state.layers if pat.fits(i)] if layers is None else list(layers)
+    for n in names:
+        pat.check(state.layer(n))
+    return levels, names
+
+
+def _resumed(resume: SensitivityResult, levels: list[float], criterion: str, pattern: str) -> tuple[list[float], list[str]]:
+    """The interrupted sweep's levels and layers, once its criterion and pattern match."""
+    if resume.levels != levels and levels != list(DEFAULT_LEVELS):
+        raise ValueError("resume: levels differ from the interrupted sweep's")
+    if resume.criterion != criterion:
+        raise ValueError(f"resume: the interrupted sweep used criterion {resume.criterion!r}, not {criterion!r}")
+    if not same_pattern(resume.pattern, pattern):
+        raise ValueError(f"resume: the interrupted sweep used pattern {resume.pattern!r}, not {pattern!r}")
+    return resume.levels, resume.layers
 
 
 def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels: Optional[Sequence[float]],
