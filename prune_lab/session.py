@@ -441,7 +441,7 @@ class Session:
         loss = self.loss_fn if callable(self.loss_fn) else None
         if _tradeoff.needs_groups(strategies):
             self.groups  # found before any point
-        return _tradeoff.run_tradeoff(self.state, self.evaluator, self.stats, strategies, compressions, finetune, seeds,
+        return _tradeoff.run_tradeoff(self.state, self.evaluator, self.sizes, strategies, compressions, finetune, seeds,
                                       cache, progress, cache_dir(), loss, executor=ex)
 
     # ------------------------------------------------------------------ display

@@ -105,7 +105,7 @@ def test_channel_strategies_reach_each_compression_from_below_and_leave_the_sess
     from prune_lab.workflows.tradeoff import channel_fraction
 
     s.reset()
-    fraction = channel_fraction(s.state, s.stats, 4, lambda f: s.set_global_sparsity(f, allocation="uniform", pattern="channels"))
+    fraction = channel_fraction(s.state, s.sizes, 4, lambda f: s.set_global_sparsity(f, allocation="uniform", pattern="channels"))
     assert 0 < fraction < 0.99
     assert s.evaluate()["accuracy"] == point["accuracy"] and s.stats().total["compression"] == point["compression"]
     with pytest.raises(ValueError, match="channel strategies take a group criterion"):

@@ -23,11 +23,16 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from ..devices import resolve_device
+
+if TYPE_CHECKING:
+    from ..evaluate import Evaluator
+    from ..state import PruningState
+    from ..stats import StatsTable
 
 RAY_HINT = 'Ray is not installed: pip install "prune_lab[distributed]" (or pip install ray)'
 
@@ -353,10 +358,10 @@ def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] 
 class WorkerParts:
     """What a worker measures with: the pruning state, its evaluator and stats, the loss."""
 
-    state: Any
-    evaluator: Any
-    stats: Callable[[], Any]
-    loss_fn: Any
+    state: "PruningState"
+    evaluator: "Evaluator"
+    stats: "StatsTable"
+    loss_fn: Optional[Callable[[Any, Any], Any]]
 
 
 def build_worker(spec: dict[str, Any], device: torch.device) -> WorkerParts:
@@ -392,7 +397,7 @@ def build_worker(spec: dict[str, Any], device: torch.device) -> WorkerParts:
     if cal is not None:
         state.calibrate(CalibrationRequest(cal["x"].to(device), cal["y"].to(device), cal["batch_size"], cal["hessian"],
                                            cal["probes"], cal["seed"], False, None, loss))
-    return WorkerParts(state, evaluator, StatsTable(state, uses).table, loss)
+    return WorkerParts(state, evaluator, StatsTable(state, uses), loss)
 
 
 class _Worker:

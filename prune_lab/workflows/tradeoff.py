@@ -15,6 +15,7 @@ from ..criteria import get_criterion
 from ..evaluate import Evaluator
 from ..export import weights_digest
 from ..state import PruningState
+from ..stats import StatsTable
 from .finetune import finetune as run_finetune
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def parse_strategy(strategy: Any) -> tuple[str, str]:
 def run_tradeoff(
     state: PruningState,
     evaluator: Evaluator,
-    stats: Callable[[], Any],
+    stats: StatsTable,
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
     compressions: Sequence[float] = DEFAULT_COMPRESSIONS,
     finetune: Optional[dict[str, Any]] = None,
@@ -163,38 +164,14 @@ def run_tradeoff(
     loss_fn: Any = None,
     executor: Any = None,
 ) -> TradeoffResult:
-    """See :meth:`prune_lab.Session.tradeoff`. ``stats()`` gives the current stats table;
+    """See :meth:`prune_lab.Session.tradeoff`. ``stats``: the state's size table;
     ``executor`` (a ``distributed.RayExecutor``) measures the points on its workers instead.
     Channel strategies need the state's channel groups (``channels.ensure_groups``)."""
-    from tqdm.auto import tqdm
-
-    from .._version import __version__
-
     finetune = dict(finetune or {})
-    pairs = [parse_strategy(st) for st in strategies]
-    strategies = [a if c == ("l1" if a in CHANNEL_STRATEGIES else "magnitude") else f"{a}/{c}" for a, c in pairs]
     train_data = finetune.pop("train_data", None)
-    if finetune and train_data is None:
-        raise ValueError("finetune={...} needs 'train_data': the data to fine-tune on")
-    for c in compressions:
-        if isinstance(c, bool) or not (isinstance(c, (int, float)) and c >= 1):
-            raise ValueError(f"compression {c!r} must be a number >= 1 (dense size / nonzeros)")
-    from ..criteria import get_criterion
-
-    channel_pairs = [a for a, _ in pairs if a in CHANNEL_STRATEGIES]
-    if channel_pairs and state.groups is None:
-        raise ValueError(f"channel strategies ({', '.join(channel_pairs)}) need the channel groups: use Session.tradeoff")
-    data_aware = sorted({c for a, c in pairs if a not in CHANNEL_STRATEGIES and get_criterion(c).needs})
-    if data_aware and state.calibration is None:
-        raise ValueError(f"strategies with {', '.join(data_aware)} need calibrate(train_data) first")
-    calibration = state.calibration.fingerprint if data_aware else None
-    config = {"strategies": list(strategies), "compressions": list(compressions), "finetune": finetune, "seeds": seeds,
-              "version": __version__, "metric": evaluator.metric_name, "calibration": calibration}
-    data_digest = evaluator.data.fingerprint()
-    if train_data is not None:
-        data_digest += weights_digest(list(getattr(train_data, "tensors", train_data if isinstance(train_data, (tuple, list)) else [])))
-    key = hashlib.sha256(json.dumps([state.original_digest(), data_digest, config], sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = (cache_dir / "tradeoff" / f"{key}.json") if cache_dir is not None else None
+    pairs, config = _config(state, evaluator, strategies, compressions, finetune, seeds, train_data)
+    strategies = config["strategies"]
+    path = _cache_path(state, evaluator, config, train_data, cache_dir)
     if cache and path is not None and path.exists():
         try:
             result = TradeoffResult.from_json(path)
@@ -209,17 +186,7 @@ def run_tradeoff(
     if executor is not None:
         executor.tradeoff(state, evaluator, result, points, train_data, finetune, progress)
     else:
-        saved = state.snapshot()  # the session is left exactly as it was found
-        bar = tqdm(total=len(points), desc="trade-off", disable=not progress, leave=False)
-        try:
-            for point in points:
-                result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn))
-                bar.update(1)
-        except KeyboardInterrupt:
-            result.config["interrupted"] = True
-        finally:
-            bar.close()
-            state.restore(saved)
+        _measure_here(state, evaluator, stats, result, points, train_data, finetune, loss_fn, progress)
     if cache and path is not None and not result.config.get("interrupted") and not result.missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +196,62 @@ def run_tradeoff(
     return result
 
 
-def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[], Any], point: tuple,
+def _config(state: PruningState, evaluator: Evaluator, strategies: Sequence[str], compressions: Sequence[float],
+            finetune: dict[str, Any], seeds: int, train_data: Any) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """``(allocation, criterion)`` per strategy and the run's config (the cache key's part that
+    is not data), every input checked first."""
+    from .._version import __version__
+
+    pairs = [parse_strategy(st) for st in strategies]
+    names = [a if c == ("l1" if a in CHANNEL_STRATEGIES else "magnitude") else f"{a}/{c}" for a, c in pairs]
+    if finetune and train_data is None:
+        raise ValueError("finetune={...} needs 'train_data': the data to fine-tune on")
+    for c in compressions:
+        if isinstance(c, bool) or not (isinstance(c, (int, float)) and c >= 1):
+            raise ValueError(f"compression {c!r} must be a number >= 1 (dense size / nonzeros)")
+    channel_pairs = [a for a, _ in pairs if a in CHANNEL_STRATEGIES]
+    if channel_pairs and state.groups is None:
+        raise ValueError(f"channel strategies ({', '.join(channel_pairs)}) need the channel groups: use Session.tradeoff")
+    data_aware = sorted({c for a, c in pairs if a not in CHANNEL_STRATEGIES and get_criterion(c).needs})
+    if data_aware and state.calibration is None:
+        raise ValueError(f"strategies with {', '.join(data_aware)} need calibrate(train_data) first")
+    calibration = state.calibration.fingerprint if data_aware else None
+    return pairs, {"strategies": names, "compressions": list(compressions), "finetune": finetune, "seeds": seeds,
+                   "version": __version__, "metric": evaluator.metric_name, "calibration": calibration}
+
+
+def _cache_path(state: PruningState, evaluator: Evaluator, config: dict[str, Any], train_data: Any,
+                cache_dir: Optional[Path]) -> Optional[Path]:
+    """Where this run's result is cached: keyed by the original weights, the data and the config."""
+    if cache_dir is None:
+        return None
+    data_digest = evaluator.data.fingerprint()
+    if train_data is not None:
+        data_digest += weights_digest(list(getattr(train_data, "tensors", train_data if isinstance(train_data, (tuple, list)) else [])))
+    key = hashlib.sha256(json.dumps([state.original_digest(), data_digest, config], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir / "tradeoff" / f"{key}.json"
+
+
+def _measure_here(state: PruningState, evaluator: Evaluator, stats: StatsTable, result: "TradeoffResult", points: list,
+                  train_data: Any, finetune: dict[str, Any], loss_fn: Any, progress: bool) -> None:
+    """Every point in this process, the state restored exactly afterwards; Ctrl-C keeps the
+    points measured (``config["interrupted"]``)."""
+    from tqdm.auto import tqdm
+
+    saved = state.snapshot()  # the session is left exactly as it was found
+    bar = tqdm(total=len(points), desc="trade-off", disable=not progress, leave=False)
+    try:
+        for point in points:
+            result.records.append(tradeoff_point(state, evaluator, stats, point, train_data, finetune, loss_fn))
+            bar.update(1)
+    except KeyboardInterrupt:
+        result.config["interrupted"] = True
+    finally:
+        bar.close()
+        state.restore(saved)
+
+
+def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: StatsTable, point: tuple,
                    train_data: Any = None, finetune: Optional[dict[str, Any]] = None, loss_fn: Any = None) -> dict[str, Any]:
     """One trade-off point ``(seed, strategy, allocation, criterion, compression)``: from the
     original model, pruned by the strategy, measured, and fine-tuned when ``train_data`` is
@@ -245,7 +267,7 @@ def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[]
     else:
         state.refresh_calibration(get_criterion(criterion))  # the statistics of the weights as they are
         apply_global(state, 1 - 1 / c, allocation=allocation, criterion=criterion, seed=seed)
-    ev, st = evaluator.evaluate(), stats().total
+    ev, st = evaluator.evaluate(), stats.table().total
     record = {
         "strategy": strategy, "target_compression": c, "seed": seed,
         "sparsity": st["sparsity"], "compression": st["params"] / max(st["nonzeros"], 1),
@@ -256,11 +278,11 @@ def tradeoff_point(state: PruningState, evaluator: Evaluator, stats: Callable[[]
         ft = run_finetune(state, evaluator, train_data, seed=seed, progress=False, loss_fn=loss_fn,
                           criterion="magnitude" if channels else criterion, **(finetune or {}))
         record[f"{metric}_finetuned"] = ft.evaluations[-1][metric] if ft.evaluations else None
-        record["compression_finetuned"] = sum(i.n_params for i in state.layers) / max(stats().total["nonzeros"], 1)
+        record["compression_finetuned"] = sum(i.n_params for i in state.layers) / max(stats.table().total["nonzeros"], 1)
     return record
 
 
-def channel_fraction(state: PruningState, stats: Callable[[], Any], compression: float,
+def channel_fraction(state: PruningState, stats: StatsTable, compression: float,
                      prune: Callable[[float], None], steps: int = 12) -> float:
     """Prune whole channels to the largest fraction whose compression (prunable params /
     nonzeros) does not exceed ``compression`` (bisection; compression grows with the fraction).
@@ -269,12 +291,12 @@ def channel_fraction(state: PruningState, stats: Callable[[], Any], compression:
         return 0.0
     lo, hi = 0.0, 0.99
     prune(hi)
-    if stats().total["compression"] <= compression:
+    if stats.table().total["compression"] <= compression:
         return hi  # the most channel pruning can do (each group keeps a channel)
     for _ in range(steps):
         mid = (lo + hi) / 2
         prune(mid)
-        if stats().total["compression"] <= compression:
+        if stats.table().total["compression"] <= compression:
             lo = mid
         else:
             hi = mid
