@@ -32,19 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .criteria import LayerStats
 from .measure import WeightIndex, eval_mode, model_logits, unfused, weight_uses
 
 STATISTICS = ("act_norm", "grad", "fisher")
-
-
-@dataclass
-class LayerStats:
-    """What a data-aware criterion reads for one layer (weight-shaped float32 tensors or None)."""
-
-    act_norm: Optional[Tensor] = None
-    grad: Optional[Tensor] = None
-    fisher: Optional[Tensor] = None
-    hessian: Optional[Tensor] = None  # the Hessian diagonal OBD uses: the Fisher or Hutchinson's
 
 
 Compute = Callable[[tuple[str, ...]], "dict[str, LayerStats]"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -34,6 +34,17 @@ from .masks import magnitude_keys, ordered_keys
 from .registry import Registry, describe
 
 ScoreFn = Callable[..., Tensor]
+
+
+@dataclass
+class LayerStats:
+    """What a data-aware criterion reads for one layer (weight-shaped float32 tensors or None),
+    computed by ``calibration.py`` from training data."""
+
+    act_norm: Optional[Tensor] = None
+    grad: Optional[Tensor] = None
+    fisher: Optional[Tensor] = None
+    hessian: Optional[Tensor] = None  # the Hessian diagonal OBD uses: the Fisher or Hutchinson's
 
 
 @dataclass(frozen=True)
@@ -52,12 +63,12 @@ class Criterion:
     needs: tuple[str, ...] = ()
     scores_fn: Optional[Callable[..., Tensor]] = None  # float importance per entry, where a sum of them means something
 
-    def keys(self, weight: Tensor, *, layer: str, seed: int, stats: Any = None) -> Tensor:
+    def keys(self, weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats] = None) -> Tensor:
         if self.needs:
             return self.keys_fn(weight, layer=layer, seed=seed, stats=stats)
         return self.keys_fn(weight, layer=layer, seed=seed)
 
-    def scores(self, weight: Tensor, *, layer: str, seed: int, stats: Any = None) -> Tensor:
+    def scores(self, weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats] = None) -> Tensor:
         """Float64 importance of every entry, shaped like ``weight``: what a channel criterion
         sums over a channel's entries (keys only order entries; their sum means nothing)."""
         if self.scores_fn is None:
@@ -86,7 +97,7 @@ def register_criterion(name: str, *, weight_dependent: bool = True, needs: Seque
 
 
 def _scores_to_keys(fn: ScoreFn, with_stats: bool = False) -> Callable[..., Tensor]:
-    def keys(weight: Tensor, *, layer: str, seed: int, stats: Any = None) -> Tensor:
+    def keys(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats] = None) -> Tensor:
         scores = fn(weight, layer=layer, seed=seed, stats=stats) if with_stats else fn(weight, layer=layer, seed=seed)
         if not isinstance(scores, Tensor) or scores.numel() != weight.numel():
             raise ValueError(
@@ -143,28 +154,28 @@ CRITERIA.register("random", Criterion("random", _random_keys, weight_dependent=F
 
 
 # ---------------------------------------------------------------------- data-aware criteria
-def _stat(stats: Any, key: str, layer: str, criterion: str) -> Tensor:
+def _stat(stats: Optional[LayerStats], key: str, layer: str, criterion: str) -> Tensor:
     value = getattr(stats, key, None) if stats is not None else None
     if value is None:
         raise ValueError(f"criterion {criterion!r} has no {key!r} statistics for layer {layer!r}; call calibrate(train_data) first")
     return value
 
 
-def _taylor_scores(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+def _taylor_scores(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
     g = _stat(stats, "grad", layer, "taylor")
     return (weight.detach().double() * g.double()).abs()
 
 
-def _obd_scores(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+def _obd_scores(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
     h = _stat(stats, "hessian", layer, "obd")
     return 0.5 * h.double() * weight.detach().double() ** 2
 
 
-def _taylor_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+def _taylor_keys(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
     return ordered_keys(_taylor_scores(weight, layer=layer, seed=seed, stats=stats))
 
 
-def _obd_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+def _obd_keys(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
     return ordered_keys(_obd_scores(weight, layer=layer, seed=seed, stats=stats))
 
 
@@ -173,7 +184,7 @@ def wanda_scores(weight: Tensor, act_norm: Tensor) -> Tensor:
     return weight.detach().double().abs() * act_norm.double()
 
 
-def _wanda_keys(weight: Tensor, *, layer: str, seed: int, stats: Any) -> Tensor:
+def _wanda_keys(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
     act = _stat(stats, "act_norm", layer, "wanda")
     if not bool(act.any()):
         raise ValueError(f"wanda: calibration saw no inputs for layer {layer!r} (transposed and 3-D convolutions are "

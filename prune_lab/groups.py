@@ -227,6 +227,55 @@ def _grouped_reason(module: nn.Module, modname: str, is_out: bool, idxs: Tensor,
     return ""
 
 
+def _read_group(g: Any, graph: Any, module_names: dict, params: dict, param_to_layer: dict[str, str]
+                ) -> tuple[dict[tuple[str, int], tuple[Tensor, str]], list[str], list[str], str, int]:
+    """One Torch-Pruning group read as prune_lab's: per (tensor, dim) the root channel of each
+    index (-1 where not in the group) and its role, the producing and touched layers (unsorted),
+    why it cannot be pruned faithfully ("" when it can) and the channel period (grouped convs)."""
+    size = len(g[0].idxs)
+    reason = ""
+    period = 1
+    members: dict[tuple[str, int], tuple[Tensor, str]] = {}
+    producers: list[str] = []
+    touched: list[str] = []
+    for item in g:
+        dep = item.dep
+        node, module = dep.target, dep.target.module
+        modname = module_names.get(module, getattr(node, "name", "?"))
+        is_out = graph.is_out_channel_pruning_fn(dep.handler)
+        if is_out and len(node.outputs) == 0:  # what this node outputs is the model's output
+            reason = reason or f"its channels are the model's output (at {modname!r})"
+
+        fn = getattr(dep.handler, "__name__", "")
+        tensors, why = _tensor_members(module, modname, is_out, "depthwise" in fn)
+        reason = reason or why
+        conv_groups = _conv_groups(module)
+        idxs = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
+        roots = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+        if conv_groups > 1:
+            why = _grouped_reason(module, modname, is_out, idxs, roots, size)
+            reason = reason or why
+            period = math.lcm(period, conv_groups)
+            if not is_out:  # the input columns: channel c of convolution group 0 stands for its class
+                width = module.in_channels // conv_groups
+                idxs, roots = idxs[idxs < width], roots[idxs < width]
+        for key, dim, role in tensors:
+            t = params.get(key)
+            if t is None:
+                continue
+            root = members.get((key, dim), (torch.full((t.shape[dim],), -1, dtype=torch.long), role))[0]
+            if len(idxs) and int(idxs.max()) >= t.shape[dim]:
+                reason = reason or f"Torch-Pruning's indices for {key!r} exceed its shape"
+                continue
+            root[idxs] = roots
+            members[(key, dim)] = (root, role)
+            if key in param_to_layer:
+                touched.append(param_to_layer[key])
+                if role == "out":
+                    producers.append(param_to_layer[key])
+    return members, producers, touched, reason, period
+
+
 def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> Groups:
     """The channel groups of ``model`` (not modified: a copy is traced), for the prunable
     ``layers`` (``LayerInfo``: name and qualified parameter name). Never raises for a model
@@ -250,46 +299,7 @@ def find_groups(model: nn.Module, layers: Sequence[Any], example_input: Any) -> 
     excluded: dict[str, str] = {}
     for g in raw:
         size = len(g[0].idxs)
-        reason = ""
-        period = 1
-        members: dict[tuple[str, int], tuple[Tensor, str]] = {}
-        producers: list[str] = []
-        touched: list[str] = []
-        for item in g:
-            dep = item.dep
-            node, module = dep.target, dep.target.module
-            modname = module_names.get(module, getattr(node, "name", "?"))
-            is_out = graph.is_out_channel_pruning_fn(dep.handler)
-            if is_out and len(node.outputs) == 0:  # what this node outputs is the model's output
-                reason = reason or f"its channels are the model's output (at {modname!r})"
-
-            fn = getattr(dep.handler, "__name__", "")
-            tensors, why = _tensor_members(module, modname, is_out, "depthwise" in fn)
-            reason = reason or why
-            conv_groups = _conv_groups(module)
-            idxs = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
-            roots = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
-            if conv_groups > 1:
-                why = _grouped_reason(module, modname, is_out, idxs, roots, size)
-                reason = reason or why
-                period = math.lcm(period, conv_groups)
-                if not is_out:  # the input columns: channel c of convolution group 0 stands for its class
-                    width = module.in_channels // conv_groups
-                    idxs, roots = idxs[idxs < width], roots[idxs < width]
-            for key, dim, role in tensors:
-                t = params.get(key)
-                if t is None:
-                    continue
-                root = members.get((key, dim), (torch.full((t.shape[dim],), -1, dtype=torch.long), role))[0]
-                if len(idxs) and int(idxs.max()) >= t.shape[dim]:
-                    reason = reason or f"Torch-Pruning's indices for {key!r} exceed its shape"
-                    continue
-                root[idxs] = roots
-                members[(key, dim)] = (root, role)
-                if key in param_to_layer:
-                    touched.append(param_to_layer[key])
-                    if role == "out":
-                        producers.append(param_to_layer[key])
+        members, producers, touched, reason, period = _read_group(g, graph, module_names, params, param_to_layer)
         producers = sorted(dict.fromkeys(producers), key=lambda n: order.get(n, 1 << 30))
         if not producers:
             continue

@@ -26,6 +26,7 @@ from .layers import LayerInfo
 
 if TYPE_CHECKING:
     from .calibration import Calibration, CalibrationRequest
+    from .groups import Groups
 from .patterns import CHANNELS, UNSTRUCTURED, get_pattern
 from .registry import close_names
 
@@ -175,7 +176,7 @@ class PruningState:
         self.calibration: Optional["Calibration"] = None  # statistics for data-aware criteria
         self.calibration_request: Optional["CalibrationRequest"] = None  # how to compute them again
         self.calibration_passes = 0  # how many times statistics were computed (not served from the cache)
-        self.groups: Any = None  # channel groups (``groups.Groups``), found when channel pruning is first asked for
+        self.groups: Optional["Groups"] = None  # channel groups (``groups.Groups``), found when channel pruning is first asked for
         self._channels: dict[str, ChannelRecord] = {}
         self._member_bases: dict[str, Tensor] = {}  # group members that are not layers (biases, BatchNorm): unmasked values
 

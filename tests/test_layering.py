@@ -15,7 +15,7 @@ RANKS = {
     "_version": 0, "registry": 0, "formats": 0, "cache": 0, "devices": 0,
     "masks": 1, "datasets": 1, "quantize": 1, "compress": 1, "runtime": 1,
     "criteria": 2, "layers": 2, "export": 2, "patterns": 2.5,
-    "measure": 3, "calibration": 3.2, "state": 3.4, "groups": 3.5,
+    "measure": 3, "calibration": 3.2, "groups": 3.3, "state": 3.4,
     "allocation": 4, "incremental": 4, "stats": 4, "recipes": 4, "channels": 4.5, "pruning": 4.6,
     "evaluate": 5,
     "workflows": 6.9, "workflows.sensitivity": 6, "workflows.finetune": 6, "workflows.compact": 6,
@@ -133,3 +133,48 @@ def test_only_the_widgets_package_imports_widget_libraries(path):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         for name in names:
             assert not name.startswith(WIDGET_LIBRARIES), f"{module_name(path)} imports {name}: only prune_lab/widgets/ may"
+
+
+# names by which a module could hold an object of another module (an attribute ``state`` holds a
+# ``state.PruningState``): typed ``Any``, such a reference is invisible to the import checks above
+HOLDER_NAMES = {"session": "session", "lab": "lab_model", "groups": "groups", "calibration": "calibration",
+                "evaluator": "evaluate", "state": "state", "sizes": "stats", "stats": "stats"}
+
+
+def _annotated_names(tree: ast.AST) -> list[tuple[str, ast.AST, int]]:
+    """(name, annotation, line) of every annotated attribute, field and function parameter."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign):
+            target = node.target
+            name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+            found.append((name, node.annotation, node.lineno))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for a in node.args.args + node.args.kwonlyargs:
+                if a.annotation is not None:
+                    found.append((a.arg, a.annotation, node.lineno))
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if RANKS[module_name(p)] < RANKS["session"]], ids=module_name)
+def test_no_hidden_references_back_up(path):
+    """Below the Session nothing is named after it or the Lab (whatever its type), and an object
+    of another module held under that module's name is typed by its class, not ``Any``: so the
+    import checks see every arrow."""
+    me = module_name(path)
+    for name, annotation, line in _annotated_names(ast.parse(path.read_text())):
+        held = HOLDER_NAMES.get(name)
+        if held is None or held == me:
+            continue
+        assert held not in ("session", "lab_model"), f"{me}:{line}: {name!r} refers up to the {held} (pass what it holds)"
+        untyped = isinstance(annotation, ast.Name) and annotation.id == "Any"
+        assert not untyped, f"{me}:{line}: {name!r} is typed Any; type it by its class so the layering test sees the arrow"
+
+
+def test_no_function_is_longer_than_about_60_lines():
+    long = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 62:
+                long.append(f"{module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, "split these: " + "; ".join(long)

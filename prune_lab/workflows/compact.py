@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..groups import remove_channels
 from ..measure import OUTPUT_TOLERANCE, output_difference
+from ..state import PruningState
 
 STRUCTURE_FORMAT = 1
 
@@ -167,7 +168,7 @@ def check_outputs(masked: nn.Module, small: nn.Module, x: Tensor, tolerance: flo
     return diff, scale
 
 
-def compact_state(state: Any, example: Tensor, measure: bool = True, device: str = "cpu") -> tuple[nn.Module, Any]:
+def compact_state(state: "PruningState", example: Tensor, measure: bool = True, device: str = "cpu") -> tuple[nn.Module, Any]:
     """The physically smaller copy of ``state`` 's model (every removed channel and block taken
     out, the other masks kept as zeros), checked against the masked model on ``example``; with
     ``measure``, the :class:`CompactReport` of both (else None). ``state.groups`` must be found."""
@@ -191,7 +192,7 @@ def compact_state(state: Any, example: Tensor, measure: bool = True, device: str
     return small, report
 
 
-def semi_structured(state: Any) -> nn.Module:
+def semi_structured(state: "PruningState") -> nn.Module:
     """A copy whose Linear layers pruned with a semi-structured pattern (2:4) hold
     ``torch.sparse.to_sparse_semi_structured`` weights (CUDA, compute capability >= 8.0;
     elsewhere a RuntimeError says why)."""

@@ -70,6 +70,15 @@ def resolve_executor(executor: Any, settings: Optional[Mapping[str, Any]] = None
     return ex
 
 
+def _lost_worker_errors() -> tuple[type, ...]:
+    """The Ray errors that mean a worker (not the point) failed: the point is retried elsewhere."""
+    ray = _ray()
+    from ray.exceptions import RayActorError
+
+    names = ("WorkerCrashedError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError", "OutOfMemoryError")
+    return (RayActorError,) + tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
+
+
 def _host_port(address: str) -> tuple[str, int]:
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = hostport.rpartition(":")
@@ -189,21 +198,13 @@ class RayExecutor:
         from tqdm.auto import tqdm
 
         ray = _ray()
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayTaskError
 
-        lost_worker = (RayActorError,) + tuple(getattr(ray.exceptions, n) for n in
-                                               ("WorkerCrashedError", "ActorDiedError", "ActorUnavailableError",
-                                                "NodeDiedError", "OutOfMemoryError")
-                                               if hasattr(ray.exceptions, n))
+        lost_worker = _lost_worker_errors()
         missing: list[dict[str, Any]] = []
         if not points:
             return False, missing
-        t0 = time.perf_counter()
-        # the data goes into the object store once (one copy per node, read by every worker there)
-        spec_ref = {k: (ray.put(v) if k in ("data", "train_data") and v is not None else v) for k, v in spec.items()}
-        self.actors = self._spawn(spec_ref, self._worker_count(cuda, len(points)), cuda)
-        ray.get([a.ready.remote() for a in self.actors])  # a worker that cannot rebuild the session fails here
-        self.overhead_s = time.perf_counter() - t0
+        spec_ref = self._start(spec, cuda, len(points))
         pending = list(points)
         tries = {i: 0 for i in range(len(points))}
         queue = list(range(len(points)))
@@ -248,14 +249,29 @@ class RayExecutor:
             stopped = True
         finally:
             bar.close()
-            for a in self.actors:
-                if a is not None:
-                    try:
-                        ray.kill(a)
-                    except Exception:
-                        pass
-            self.actors = []
+            self._kill_all()
         return stopped, missing
+
+    def _start(self, spec: dict[str, Any], cuda: bool, points: int) -> dict[str, Any]:
+        """Put the data in the object store once (one copy per node, read by every worker there),
+        start the workers and wait until each has rebuilt its measuring parts; the spec as sent."""
+        ray = _ray()
+        t0 = time.perf_counter()
+        spec_ref = {k: (ray.put(v) if k in ("data", "train_data") and v is not None else v) for k, v in spec.items()}
+        self.actors = self._spawn(spec_ref, self._worker_count(cuda, points), cuda)
+        ray.get([a.ready.remote() for a in self.actors])  # a worker that cannot rebuild the session fails here
+        self.overhead_s = time.perf_counter() - t0
+        return spec_ref
+
+    def _kill_all(self) -> None:
+        ray = _ray()
+        for a in self.actors:
+            if a is not None:
+                try:
+                    ray.kill(a)
+                except Exception:
+                    pass
+        self.actors = []
 
     def _replace(self, slot: int, spec_ref: dict[str, Any], cuda: bool) -> None:
         """A fresh worker in place of a dead one (None if none can be started)."""
@@ -273,7 +289,7 @@ class RayExecutor:
             self.actors[slot] = None
 
     # ------------------------------------------------------------------ sweeps
-    def sensitivity(self, state: Any, evaluator: Any, result: Any, todo: list[tuple[str, float]], crit: Any, seed: int,
+    def sensitivity(self, state: "PruningState", evaluator: "Evaluator", result: Any, todo: list[tuple[str, float]], crit: Any, seed: int,
                     incremental: bool, progress: bool, on_step: Optional[Callable[[dict], None]],
                     should_stop: Optional[Callable[[], bool]], pattern: str = "unstructured",
                     scores: Optional[dict[str, Any]] = None) -> Any:
@@ -300,7 +316,7 @@ class RayExecutor:
         result.complete = not stopped and not result.missing
         return result
 
-    def tradeoff(self, state: Any, evaluator: Any, result: Any, points: list[tuple], train_data: Any,
+    def tradeoff(self, state: "PruningState", evaluator: "Evaluator", result: Any, points: list[tuple], train_data: Any,
                  finetune: dict[str, Any], progress: bool) -> Any:
         """Measure trade-off ``points`` on the workers; records in the in-process order."""
         from ..criteria import get_criterion
@@ -328,11 +344,11 @@ class RayExecutor:
         return result
 
 
-def _is_cuda(state: Any) -> bool:
+def _is_cuda(state: "PruningState") -> bool:
     return next(iter(state.weights.values())).device.type == "cuda"
 
 
-def session_spec(state: Any, evaluator: Any, settings: Optional[dict[str, Any]] = None,
+def session_spec(state: "PruningState", evaluator: "Evaluator", settings: Optional[dict[str, Any]] = None,
                  criterion: Any = None, calibration: bool = False) -> dict[str, Any]:
     """What a worker needs to rebuild the session: the model with its original weights (on the
     CPU), the session settings, the current state (snapshot), the eval data and, for data-aware

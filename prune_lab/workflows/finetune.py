@@ -96,10 +96,7 @@ def masked_train(
 
     result = result or FinetuneResult()
     model = state.model
-    masks = {name: state.mask(name) for name, k in state.counts.items() if k}
-    weights = {name: state.weights[name] for name in masks}
-    for key, (t, m) in state.member_masks().items():  # biases and BatchNorm entries of removed channels
-        masks[key], weights[key] = m, t
+    masks, weights = _held(state)
     opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
     was_training = model.training
     device = next(iter(state.weights.values())).device
@@ -110,13 +107,7 @@ def masked_train(
         for step in bar:
             x, y = next(batches)
             opt.zero_grad(set_to_none=True)
-            logits = model_logits(model(x))
-            if teacher is not None and alpha > 0:
-                with torch.no_grad():
-                    target_logits = model_logits(teacher(x))
-                loss = distillation_loss(logits, target_logits, y, loss_fn, temperature, alpha)
-            else:
-                loss = loss_fn(logits, y)
+            loss = _loss(model, x, y, loss_fn, teacher if alpha > 0 else None, temperature, alpha)
             loss.backward()
             with torch.no_grad():
                 for name, m in masks.items():
@@ -140,6 +131,27 @@ def masked_train(
         model.train(was_training)
         state.rebase()
     return result
+
+
+def _held(state: PruningState) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The masks training must hold and the tensors they hold: pruned layers' weights, and the
+    biases and BatchNorm entries of removed channels."""
+    masks = {name: state.mask(name) for name, k in state.counts.items() if k}
+    weights = {name: state.weights[name] for name in masks}
+    for key, (t, m) in state.member_masks().items():
+        masks[key], weights[key] = m, t
+    return masks, weights
+
+
+def _loss(model: torch.nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
+          teacher: Optional[torch.nn.Module], temperature: float, alpha: float) -> Tensor:
+    """One batch's training loss: plain, or against the frozen ``teacher`` (:func:`distillation_loss`)."""
+    logits = model_logits(model(x))
+    if teacher is None:
+        return loss_fn(logits, y)
+    with torch.no_grad():
+        target_logits = model_logits(teacher(x))
+    return distillation_loss(logits, target_logits, y, loss_fn, temperature, alpha)
 
 
 def _class_last(logits: Tensor, targets: Tensor) -> Tensor:
