@@ -145,10 +145,18 @@ _SORT_LIMIT = 1 << 16  # below this many entries a stable sort beats the radix p
 
 
 def _sorted_masks(keys: Sequence[Tensor], k: int, shapes: Sequence[torch.Size]) -> list[Tensor]:
-    flat = torch.cat([keys[i].to(torch.int64) for i in range(len(keys))])
-    order = torch.sort(flat, stable=True).indices  # ties: lower (tensor, index) first
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    keep[order[:k]] = False
+    parts = [keys[i] for i in range(len(keys))]
+    flat = torch.cat([p.to(torch.int64) for p in parts])
+    if all(p.dtype == torch.int32 for p in parts):
+        # key * n + index is unique and orders ties by (tensor, index): its k-th value splits the
+        # entries exactly, in O(n) (a stable sort of a few thousand keys costs ~20x more on CPU)
+        index = torch.arange(flat.numel(), device=flat.device)
+        unique = flat * flat.numel() + index  # |key| < 2**31 and n <= 2**16: no overflow
+        keep = unique > torch.kthvalue(unique, k).values
+    else:
+        order = torch.sort(flat, stable=True).indices  # ties: lower (tensor, index) first
+        keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+        keep[order[:k]] = False
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     return [m.reshape(s) for m, s in zip(keep.split(sizes), shapes)]
 

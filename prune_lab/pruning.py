@@ -34,6 +34,11 @@ def set_sparsity(state: PruningState, sparsities: Mapping[str, Any], criterion: 
                  seed: Optional[int] = None, pattern: Any = "unstructured", round_to: Optional[int] = None) -> None:
     """Prune each named layer to its pattern's count for the sparsity given; the others keep
     theirs. Grouped patterns need ``state.groups`` (``channels.ensure_groups``)."""
+    if not isinstance(sparsities, Mapping):
+        raise TypeError(
+            "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
+            f"got {type(sparsities).__name__}"
+        )
     pat = get_pattern(pattern)
     if pat.grouped:
         if pat.removes_blocks:

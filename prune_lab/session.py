@@ -37,12 +37,10 @@ __all__ = ["Session", "LayerCollapseWarning", "Stats", "resolve_device"]
 class Session:
     """Prune a model layer by layer, exactly and reversibly, and measure what it costs.
 
-    ``eval_data``: a DataLoader, a Dataset or an ``(inputs, targets)`` pair. ``metric``:
-    ``(outputs, targets) -> batch mean`` replacing accuracy (its ``__name__`` is the key in
-    ``evaluate()``); ``loss_fn``: ``(outputs, targets) -> batch mean loss``, ``"auto"``
-    (cross-entropy matching the default accuracy) or ``None``. Outputs with a ``.logits`` field
-    are read through it. ``extra_layers``: qualified names of further parameters to prune.
-    ``check=True`` (or ``PRUNE_LAB_CHECK=1``) compares every evaluation with a plain forward pass.
+    ``eval_data``: a DataLoader, Dataset or ``(inputs, targets)``. ``metric``: ``(outputs, targets) -> batch mean``
+    replacing accuracy; ``loss_fn``: a batch-mean loss, ``"auto"`` (cross-entropy) or None; ``.logits`` outputs are
+    read through. ``extra_layers``: further parameters to prune. ``check=True`` compares every evaluation with a
+    plain forward pass.
     """
 
     def __init__(self, model: nn.Module, eval_data: Any, device: DeviceLike = None, metric: Optional[Metric] = None, *,
@@ -64,7 +62,9 @@ class Session:
         try:
             self.data = EvalData(eval_data, self.device, batch_size)
             self.state = PruningState(model, infos, seed=self.seed)
-            self._uses, scorer = self._check_forward(scorer)
+            x, y = self.data.sample(1)
+            self._uses, out = forward_check(model, self.state.weights, x, infos[0])  # a clear error if it cannot run
+            scorer = scorer.check(out, y)
         except Exception:
             model.to(old_device)
             raise
@@ -79,11 +79,6 @@ class Session:
         self.last_compact: Any = None  # the CompactReport of the latest compact(measure=True)
         self._compact_version = -1  # stats() shows it while the weights are those it measured
         self.state.subscribe(self._on_event)
-
-    def _check_forward(self, scorer: Scorer) -> tuple[dict, Scorer]:
-        x, y = self.data.sample(1)
-        uses, out = forward_check(self.model, self.state.weights, x, self.layers[0])  # a clear error if it cannot run
-        return uses, scorer.check(out, y)
 
     def _on_event(self, event: Event) -> None:
         if event.kind not in ("trial-start", "trial-end"):
@@ -140,7 +135,7 @@ class Session:
 
     @property
     def patterns(self) -> dict[str, str]:
-        """Per layer, the pattern its mask was set with (``"unstructured"``, ``"2:4"``, ``"channels"``...)."""
+        """Per layer, the pattern its mask was set with."""
         return {n: r.pattern for n, r in self.state.records.items()}
 
     def mask_token(self, name: str) -> int:
@@ -149,7 +144,7 @@ class Session:
 
     @property
     def lock(self) -> Any:
-        """The state's re-entrant lock: hold it to read numbers of one state while other threads prune."""
+        """The state's re-entrant lock (hold it to read one state's numbers while other threads prune)."""
         return self.state.lock
 
     @property
@@ -164,28 +159,20 @@ class Session:
     # ------------------------------------------------------------------ pruning
     def set_sparsity(self, sparsities: Mapping[str, float], criterion: Union[str, Callable, Criterion] = "magnitude",
                      seed: Optional[int] = None, pattern: str = "unstructured", round_to: Optional[int] = None) -> "Session":
-        """Prune each named layer to its pattern's count for ``s`` (``round(s * n)`` weights by
-        ``criterion``); other layers keep theirs. ``pattern``: ``"unstructured"``; ``"2:4"`` (N:M along the
-        input dimension; ``s`` = (M-N)/M, or 0); ``"kernel"`` (whole k x k kernels); ``"channels"`` (``s`` is the
-        fraction of the layer's channel group removed, with every coupled member zeroed so the model computes what
-        :meth:`compact` 's smaller one does; ``round_to=8`` keeps a multiple of 8; group criteria ``"l1"``
-        (= ``"magnitude"``), ``"l2"``, ``"bn_scale"``, ``"taylor"``/``"obd"``, ``"random"``); ``"blocks"``
-        (``{block: 1}`` removes a residual block, 0 restores it). All checked before anything changes."""
-        if not isinstance(sparsities, Mapping):
-            raise TypeError(
-                "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
-                f"got {type(sparsities).__name__}"
-            )
-        self._groups_for(pattern)
+        """Prune each named layer to its pattern's count for ``s`` by ``criterion``; other layers keep theirs.
+        ``pattern``: ``"unstructured"`` (``round(s * n)`` weights), ``"2:4"`` (N:M along the inputs), ``"kernel"``,
+        ``"channels"`` (the fraction of the layer's channel group, coupled members zeroed as :meth:`compact` removes
+        them; ``round_to=8`` keeps a multiple of 8) or ``"blocks"`` (1 removes a block). Checked before any change."""
+        if isinstance(sparsities, Mapping):
+            self._groups_for(pattern)
         _pruning.set_sparsity(self.state, sparsities, criterion, seed, pattern, round_to)
         return self
 
     def set_global_sparsity(self, sparsity: float, allocation: Union[str, Callable] = "global",
                             criterion: Union[str, Callable, Criterion] = "magnitude", seed: Optional[int] = None,
                             locked: Sequence[str] = (), pattern: str = "unstructured") -> "Session":
-        """Prune to a total sparsity split across unlocked layers by ``allocation`` (locked layers keep their
-        masks and count toward it). ``pattern="2:4"``: every layer it fits takes it (``sparsity`` 0.5), the others
-        are named in a ``PatternWarning``; ``"kernel"``: the allocation's fractions snapped to whole kernels."""
+        """Prune to a total sparsity split across unlocked layers by ``allocation`` (locked layers count toward it);
+        ``pattern="2:4"``: every layer it fits (the others named in a ``PatternWarning``)."""
         self._groups_for(pattern)
         _pruning.set_global_sparsity(self.state, sparsity, allocation, criterion, seed, locked, pattern,
                                      self.last_sensitivity)
@@ -249,12 +236,9 @@ class Session:
     # ------------------------------------------------------------------ calibration
     def calibrate(self, train_data: Any, samples: int = 512, batch_size: int = 64, criteria: Optional[Sequence[str]] = None,
                   hessian: str = "fisher", probes: int = 16, seed: int = 0, progress: bool = True) -> Any:
-        """Prepare the data-aware criteria (``taylor``, ``obd``, ``wanda``) from the first ``samples``
-        of *training* data, on the dense base weights. Statistics are computed when a criterion first needs them
-        and only those in use are kept (one float32 copy of the weights), or all of ``criteria`` now. Cached by
-        base weights, device, data and settings (fine-tuning recomputes). Ctrl-C changes nothing.
-        ``hessian="hutchinson"``: ``obd`` uses Hutchinson's diagonal (``probes`` Rademacher vectors per batch)
-        instead of the empirical Fisher."""
+        """Prepare the data-aware criteria (``taylor``, ``obd``, ``wanda``) from the first ``samples`` of *training*
+        data on the dense base weights; computed when first needed (or all ``criteria`` now), cached by weights, data
+        and settings; Ctrl-C changes nothing. ``hessian="hutchinson"``: ``obd`` uses Hutchinson's diagonal."""
         from .calibration import make_request
 
         request = make_request(train_data, samples, batch_size, criteria, hessian, probes, seed, progress, self.device,
@@ -329,9 +313,8 @@ class Session:
 
     # ------------------------------------------------------------------ quantization
     def set_bits(self, bits: Mapping[str, Optional[int]], method: str = "uniform") -> "Session":
-        """Quantize the named layers after pruning (``{layer: bits}``; None removes it): ``"uniform"`` (symmetric
-        per output channel; 2, 4, 8 bits) or ``"kmeans"`` (Deep Compression's 2**bits shared centroids; 1-8 bits).
-        Reversible like the masks (``reset()`` bit-exact; pruned weights stay 0); checked before anything changes."""
+        """Quantize layers after pruning (``{layer: bits}``, None: float): ``"uniform"`` (per output channel; 2, 4, 8)
+        or ``"kmeans"`` (Deep Compression's shared centroids; 1-8). Reversible like the masks."""
         if not isinstance(bits, Mapping):
             raise TypeError(f"set_bits takes a {{layer: bits}} dict (set_global_bits for every layer), got {type(bits).__name__}")
         self.state.set_quant({name: None if b is None else (b, method) for name, b in bits.items()})
@@ -352,21 +335,16 @@ class Session:
         return {n: r.bits for n, r in self.state.records.items()}
 
     def export(self, path: Union[str, Path], sparse: bool = False) -> dict[str, Path]:
-        """Write the pruned state_dict and its recipe: ``{"model": path, "recipe": <stem>.recipe.json}``.
-        ``sparse=True`` writes Deep Compression's storage (Huffman-coded gaps between nonzeros plus values, or
-        codes and codebook; the rest raw), of length ``stats().total["sparse_file_bytes"]``. Load either with
-        ``prune_lab.load_state_dict(path)`` (a dense one also with ``torch.load``)."""
+        """Write the pruned state_dict and its recipe (``{"model": path, "recipe": <stem>.recipe.json}``); ``sparse=True``:
+        Deep Compression's Huffman-coded storage, ``stats().total["sparse_file_bytes"]`` long. Load: ``pl.load_state_dict``."""
         if self.state.in_trial:
             raise RuntimeError("cannot export while a sweep holds trial masks in the model; stop the sweep first")
         return _export.write_export(path, self.sizes.export_bytes(sparse), self.recipe())
 
     def compact(self, semi_structured: bool = False, measure: bool = True, check_samples: int = 256) -> nn.Module:
-        """A new, physically smaller model (Torch-Pruning): channels removed by ``pattern="channels"``
-        taken out, other masks kept as zeros; the session is untouched. Checked against the masked model on
-        ``check_samples`` eval samples (max abs difference <= 1e-4 of the output scale, else RuntimeError).
-        ``measure=True`` measures MACs, parameters, file bytes and latency (batch 1, 64) of both: ``last_compact``
-        and :meth:`stats`. ``semi_structured=True`` instead gives 2:4 Linear layers
-        ``to_sparse_semi_structured`` weights (CUDA, compute capability >= 8.0; elsewhere a RuntimeError)."""
+        """A new, physically smaller model (Torch-Pruning): removed channels taken out, other masks kept as zeros,
+        checked against the masked model on ``check_samples`` samples (<= 1e-4 of the output scale); ``measure=True``
+        measures both (``last_compact``, :meth:`stats`). ``semi_structured=True``: 2:4 CUDA weights instead."""
         from .workflows import compact as _compact
 
         if semi_structured:
@@ -385,7 +363,7 @@ class Session:
 
     # ------------------------------------------------------------------ workflows
     def rewind_to(self, state_dict: Mapping[str, Tensor]) -> "Session":
-        """Lottery-ticket rewinding: every tensor back to ``state_dict``, pruned weights kept 0, masks unchanged."""
+        """Lottery-ticket rewinding: every tensor back to ``state_dict``, pruned weights kept 0."""
         self.state.rewind_to(state_dict)
         return self
 
@@ -395,13 +373,9 @@ class Session:
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64, seed: int = 0,
                  progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None,
                  criterion: Union[str, Callable, Criterion] = "magnitude", distill: Optional[dict] = None) -> Any:
-        """Train with the masks held (pruned weights stay exactly 0), optionally pruning on a schedule:
-        ``"oneshot"`` (to ``target_sparsity``, then train), ``"iterative"`` (``rounds`` of prune-then-train),
-        ``"agp"`` (Zhu & Gupta's cubic ramp, ``rounds`` steps), ``"lottery"`` (train, prune, rewind survivors to
-        ``rewind_step``, retrain). ``steps``/``epochs``: budget per phase; ``restore="best"`` keeps the best eval
-        state; Ctrl-C stops with what was learned; ``reset()`` still restores the original. A data-aware
-        ``criterion`` is re-calibrated each round. ``distill={"temperature": T, "alpha": a}`` trains against a
-        frozen dense copy (Hinton 2015: a T^2 KL + (1 - a) loss). Quantized layers are re-quantized per phase."""
+        """Train with the masks held (pruned weights stay 0), on a ``schedule``: ``"oneshot"``, ``"iterative"``,
+        ``"agp"`` (Zhu & Gupta) or ``"lottery"`` (rewind to ``rewind_step``); ``steps``/``epochs`` per phase;
+        ``distill={"temperature": T, "alpha": a}`` (Hinton 2015). Ctrl-C keeps what was learned (``workflows/finetune``)."""
         settings = {k: v for k, v in locals().items() if k not in ("self", "train_data")}  # every argument, by name
         config = _finetune.FinetuneConfig(**settings, loss_fn=self.loss_fn if callable(self.loss_fn) else None)
         return _finetune.finetune(self.state, self.evaluator, train_data, config)
@@ -411,11 +385,9 @@ class Session:
                     incremental: bool = True, progress: bool = True, on_step: Optional[Callable[[dict], None]] = None,
                     should_stop: Optional[Callable[[], bool]] = None, executor: Any = None,
                     pattern: str = "unstructured") -> Any:
-        """Prune each layer alone to each level (the others as they are), evaluate, restore exactly:
-        a ``SensitivityResult`` (Ctrl-C returns the partial one; ``resume=`` continues it). ``levels`` default to
-        0-0.95 by 0.05; ``metric`` must be the session's. ``executor``: None (here), ``"ray"``, a Ray address or a
-        ``RayExecutor`` (the same result, bit for bit on CPU). ``pattern``: ``"2:4"`` (levels 0 and 0.5),
-        ``"kernel"``, ``"channels"`` (per channel group, by a group criterion) or ``"blocks"`` (per block)."""
+        """Prune each layer alone to each level (default 0-0.95 by 0.05), evaluate, restore exactly: a
+        ``SensitivityResult`` (Ctrl-C returns the partial one; ``resume=`` continues it). ``executor``: None,
+        ``"ray"``, an address or a ``RayExecutor`` (bit for bit the same on CPU); ``pattern`` as for set_sparsity."""
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
         from .workflows.distributed import resolve_executor
@@ -430,11 +402,8 @@ class Session:
     def tradeoff(self, strategies: Sequence[str] = _tradeoff.DEFAULT_STRATEGIES,
                  compressions: Sequence[float] = _tradeoff.DEFAULT_COMPRESSIONS, finetune: Optional[dict] = None,
                  seeds: int = 1, cache: bool = True, progress: bool = True, executor: Any = None) -> Any:
-        """Every strategy at every compression (params / nonzeros), measured: a ``TradeoffResult``,
-        cached on disk by (model, data, config); the session is left as it was. A strategy is an allocation with a
-        criterion (``"lamp"``, ``"global/taylor"``) or ``"channels"``/``"channels-global"`` (``"channels/bn_scale"``).
-        ``finetune={"train_data": ..., "steps": ...}`` also measures after fine-tuning; ``executor`` as for
-        :meth:`sensitivity`."""
+        """Every strategy (``"lamp"``, ``"global/taylor"``, ``"channels/bn_scale"``...) at every compression (params /
+        nonzeros), measured and cached on disk: a ``TradeoffResult``; ``finetune={"train_data", "steps"}`` also after."""
         from .workflows.distributed import resolve_executor
 
         ex = resolve_executor(executor, self.settings)
@@ -444,7 +413,6 @@ class Session:
         return _tradeoff.run_tradeoff(self.state, self.evaluator, self.sizes, strategies, compressions, finetune, seeds,
                                       cache, progress, cache_dir(), loss, executor=ex)
 
-    # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
         header = (f"Session({type(self.model).__name__}, device={self.device}, {len(self.layers)} prunable layers, "
                   f"{self.total_sparsity():.1%} sparse, eval on {len(self.data)} samples)")
