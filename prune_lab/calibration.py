@@ -4,7 +4,13 @@
   the squared input feature that entry multiplies; ``act_norm = sqrt(act_sq)`` is Wanda's
   ``||X_j||_2``. Collected at the ATen level (like MACs), so functional uses, attention's packed
   projection, Conv1D and convolutions (input channels x kernel positions) are covered.
-- ``grad``: the gradient of the mean loss over the calibration samples (Taylor).
+- ``grad``: the gradient of the mean loss over the calibration samples (``taylor-meangrad``).
+- ``batch_grad_sq``: the mean over minibatches b (of ``batch_size`` samples) of g_b ** 2, g_b the
+  gradient of batch b's mean loss: Taylor as Molchanov et al. 2019 accumulate it,
+  mean_b (g_b * w) ** 2 = w ** 2 * batch_grad_sq.
+- ``xtx``: per layer the Gram matrix H = X X^T of its input columns (float64, cols x cols, columns in
+  ``reconstruct.to_matrix`` order), what weight reconstruction solves with: ``8 * cols ** 2`` bytes
+  per layer. nn.Linear, GPT-2's Conv1D and Conv1d/Conv2d (groups=1, zero padding) only.
 - ``fisher``: the mean over samples of the squared per-sample gradient: the empirical Fisher,
   OBD's estimate of the Hessian diagonal. ``hessian="hutchinson"`` estimates the true diagonal
   instead: E[z * (H z)] over Rademacher probes z (Hutchinson 1990).
@@ -32,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .criteria import LayerStats
+from .criteria import STATISTICS, LayerStats
 from .measure import WeightIndex, eval_mode, model_logits, unfused, weight_uses
 
-STATISTICS = ("act_norm", "grad", "fisher")
+
 
 
 Compute = Callable[[tuple[str, ...]], "dict[str, LayerStats]"]
@@ -85,10 +91,10 @@ class Calibration:
             return ()
         return tuple(n for n in STATISTICS if all(_has(s, n) for s in self.layers.values()))
 
-    def ensure(self, needs: Iterable[str], keep: bool = False) -> None:
+    def ensure(self, needs: Iterable[str], keep: bool = False, drop: bool = True) -> None:
         """Hold ``needs``: compute what is missing (all at once, in one pass), then drop what
-        ``needs`` does not list, except what was kept (``keep``: held from now on, as
-        ``calibrate(criteria=...)`` asks). Interrupted, it changes nothing."""
+        ``needs`` does not list (unless ``drop`` is False), except what was kept (``keep``: held
+        from now on, as ``calibrate(criteria=...)`` asks). Interrupted, it changes nothing."""
         wanted = tuple(n for n in STATISTICS if n in set(needs))
         if not wanted:
             return
@@ -105,6 +111,8 @@ class Calibration:
                         setattr(stats, need, getattr(fresh[name], need))
         if keep:
             self.pinned |= set(wanted)
+        if not drop:
+            return
         for stats in self.layers.values():
             for need in STATISTICS:
                 if need not in wanted and need not in self.pinned:
@@ -114,7 +122,7 @@ class Calibration:
         """Bytes of the statistics held (a tensor shared by two fields counted once)."""
         seen: dict[int, int] = {}
         for st in self.layers.values():
-            for t in (st.act_norm, st.grad, st.fisher, st.hessian):
+            for t in (st.act_norm, st.grad, st.fisher, st.hessian, st.batch_grad_sq, st.xtx):
                 if t is not None:
                     seen[id(t)] = t.numel() * t.element_size()
         return sum(seen.values())
@@ -414,10 +422,13 @@ def collect(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor
     ``batch_size``: per batch one forward pass (activations recorded, per-sample gradients
     hooked) and one backward pass. ``layers`` (LayerInfo) enable the closed forms."""
     needs = set(needs)
-    want_act, want_grad, want_fisher = "act_norm" in needs, "grad" in needs, "fisher" in needs
+    want_act, want_fisher = "act_norm" in needs, "fisher" in needs
+    want_bgs = "batch_grad_sq" in needs
+    want_grad = "grad" in needs or want_bgs  # the per-batch gradient, summed or squared
     zeros = lambda: {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}  # noqa: E731
     act = zeros() if want_act else {}
     grad = zeros() if want_grad else {}
+    bgs = zeros() if want_bgs else {}
     fisher = zeros() if want_fisher else {}
     owners = _closed_form_owners(model, layers) if (want_fisher and layers is not None) else {}
     if owners:  # a weight also read outside its module (a functional call) takes the per-sample path
@@ -443,6 +454,8 @@ def collect(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor
                     for n, g in zip(names, grads):
                         if g is not None:
                             grad[n] += g.float()
+                            if want_bgs:
+                                bgs[n] += (g.double() / len(xb)).pow(2).float()  # g_b: batch b's mean-loss gradient
                 del grads
             if bar is not None:
                 bar.update(len(xb))
@@ -458,7 +471,10 @@ def collect(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor
             fisher[n] /= len(x)
     for n in grad:
         grad[n] /= len(x)
-    return {"act_norm": act, "grad": grad, "fisher": fisher}
+    batches = -(-len(x) // batch_size)
+    for n in bgs:
+        bgs[n] /= batches
+    return {"act_norm": act, "grad": grad, "fisher": fisher, "batch_grad_sq": bgs}
 
 
 def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: Tensor, y: Tensor, needs: Iterable[str],
@@ -475,10 +491,15 @@ def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: 
     params = {i.name: weights[i.name] for i in layers}
     stats = {i.name: LayerStats() for i in layers}
     hutch = "fisher" in needs and hessian == "hutchinson"
-    pass_needs = tuple(n for n in needs if not (hutch and n == "fisher"))
-    total = len(x) * ((1 if pass_needs else 0) + (1 if hutch else 0))
+    pass_needs = tuple(n for n in needs if not (hutch and n == "fisher") and n != "xtx")
+    total = len(x) * ((1 if pass_needs else 0) + (1 if hutch else 0) + (1 if "xtx" in needs else 0))
     bar = tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False)
     try:
+        if "xtx" in needs:
+            grams, refused = input_grams(model, layers, x, batch_size, bar)
+            for i in layers:  # a layer it cannot serve holds an empty matrix and the reason, raised if it is asked
+                stats[i.name].xtx = grams.get(i.name, torch.zeros(0, 0, dtype=torch.float64))
+                stats[i.name].kind, stats[i.name].xtx_error = i.kind, refused.get(i.name, "")
         if pass_needs:
             found = collect(model, params, x, y, pass_needs, loss_fn, batch_size, layers, bar)
             for n in params:
@@ -486,6 +507,8 @@ def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: 
                     stats[n].act_norm = found["act_norm"][n].sqrt_()
                 if "grad" in needs:
                     stats[n].grad = found["grad"][n]
+                if "batch_grad_sq" in needs:
+                    stats[n].batch_grad_sq = found["batch_grad_sq"][n]
                 if "fisher" in pass_needs:
                     stats[n].fisher = stats[n].hessian = found["fisher"][n]
         if hutch:
@@ -495,6 +518,88 @@ def calibrate(model: nn.Module, layers: list, weights: Mapping[str, Tensor], x: 
     finally:
         bar.close()
     return stats
+
+
+# ---------------------------------------------------------------------- input Gram matrices (reconstruction)
+GRAM_BUDGET_BYTES = 4 << 30  # the xtx statistic may hold at most this much in all (8 * cols**2 bytes per layer)
+
+
+def _gram_columns(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input columns, one per row, in ``reconstruct.to_matrix`` column order."""
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return x.reshape(-1, x.shape[-1])
+    w = module.weight
+    x4, k = (x, tuple(w.shape[2:])) if w.dim() == 4 else (x.unsqueeze(2), (1, w.shape[2]))
+    pad = tuple(module.padding) if w.dim() == 4 else (0, module.padding[0])
+    st = tuple(module.stride) if w.dim() == 4 else (1, module.stride[0])
+    dl = tuple(module.dilation) if w.dim() == 4 else (1, module.dilation[0])
+    cols = F.unfold(x4, k, dilation=dl, padding=pad, stride=st)  # (N, C * kpos, L), channel-major
+    n, c = cols.shape[0], w.shape[1]
+    cols = cols.reshape(n, c, -1, cols.shape[-1]).transpose(1, 2)  # (N, kpos, C, L): the N:M groups contiguous
+    return cols.reshape(n, -1, cols.shape[-1]).transpose(1, 2).reshape(-1, cols.shape[1] * c)
+
+
+def gram_module(model: nn.Module, info: Any) -> nn.Module:
+    """The module whose inputs a layer's Gram matrix sums, or a ValueError saying which layers can be refitted."""
+    path, _, attr = info.param.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    ok = attr == "weight" and not info.aliases and (
+        isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+        or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and not isinstance(module.padding, str)
+            and module.padding_mode == "zeros"))
+    if not ok:
+        why = "tied to " + ", ".join(info.aliases) if info.aliases else f"a {info.kind}"
+        raise ValueError(f"layer {info.name!r} ({why}): reconstruction refits weights from the inputs of nn.Linear, GPT-2's "
+                         "Conv1D and Conv1d/Conv2d (groups=1, zero padding), which this layer is not; leave it out "
+                         "(layers=...) or prune it without reconstruct")
+    return module
+
+
+def input_grams(model: nn.Module, layers: list, x: Tensor, batch_size: int,
+                bar: Any = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Per layer, H = sum over calibration inputs of x x^T (float64, cols x cols), from forward hooks
+    on the layers' modules (every call of a module adds its inputs), one forward pass, no gradients;
+    and, per layer it cannot serve, why (:func:`gram_module`'s error)."""
+    modules, refused = {}, {}
+    for i in layers:
+        try:
+            modules[i.name] = gram_module(model, i)
+        except ValueError as e:
+            refused[i.name] = str(e)
+    sizes = {n: reconstruct_columns(m) for n, m in modules.items()}
+    need = sum(8 * c * c for c in sizes.values())
+    if need > GRAM_BUDGET_BYTES:
+        big = max(sizes, key=sizes.get)
+        raise ValueError(f"reconstruction needs {need:,} bytes of input Gram matrices (layer {big!r} alone "
+                         f"{8 * sizes[big] ** 2:,} B, {sizes[big]} columns), over the budget of {GRAM_BUDGET_BYTES:,} B "
+                         "(calibration.GRAM_BUDGET_BYTES); leave the largest layers out (layers=...)")
+    grams = {n: torch.zeros(c, c, dtype=torch.float64, device=x.device) for n, c in sizes.items()}
+
+    def hook(name: str) -> Callable:
+        def add(module: nn.Module, inputs: tuple, output: Any) -> None:
+            cols = _gram_columns(module, inputs[0].detach()).to(torch.float64)
+            grams[name].addmm_(cols.T, cols)
+        return add
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for s in range(0, len(x), batch_size):
+                model(x[s : s + batch_size])
+                if bar is not None:
+                    bar.update(len(x[s : s + batch_size]))
+    finally:
+        for h in handles:
+            h.remove()
+    return grams, refused
+
+
+def reconstruct_columns(module: nn.Module) -> int:
+    """Columns of the layer's matrix view: input features, or channels x kernel positions."""
+    w = module.weight
+    if type(module).__name__ == "Conv1D":
+        return w.shape[0]
+    return w[0].numel()
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,8 +11,10 @@ Built-in criteria (w: the layer's base weights):
 
 - ``magnitude``: |w|.
 - ``random``: a seeded permutation (the floor every other criterion must beat).
-- ``taylor``: |w * g|, g the gradient of the mean calibration loss: the first-order Taylor
-  estimate of the loss change when w is removed (Molchanov et al. 2017, 2019).
+- ``taylor``: mean over calibration minibatches b of (g_b * w)^2, g_b the gradient of batch b's
+  mean loss: the squared first-order Taylor estimate of the loss change when w is removed, as
+  Molchanov et al. 2019 accumulate it. ``taylor-meangrad``: |w * g| with g the gradient of the
+  mean loss over all samples, the degenerate form (near 0 at convergence).
 - ``obd``: 1/2 * h * w^2, h the Hessian diagonal: the empirical Fisher (mean squared
   per-sample gradient) or, after ``calibrate(..., hessian="hutchinson")``, Hutchinson's
   estimate of the true diagonal (Optimal Brain Damage, LeCun et al. 1990).
@@ -20,6 +22,8 @@ Built-in criteria (w: the layer's base weights):
   positions (for convolutions: input channel x kernel position), compared within each output row
   as the paper does: every row of a layer loses the same number of weights (+-1); across layers
   (global allocation) entries compare by their rank fraction within their row (Sun et al. 2023).
+- ``sparsegpt``: masks chosen *and* the kept weights refitted by SparseGPT (Frantar & Alistarh
+  2023; ``reconstruct.py``); its keys (for allocations across layers) are w^2 / [U]_jj^2.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from .masks import magnitude_keys, ordered_keys
 from .registry import Registry, describe
 
 ScoreFn = Callable[..., Tensor]
+STATISTICS = ("act_norm", "grad", "fisher", "batch_grad_sq", "xtx")  # what calibration can compute (``calibration.py``)
 
 
 @dataclass
@@ -45,6 +50,10 @@ class LayerStats:
     grad: Optional[Tensor] = None
     fisher: Optional[Tensor] = None
     hessian: Optional[Tensor] = None  # the Hessian diagonal OBD uses: the Fisher or Hutchinson's
+    batch_grad_sq: Optional[Tensor] = None  # mean over minibatches of the squared minibatch gradient (Taylor)
+    xtx: Optional[Tensor] = None  # (cols, cols) Gram matrix of the layer's inputs (reconstruction), float64
+    kind: str = ""  # the layer's module kind, for the matrix view of ``xtx``
+    xtx_error: str = ""  # why ``xtx`` is empty: the layer's inputs cannot be refitted to (its kind, a tie)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class Criterion:
     reproducible: bool = True
     needs: tuple[str, ...] = ()
     scores_fn: Optional[Callable[..., Tensor]] = None  # float importance per entry, where a sum of them means something
+    reconstructs: bool = False  # its masks come with refitted weights (SparseGPT): ``reconstruct.py`` chooses both
 
     def keys(self, weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats] = None) -> Tensor:
         if self.needs:
@@ -85,9 +95,9 @@ def register_criterion(name: str, *, weight_dependent: bool = True, needs: Seque
     """Decorator registering a score function ``(weight, *, layer, seed) -> scores`` (with
     ``needs``: ``(weight, *, layer, seed, stats) -> scores``)."""
     needs = tuple(needs)
-    bad = [n for n in needs if n not in ("act_norm", "grad", "fisher")]
+    bad = [n for n in needs if n not in STATISTICS]
     if bad:
-        raise ValueError(f"criterion {name!r}: unknown statistics {bad}; valid: 'act_norm', 'grad', 'fisher'")
+        raise ValueError(f"criterion {name!r}: unknown statistics {bad}; valid: {', '.join(map(repr, STATISTICS))}")
 
     def wrap(fn: ScoreFn) -> ScoreFn:
         CRITERIA.register(name, Criterion(name, _scores_to_keys(fn, bool(needs)), weight_dependent, needs=needs))
@@ -162,8 +172,33 @@ def _stat(stats: Optional[LayerStats], key: str, layer: str, criterion: str) -> 
 
 
 def _taylor_scores(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
-    g = _stat(stats, "grad", layer, "taylor")
+    """mean over minibatches b of (g_b * w) ** 2 (Molchanov et al. 2019, per parameter)."""
+    g2 = _stat(stats, "batch_grad_sq", layer, "taylor")
+    return weight.detach().double() ** 2 * g2.double()
+
+
+def _taylor_meangrad_scores(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
+    """|w * g|, g the gradient of the mean loss over every calibration sample: close to 0 on a
+    converged model, which is why it prunes badly (kept to show that, under its own name)."""
+    g = _stat(stats, "grad", layer, "taylor-meangrad")
     return (weight.detach().double() * g.double()).abs()
+
+
+def layer_gram(stats: Optional[LayerStats], layer: str) -> Tensor:
+    """The layer's input Gram matrix H, or a clear error (not calibrated; a layer it cannot serve)."""
+    h = _stat(stats, "xtx", layer, "sparsegpt")
+    if stats is not None and stats.xtx_error:
+        raise ValueError(stats.xtx_error)
+    return h
+
+
+def _sparsegpt_scores(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
+    """SparseGPT's saliency w**2 / [U]_jj**2 (``reconstruct.obs_scores``), shaped like the weight."""
+    from .reconstruct import from_matrix, obs_scores, to_matrix
+
+    h = layer_gram(stats, layer)
+    kind = stats.kind if stats is not None else ""
+    return from_matrix(obs_scores(to_matrix(weight.detach(), kind), h), tuple(weight.shape), kind)
 
 
 def _obd_scores(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerStats]) -> Tensor:
@@ -202,7 +237,11 @@ def _wanda_keys(weight: Tensor, *, layer: str, seed: int, stats: Optional[LayerS
     return ordered_keys(key.reshape(weight.shape))
 
 
-CRITERIA.register("taylor", Criterion("taylor", _taylor_keys, needs=("grad",), scores_fn=_taylor_scores))
+CRITERIA.register("taylor", Criterion("taylor", _taylor_keys, needs=("batch_grad_sq",), scores_fn=_taylor_scores))
+CRITERIA.register("taylor-meangrad", Criterion("taylor-meangrad", _scores_to_keys(_taylor_meangrad_scores, True),
+                                               needs=("grad",), scores_fn=_taylor_meangrad_scores))
+CRITERIA.register("sparsegpt", Criterion("sparsegpt", _scores_to_keys(_sparsegpt_scores, True), needs=("xtx",),
+                                         scores_fn=_sparsegpt_scores, reconstructs=True))
 CRITERIA.register("obd", Criterion("obd", _obd_keys, needs=("fisher",), scores_fn=_obd_scores))
 CRITERIA.register("wanda", Criterion("wanda", _wanda_keys, needs=("act_norm",)))
 
@@ -210,4 +249,4 @@ CRITERIA.register("wanda", Criterion("wanda", _wanda_keys, needs=("act_norm",)))
 def needs_of(names: Sequence[Union[str, Criterion]]) -> tuple[str, ...]:
     """The statistics the given criteria (default every registered one) need, in a fixed order."""
     found = {n for c in names for n in get_criterion(c).needs}
-    return tuple(n for n in ("act_norm", "grad", "fisher") if n in found)
+    return tuple(n for n in STATISTICS if n in found)

@@ -148,6 +148,11 @@ class Pattern:
         """The reachable sparsity a slider at ``sparsity`` stands for."""
         return sparsity
 
+    def selection(self) -> Optional[tuple[int, int]]:
+        """How SparseGPT chooses this pattern's mask itself: ``(0, 0)`` unstructured, ``(n, m)``
+        N:M, None when it cannot (a mask from a criterion can still be refitted)."""
+        return (0, 0)
+
     def count(self, info: "LayerInfo", sparsity: float) -> int:
         """Weights zeroed for a (validated) sparsity: ``round(sparsity * n)``, as ``torch.nn.utils.prune``."""
         self.check(info)
@@ -266,6 +271,9 @@ class NM(Pattern):
     def mask(self, info: "LayerInfo", count: int, keys: Keys, scores: Scores) -> Tensor:
         return nm_mask(keys(), info.shape, info.kind, self.n, self.m)
 
+    def selection(self) -> Optional[tuple[int, int]]:
+        return (self.n, self.m)
+
 
 class Kernel(Pattern):
     """Whole k x k kernels of a convolution: one ``(out, in)`` slice of its weight, the
@@ -325,17 +333,26 @@ class Kernel(Pattern):
         view = (info.shape[0], info.shape[1]) + (1,) * (len(info.shape) - 2)
         return keep.reshape(view).expand(info.shape).contiguous()
 
+    def selection(self) -> Optional[tuple[int, int]]:
+        return None  # SparseGPT picks single weights; a kernel mask from a criterion can be refitted
+
 
 class Channels(Pattern):
     """Whole output channels of a layer's channel group (``groups.py``, ``channels.py``)."""
 
     name, label, structured, grouped = CHANNELS, "channels", True, True
 
+    def selection(self) -> Optional[tuple[int, int]]:
+        return None
+
 
 class Blocks(Pattern):
     """Whole removable blocks (a residual block computes its input without its branch)."""
 
     name, structured, grouped, removes_blocks = "blocks", True, True, True
+
+    def selection(self) -> Optional[tuple[int, int]]:
+        return None
 
 
 register_pattern(Unstructured())

@@ -16,7 +16,7 @@ from .allocation import allocate, pattern_counts
 from .criteria import get_criterion
 from .masks import check_fraction
 from .patterns import Pattern, PatternWarning, get_pattern
-from .state import PruningState
+from .state import PruningState, check_reconstruct
 
 
 def check_layer_sparsity(state: PruningState, name: str, value: Any) -> float:
@@ -31,15 +31,21 @@ def layer_counts(state: PruningState, sparsities: Mapping[str, Any], pattern: Pa
 
 
 def set_sparsity(state: PruningState, sparsities: Mapping[str, Any], criterion: Any = "magnitude",
-                 seed: Optional[int] = None, pattern: Any = "unstructured", round_to: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, pattern: Any = "unstructured", round_to: Optional[int] = None,
+                 reconstruct: Any = False) -> None:
     """Prune each named layer to its pattern's count for the sparsity given; the others keep
-    theirs. Grouped patterns need ``state.groups`` (``channels.ensure_groups``)."""
+    theirs. Grouped patterns need ``state.groups`` (``channels.ensure_groups``). ``reconstruct``:
+    refit the kept weights to the layer's calibration inputs (``state.check_reconstruct``)."""
     if not isinstance(sparsities, Mapping):
         raise TypeError(
             "set_sparsity takes a {layer: sparsity} dict (use set_global_sparsity for one number), "
             f"got {type(sparsities).__name__}"
         )
     pat = get_pattern(pattern)
+    method = check_reconstruct(reconstruct)
+    if pat.grouped and method:
+        raise ValueError(f"reconstruct refits the kept weights of one layer; pattern {pat.name!r} removes channels or "
+                         "blocks across layers, which it cannot serve (use 'unstructured', 'N:M' or 'kernel')")
     if pat.grouped:
         if pat.removes_blocks:
             _channels.set_blocks(state, sparsities)
@@ -50,30 +56,35 @@ def set_sparsity(state: PruningState, sparsities: Mapping[str, Any], criterion: 
         raise ValueError(f"round_to applies to pattern='channels' only, not {pat.name!r}")
     crit = get_criterion(criterion)
     counts = layer_counts(state, sparsities, pat)
-    state.refresh_calibration(crit)
-    state.set_counts(counts, crit, state.seed if seed is None else int(seed), pattern=pat.name)
+    state.refresh_calibration(crit, bool(method))
+    state.set_counts(counts, crit, state.seed if seed is None else int(seed), pattern=pat.name, reconstruct=method)
 
 
 def set_global_sparsity(state: PruningState, sparsity: Any, allocation: Any = "global", criterion: Any = "magnitude",
                         seed: Optional[int] = None, locked: Sequence[str] = (), pattern: Any = "unstructured",
-                        sensitivity: Any = None) -> None:
+                        sensitivity: Any = None, reconstruct: Any = False) -> None:
     """Prune to a total sparsity split across unlocked layers by ``allocation`` (locked layers
     keep their masks and count toward it). A pattern with fixed levels (N:M) gives every
     layer it fits that level and warns (``PatternWarning``) naming the layers it skipped."""
     pat = get_pattern(pattern)
+    method = check_reconstruct(reconstruct)
+    if pat.grouped and method:
+        raise ValueError(f"reconstruct refits the kept weights of one layer; pattern {pat.name!r} removes channels "
+                         "across layers, which it cannot serve (use 'unstructured', 'N:M' or 'kernel')")
     if pat.grouped:
         if pat.removes_blocks:
             raise ValueError("pattern 'blocks' removes named blocks: set_sparsity({block: 1}, pattern='blocks')")
         _channels.set_global_channels(state, sparsity, allocation, criterion, seed, locked)
         return
     crit = get_criterion(criterion)
-    state.refresh_calibration(crit)
+    state.refresh_calibration(crit, bool(method))
     if pat.allocated:
         result, crit, seed = allocate(state, sparsity, allocation, crit, seed, locked, sensitivity)
-        state.set_counts(result.counts, crit, seed, result.masks)
+        # SparseGPT chooses each layer's mask itself, for the allocation's counts
+        state.set_counts(result.counts, crit, seed, None if crit.reconstructs else result.masks, reconstruct=method)
         return
     counts, skipped = pattern_counts(state, pat, sparsity, allocation, crit, seed, locked, sensitivity)
-    state.set_counts(counts, crit, state.seed if seed is None else int(seed), pattern=pat.name)
+    state.set_counts(counts, crit, state.seed if seed is None else int(seed), pattern=pat.name, reconstruct=method)
     if skipped:
         warnings.warn(f"pattern {pat.name}: left as they were (the pattern does not fit them): {', '.join(skipped)}",
                       PatternWarning, stacklevel=3)

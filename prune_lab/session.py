@@ -158,24 +158,27 @@ class Session:
 
     # ------------------------------------------------------------------ pruning
     def set_sparsity(self, sparsities: Mapping[str, float], criterion: Union[str, Callable, Criterion] = "magnitude",
-                     seed: Optional[int] = None, pattern: str = "unstructured", round_to: Optional[int] = None) -> "Session":
+                     seed: Optional[int] = None, pattern: str = "unstructured", round_to: Optional[int] = None,
+                     reconstruct: Union[bool, str] = False) -> "Session":
         """Prune each named layer to its pattern's count for ``s`` by ``criterion``; other layers keep theirs.
         ``pattern``: ``"unstructured"`` (``round(s * n)`` weights), ``"2:4"`` (N:M along the inputs), ``"kernel"``,
         ``"channels"`` (the fraction of the layer's channel group, coupled members zeroed as :meth:`compact` removes
-        them; ``round_to=8`` keeps a multiple of 8) or ``"blocks"`` (1 removes a block). Checked before any change."""
+        them; ``round_to=8`` keeps a multiple of 8) or ``"blocks"`` (1 removes a block). ``reconstruct=True``
+        (``"exact"``, ``"sparsegpt"``): refit the kept weights to the calibration inputs (after :meth:`calibrate`)."""
         if isinstance(sparsities, Mapping):
             self._groups_for(pattern)
-        _pruning.set_sparsity(self.state, sparsities, criterion, seed, pattern, round_to)
+        _pruning.set_sparsity(self.state, sparsities, criterion, seed, pattern, round_to, reconstruct)
         return self
 
     def set_global_sparsity(self, sparsity: float, allocation: Union[str, Callable] = "global",
                             criterion: Union[str, Callable, Criterion] = "magnitude", seed: Optional[int] = None,
-                            locked: Sequence[str] = (), pattern: str = "unstructured") -> "Session":
+                            locked: Sequence[str] = (), pattern: str = "unstructured",
+                            reconstruct: Union[bool, str] = False) -> "Session":
         """Prune to a total sparsity split across unlocked layers by ``allocation`` (locked layers count toward it);
         ``pattern="2:4"``: every layer it fits (the others named in a ``PatternWarning``)."""
         self._groups_for(pattern)
         _pruning.set_global_sparsity(self.state, sparsity, allocation, criterion, seed, locked, pattern,
-                                     self.last_sensitivity)
+                                     self.last_sensitivity, reconstruct)
         return self
 
     def _groups_for(self, pattern: Any) -> None:

@@ -31,6 +31,19 @@ from .patterns import CHANNELS, UNSTRUCTURED, get_pattern
 from .registry import close_names
 
 _serials = itertools.count(1)
+RECONSTRUCT = ("exact", "sparsegpt", "auto")
+
+
+def check_reconstruct(value: Any) -> str:
+    """``reconstruct=`` as a method name ("" for none): True means "auto" (exact up to
+    ``reconstruct.EXACT_COLUMNS`` input columns, SparseGPT above)."""
+    if value is None or value is False or value == "":
+        return ""
+    if value is True:
+        return "auto"
+    if value in RECONSTRUCT:
+        return str(value)
+    raise ValueError(f"reconstruct must be True, False or one of {', '.join(map(repr, RECONSTRUCT))}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,8 @@ class Record:
     calibration: str = field(default="", repr=False, compare=False)  # fingerprint of the statistics used
     bits: Optional[int] = None  # quantized to this many bits (None: float) by ``qmethod``
     qmethod: str = ""
+    reconstruct: str = ""  # "exact" or "sparsegpt": the kept weights were refitted to the layer's inputs
+    values: Optional[Tensor] = field(default=None, repr=False, compare=False)  # those refitted weights (0 where pruned)
 
     @property
     def settings(self) -> tuple[str, int, str, int]:
@@ -129,7 +144,7 @@ class Snapshot:
             return None if t is None else t.detach().to(device)
 
         moved = {
-            "records": {n: replace(r, mask=mv(r.mask)) for n, r in self.records.items()},
+            "records": {n: replace(r, mask=mv(r.mask), values=mv(r.values)) for n, r in self.records.items()},
             "bases": {n: mv(b) for n, b in self.bases.items()},
             "generation": self.generation,
             "others": None if self.others is None else {k: mv(v) for k, v in self.others.items()},
@@ -166,7 +181,7 @@ class PruningState:
         self._others_copy: tuple[int, Optional[dict[str, Tensor]]] = (0, None)  # generation 0: the originals
         self._records: dict[str, Record] = {}
         self._written: dict[str, tuple[Any, int, int]] = {}
-        self._trial_live: dict[str, tuple[Optional[Tensor], Any]] = {}  # (mask, token) written by open trials
+        self._trial_live: dict[str, tuple[Any, Any]] = {}  # (mask or (mask, values), token) written by open trials
         for i in self.layers:
             self._records[i.name] = Record(seed=self.seed, token=next(_serials))
             self._mark_written(i.name, self._records[i.name].token)
@@ -307,11 +322,11 @@ class PruningState:
         self.calibration = result
         return result
 
-    def refresh_calibration(self, criterion: Criterion) -> None:
+    def refresh_calibration(self, criterion: Criterion, reconstruct: bool = False) -> None:
         """Compute the statistics again (the last request) when the base weights or the device
-        changed since, before ``criterion`` reads them; nothing for a criterion without data."""
+        changed since, before ``criterion`` (or a reconstruction) reads them; nothing without data."""
         cal, request = self.calibration, self.calibration_request
-        if not criterion.needs or cal is None or request is None:
+        if not (criterion.needs or reconstruct) or cal is None or request is None:
             return
         device = str(next(iter(self.weights.values())).device)
         if cal.key[0] != self.generation or cal.key[2] != device:
@@ -319,15 +334,15 @@ class PruningState:
                 request = replace(request, x=request.x.to(device), y=request.y.to(device))
             self.calibrate(request)
 
-    def _calibration_id(self, criterion: Criterion) -> str:
-        if not criterion.needs:
+    def _calibration_id(self, criterion: Criterion, extra: tuple[str, ...] = (), drop: bool = True) -> str:
+        needs = tuple(criterion.needs) + tuple(n for n in extra if n not in criterion.needs)
+        if not needs:
             return ""
         if self.calibration is None:
-            raise ValueError(
-                f"criterion {criterion.name!r} looks at data ({', '.join(criterion.needs)}): call "
-                "calibrate(train_data) first, with training data (not the eval data)"
-            )
-        self.calibration.ensure(criterion.needs)  # computed on first use; only this criterion's kept
+            what = f"criterion {criterion.name!r} looks at data ({', '.join(criterion.needs)})" if criterion.needs else \
+                "reconstruction refits the kept weights to each layer's inputs"
+            raise ValueError(f"{what}: call calibrate(train_data) first, with training data (not the eval data)")
+        self.calibration.ensure(needs, drop=drop)  # computed on first use; only this criterion's kept
         return self.calibration.fingerprint + f"/{self.calibration.key!r}"
 
     def original_digest(self) -> str:
@@ -352,7 +367,7 @@ class PruningState:
         like it (what channel criteria sum per channel)."""
         stats = None
         if criterion.needs:
-            self._calibration_id(criterion)  # a clear error before any statistic is read
+            self._calibration_id(criterion, drop=False)  # a clear error before any statistic is read
             stats = self.calibration.layer(name)
         return criterion.scores(self.base(name), layer=name, seed=seed, stats=stats)
 
@@ -372,15 +387,22 @@ class PruningState:
             raise RuntimeError(f"cannot {action} while a sweep holds trial masks in the model; stop the sweep first")
 
     # ------------------------------------------------------------------ writing
-    def _write(self, name: str, mask: Optional[Tensor], token: Any, quant: Optional[tuple[int, str]] = None) -> None:
-        """The one place a layer's weight is written: ``base * mask`` (the base when dense),
-        quantized (deterministically, from the base and the mask) when ``quant`` is given."""
+    def _write(self, name: str, mask: Any, token: Any, quant: Optional[tuple[int, str]] = None,
+               values: Optional[Tensor] = None) -> None:
+        """The one place a layer's weight is written: ``base * mask`` (the base when dense), or the
+        reconstructed ``values`` (a ``(mask, values)`` pair stands for both), quantized
+        (deterministically, from those and the mask) when ``quant`` is given."""
+        if isinstance(mask, tuple):
+            mask, values = mask
         with torch.no_grad():
             w = self.weights[name]
             if quant is not None:
                 from .quantize import quantize
 
-                w.copy_(quantize(self._bases[name], mask, quant[0], quant[1], self._info[name].kind).values)
+                source = self._bases[name] if values is None else values
+                w.copy_(quantize(source, mask, quant[0], quant[1], self._info[name].kind).values)
+            elif values is not None:
+                w.copy_(values)
             elif mask is None:
                 w.copy_(self._bases[name])
             else:
@@ -389,11 +411,17 @@ class PruningState:
 
     def compute(self, counts: Mapping[str, int], criterion: Criterion, seed: int,
                 masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED,
-                over_channels: bool = False) -> dict[str, Record]:
+                over_channels: bool = False, reconstruct: str = "") -> dict[str, Record]:
         """New records for ``counts`` (exact k-smallest masks by ``criterion`` on the base
         weights, or the given ``masks``); layers whose settings are unchanged keep their record.
-        Writes nothing."""
+        ``reconstruct`` ("exact", "sparsegpt", "auto"): the kept weights are refitted to the
+        layer's calibration inputs (``reconstruct.py``; a criterion that ``reconstructs`` always
+        is). Writes nothing."""
         pat = get_pattern(pattern)
+        reconstruct = "sparsegpt" if criterion.reconstructs else check_reconstruct(reconstruct)
+        if reconstruct and pat.grouped:
+            raise ValueError(f"reconstruction refits the kept weights of one layer; pattern {pat.name!r} removes channels "
+                             "or blocks across layers, which it cannot serve (use 'unstructured', 'N:M' or 'kernel')")
         if pat.grouped:
             raise ValueError(f"pattern {pat.name!r} prunes channel groups or blocks: use compute_channels")
         pattern = pat.name
@@ -407,11 +435,12 @@ class PruningState:
                                  f"them with set_sparsity({{...}}, pattern='channels') or reset() before pruning it {pattern}")
             new_settings = (pattern, k, criterion.name, seed)
             given = masks is not None and name in masks
-            calib = self._calibration_id(criterion)
+            calib = self._calibration_id(criterion, ("xtx",) if reconstruct else ())
             if old.grouped:
                 old = Record(seed=seed, bits=old.bits, qmethod=old.qmethod)  # replaced as a whole (a recipe)
             if old.settings == new_settings and criterion.reproducible and not given and old.calibration == calib \
-                    and (k == 0 or old.mask is not None):
+                    and (k == 0 or old.mask is not None) and (k == 0 or old.reconstruct == reconstruct
+                                                             or (reconstruct == "auto" and old.reconstruct)):
                 out[name] = old
                 continue
             if k == 0:
@@ -424,13 +453,45 @@ class PruningState:
                     raise ValueError(f"layer {name!r}: a mask must be bool of shape {info.shape}, got {mask.dtype} {tuple(mask.shape)}")
                 if int(mask.numel() - mask.sum()) != k:
                     raise ValueError(f"layer {name!r}: the mask zeroes {int(mask.numel() - mask.sum())} entries, not {k}")
-            else:
+            elif not criterion.reconstructs:
                 mask = pat.mask(info, k, lambda: self.keys([name], criterion, seed)[0],
                                 lambda: self.scores(name, criterion, seed))
+            values, method = None, ""
+            if reconstruct:
+                mask, values, method = self._refit(info, pat, k, None if criterion.reconstructs and not given else mask,
+                                                   reconstruct)
             mask = mask.to(self.weights[name].device)
             out[name] = Record(pattern, k, criterion.name, seed, mask, next(_serials),
-                               criterion.reproducible and not given and not criterion.needs, calib, old.bits, old.qmethod)
+                               criterion.reproducible and not given and not criterion.needs and not reconstruct, calib,
+                               old.bits, old.qmethod, method, values)
         return out
+
+    def _refit(self, info: LayerInfo, pat: Any, k: int, mask: Optional[Tensor], method: str) -> tuple[Tensor, Tensor, str]:
+        """(keep-mask, refitted weights, method) of one layer: SparseGPT's own mask selection when
+        ``mask`` is None (unstructured or N:M), else the given mask refitted (``reconstruct.py``)."""
+        from .criteria import layer_gram
+        from .reconstruct import BLOCKSIZE, EXACT_COLUMNS, exact, from_matrix, no_worse, sparsegpt, to_matrix
+
+        assert self.calibration is not None  # _calibration_id checked it
+        h = layer_gram(self.calibration.layer(info.name), info.name).to(self.weights[info.name].device)
+        base = self.base(info.name)
+        w = to_matrix(base, info.kind)
+        if mask is None:
+            sel = pat.selection()
+            if sel is None:
+                raise ValueError(f"criterion 'sparsegpt' chooses unstructured or N:M masks itself, not pattern {pat.name!r}; "
+                                 f"prune layer {info.name!r} with another criterion and reconstruct=True")
+            n, m = sel
+            w_hat, keep = sparsegpt(w, h, count=None if m else k, n=n, m=m, blocksize=BLOCKSIZE - BLOCKSIZE % max(m, 1))
+            method = "sparsegpt"
+        else:
+            keep = to_matrix(mask.to(w.device), info.kind)
+            if method == "auto":
+                method = "exact" if w.shape[1] <= EXACT_COLUMNS else "sparsegpt"
+            w_hat = exact(w, h, keep) if method == "exact" else sparsegpt(w, h, keep=keep)[0]
+        w_hat = no_worse(w, w_hat, keep, h)
+        return (from_matrix(keep, info.shape, info.kind), from_matrix(w_hat, info.shape, info.kind).to(base.dtype),
+                method)
 
     def apply(self, records: Mapping[str, Record], kind: str = "masks") -> list[str]:
         """Install computed records and write their weights; returns the layers that changed."""
@@ -440,15 +501,16 @@ class PruningState:
                 self.info(name)
             changed = [n for n, r in records.items() if r.token != self._records[n].token]
             for name in changed:
-                self._write(name, records[name].mask, records[name].token, records[name].quant)
+                self._write(name, records[name].mask, records[name].token, records[name].quant, records[name].values)
                 self._records[name] = records[name]
             if changed:
                 self._notify(kind, changed)
             return changed
 
     def set_counts(self, counts: Mapping[str, int], criterion: Criterion, seed: int,
-                   masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED) -> list[str]:
-        return self.apply(self.compute(counts, criterion, seed, masks, pattern))
+                   masks: Optional[Mapping[str, Tensor]] = None, pattern: str = UNSTRUCTURED,
+                   reconstruct: str = "") -> list[str]:
+        return self.apply(self.compute(counts, criterion, seed, masks, pattern, reconstruct=reconstruct))
 
     # ------------------------------------------------------------------ channel groups
     @property
@@ -614,25 +676,28 @@ class PruningState:
     @contextlib.contextmanager
     def trial(self, masks: Mapping[str, Optional[Tensor]] = {},
               members: Mapping[str, Tensor] = {}) -> Iterator["PruningState"]:
-        """Write ``masks`` (None: the dense base) without recording them; on exit every layer
-        written is put back exactly as it was before the block (recorded, or an enclosing
-        trial's mask), whatever happened inside. ``members``: keep-masks for group members that
-        are not layers (biases, BatchNorm), applied to their live values and undone on exit."""
+        """Write ``masks`` (None: the dense base; a ``(mask, values)`` pair: reconstructed values)
+        without recording them; on exit every layer written is put back exactly as it was before
+        the block (recorded, or an enclosing trial's mask), whatever happened inside. ``members``:
+        keep-masks for group members that are not layers (biases, BatchNorm), undone on exit."""
         with self.lock:
             params = self._params
             saved_members = {k: params[k].detach().clone() for k in members}
             for name, m in masks.items():
                 info = self.info(name)
+                if isinstance(m, tuple):
+                    m = m[0]
                 if m is not None and (tuple(m.shape) != info.shape or m.dtype != torch.bool):
                     raise ValueError(f"layer {name!r}: a trial mask must be bool of shape {info.shape}")
             self._trial_depth += 1
-            touched: dict[str, tuple[Optional[Tensor], Any]] = {}  # what was live before: a nested trial restores its outer one's
+            touched: dict[str, tuple[Any, Any]] = {}  # what was live before: a nested trial restores its outer one's
             try:
                 if self._trial_depth == 1:
                     self._notify("trial-start")
                 for name, m in masks.items():
                     r = self._records[name]
-                    touched.setdefault(name, self._trial_live.get(name, (r.mask, r.token)))
+                    live = r.mask if r.values is None else (r.mask, r.values)
+                    touched.setdefault(name, self._trial_live.get(name, (live, r.token)))
                     token = ("trial", next(_serials))
                     self._write(name, m, token, r.quant)
                     self._trial_live[name] = (m, token)
@@ -719,7 +784,7 @@ class PruningState:
             self._write_members(old_keys)
             for name in changed:
                 r = snapshot.records[name]
-                self._write(name, r.mask, r.token, r.quant)
+                self._write(name, r.mask, r.token, r.quant, r.values)
                 self._records[name] = r
             if changed:
                 self._notify("restore", changed)
@@ -750,9 +815,10 @@ class PruningState:
             if self._channels or self._member_bases:
                 self._write_members()
             for name, r in snapshot.records.items():
-                r = replace(r, mask=None if r.mask is None else r.mask.to(device), token=next(_serials))
+                r = replace(r, mask=None if r.mask is None else r.mask.to(device),
+                            values=None if r.values is None else r.values.to(device), token=next(_serials))
                 self._records[name] = r
-                self._write(name, r.mask, r.token, r.quant)
+                self._write(name, r.mask, r.token, r.quant, r.values)
             self._notify("restore", list(self._info))
 
     def reset(self) -> None:
@@ -786,7 +852,7 @@ class PruningState:
                 r = self._records[name]
                 trained = w.detach().clone()
                 self._bases[name] = trained if r.mask is None else torch.where(r.mask, trained, self._bases[name])
-                self._records[name] = replace(r, token=next(_serials))
+                self._records[name] = replace(r, token=next(_serials), values=None)  # trained: the refit is in the base now
                 self._write(name, r.mask, self._records[name].token, r.quant)
             self._notify(kind, list(self._info))
 
@@ -823,7 +889,7 @@ class PruningState:
             self.model.to(device)
             self._original = {k: mv(v) for k, v in self._original.items()}  # type: ignore[misc]
             self._bases = {n: mv(b) for n, b in self._bases.items()}  # type: ignore[misc]
-            self._records = {n: replace(r, mask=mv(r.mask)) for n, r in self._records.items()}
+            self._records = {n: replace(r, mask=mv(r.mask), values=mv(r.values)) for n, r in self._records.items()}
             self._member_bases = {k: mv(b) for k, b in self._member_bases.items()}  # type: ignore[misc]
             gen, others = self._others_copy
             if others is not None:
@@ -844,6 +910,6 @@ class _LazyKeys(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         name = self._names[i]
         if self._c.needs:
-            self._s._calibration_id(self._c)  # a clear error before any statistic is read
+            self._s._calibration_id(self._c, drop=False)  # a clear error before any statistic is read
             return self._c.keys(self._s.base(name), layer=name, seed=self._seed, stats=self._s.calibration.layer(name))
         return self._c.keys(self._s.base(name), layer=name, seed=self._seed)

@@ -38,17 +38,39 @@ def setup(digits):
     return s, model, (x[:40], y[:40])
 
 
-def test_taylor_gradient_equals_autograd_on_a_copy(setup):
+def test_taylor_meangrad_gradient_equals_autograd_on_a_copy(setup):
     s, model, (x, y) = setup
-    s.calibrate((x, y), samples=40, batch_size=16, criteria=["taylor"], progress=False)
+    s.calibrate((x, y), samples=40, batch_size=16, criteria=["taylor-meangrad"], progress=False)
     ref = copy.deepcopy(model).eval()
     loss = F.cross_entropy(ref(x), y)
     grads = torch.autograd.grad(loss, [ref.conv.weight, ref.grouped.weight, ref.fc.weight])
     for name, g in zip(("conv", "grouped", "fc"), grads):
         assert torch.allclose(s.state.calibration.layer(name).grad, g, rtol=1e-4, atol=1e-7)  # batch sums in float32
-    s.set_sparsity({"fc": 0.5}, criterion="taylor")
+    s.set_sparsity({"fc": 0.5}, criterion="taylor-meangrad")
     scores = (ref.fc.weight * grads[2]).abs()
     assert torch.equal(s.mask("fc"), k_smallest_mask(scores.double(), 180))
+
+
+def test_taylor_is_the_mean_over_minibatches_of_the_squared_first_order_term(setup):
+    """Molchanov et al. 2019: per minibatch b, (g_b * w)^2 with g_b the gradient of b's mean loss
+    (autograd on a copy, batches of 16, 16 and 8 samples), averaged over the batches."""
+    s, model, (x, y) = setup
+    s.calibrate((x, y), samples=40, batch_size=16, criteria=["taylor"], progress=False)
+    ref = copy.deepcopy(model).eval()
+    params = [ref.conv.weight, ref.grouped.weight, ref.fc.weight]
+    batches = [torch.autograd.grad(F.cross_entropy(ref(x[b : b + 16]), y[b : b + 16]), params) for b in (0, 16, 32)]
+    for j, name in enumerate(("conv", "grouped", "fc")):
+        w = params[j].detach().double()
+        want = sum((g[j].double() * w) ** 2 for g in batches) / 3
+        got = pl.criteria.get_criterion("taylor").scores_fn(s.original_weight(name), layer=name, seed=0,
+                                                           stats=s.state.calibration.layer(name))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-12)
+    s.set_sparsity({"fc": 0.5}, criterion="taylor")
+    want_fc = sum((g[2].double() * params[2].detach().double()) ** 2 for g in batches) / 3
+    got_fc = pl.criteria.get_criterion("taylor").scores_fn(s.original_weight("fc"), layer="fc", seed=0,
+                                                          stats=s.state.calibration.layer("fc"))
+    assert torch.equal(s.mask("fc"), k_smallest_mask(got_fc, 180))
+    assert int((s.mask("fc") == k_smallest_mask(want_fc, 180)).sum()) >= s.mask("fc").numel() - 2  # float32 sums: ties at most
 
 
 def test_fisher_equals_per_sample_gradients_squared_and_averaged(setup):
@@ -159,18 +181,18 @@ def test_calibration_holds_at_most_one_copy_of_the_weights(setup):
     cal = s.state.calibration
     assert cal.nbytes() == 0
     s.set_sparsity({"fc": 0.5}, criterion="taylor")
-    first_grad = cal.layer("fc").grad.clone()
-    assert cal.needs == ("grad",) and cal.nbytes() == weight_bytes
-    for criterion, held in (("obd", ("fisher",)), ("wanda", ("act_norm",)), ("taylor", ("grad",))):
+    first_grad = cal.layer("fc").batch_grad_sq.clone()
+    assert cal.needs == ("batch_grad_sq",) and cal.nbytes() == weight_bytes
+    for criterion, held in (("obd", ("fisher",)), ("wanda", ("act_norm",)), ("taylor", ("batch_grad_sq",))):
         s.set_sparsity({"fc": 0.5}, criterion=criterion)
         assert cal.needs == held and cal.nbytes() == weight_bytes
-    assert torch.equal(cal.layer("fc").grad, first_grad)
+    assert torch.equal(cal.layer("fc").batch_grad_sq, first_grad)
     assert s.calibration_passes == 4
     s.calibrate(data, samples=40, criteria=["taylor", "obd", "wanda"], progress=False)  # asked for: all kept
-    assert cal.needs == ("act_norm", "grad", "fisher") and cal.nbytes() == 3 * weight_bytes
+    assert cal.needs == ("act_norm", "fisher", "batch_grad_sq") and cal.nbytes() == 3 * weight_bytes
     for criterion in ("obd", "wanda", "taylor"):
         s.set_sparsity({"fc": 0.5}, criterion=criterion)
-    assert cal.needs == ("act_norm", "grad", "fisher") and s.calibration_passes == 5
+    assert cal.needs == ("act_norm", "fisher", "batch_grad_sq") and s.calibration_passes == 5
 
 
 def test_closed_form_fisher_equals_the_per_sample_path(digits):
@@ -334,7 +356,7 @@ def test_every_architecture_calibrates_and_prunes_with_every_criterion(kind, dig
     s.calibrate(train, samples=24, batch_size=8, criteria=["taylor", "obd", "wanda"], progress=False)
     for name in (i.name for i in s.layers):
         st = s.state.calibration.layer(name)
-        for t in (st.act_norm, st.grad, st.fisher):
+        for t in (st.act_norm, st.batch_grad_sq, st.fisher):
             assert t.shape == s.layer(name).shape and bool(torch.isfinite(t).all())
         assert float(st.act_norm.sum()) > 0  # every weight's inputs were seen
     total = sum(i.n_params for i in s.layers)

@@ -152,7 +152,7 @@ def test_l1_l2_and_bn_scale_scores_equal_their_sums_written_out():
 
 
 def test_taylor_and_obd_channel_scores_sum_the_autograd_scores_of_each_channels_entries():
-    """Taylor (|w * g|, g the gradient of the mean calibration loss) and OBD (1/2 h w^2, h the
+    """Taylor ((g * w)^2, g the gradient of the calibration batch's mean loss: one batch here) and OBD (1/2 h w^2, h the
     mean squared per-sample gradient) summed over conv1's row c and conv2's column c: the
     convolution weights of the channel (bias and BatchNorm are not prunable layers)."""
     torch.manual_seed(0)
@@ -168,8 +168,8 @@ def test_taylor_and_obd_channel_scores_sum_the_autograd_scores_of_each_channels_
     taylor = s.channel_scores("conv1", "taylor")
     obd = s.channel_scores("conv1", "obd")
     for c in range(4):
-        t = (weights[0][c].double() * grads[0][c].double()).abs().sum() + \
-            (weights[1][:, c].double() * grads[1][:, c].double()).abs().sum()
+        t = ((weights[0][c].double() * grads[0][c].double()) ** 2).sum() + \
+            ((weights[1][:, c].double() * grads[1][:, c].double()) ** 2).sum()
         o = (0.5 * fisher[0][c] * weights[0][c].double() ** 2).sum() + (0.5 * fisher[1][:, c] * weights[1][:, c].double() ** 2).sum()
         assert taylor[c].item() == pytest.approx(float(t), rel=1e-5)
         assert obd[c].item() == pytest.approx(float(o), rel=1e-5)

@@ -258,7 +258,7 @@ def test_data_aware_criterion_in_the_lab(demo_session, digits):
     assert demo_session.pruned_counts["fc1"] == round(0.5 * 7680)
     lab.criterion.value = "taylor"  # its statistics replace wanda's (one criterion's are held at a time)
     assert demo_session.calibration_passes == 2 and demo_session.criteria["fc1"] == "taylor"
-    assert demo_session.state.calibration.needs == ("grad",)
+    assert demo_session.state.calibration.needs == ("batch_grad_sq",)
     lab.undo()  # the masks come back from the history: nothing is recomputed
     assert demo_session.criteria["fc1"] == "wanda" and demo_session.calibration_passes == 2
 
