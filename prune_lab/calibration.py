@@ -107,6 +107,8 @@ class Calibration:
                 for need in missing:
                     if need == "fisher":
                         stats.fisher, stats.hessian = fresh[name].fisher, fresh[name].hessian
+                    elif need == "xtx":
+                        stats.xtx, stats.kind, stats.xtx_error = fresh[name].xtx, fresh[name].kind, fresh[name].xtx_error
                     else:
                         setattr(stats, need, getattr(fresh[name], need))
         if keep:

@@ -26,6 +26,8 @@ def build_recipe(state: PruningState, model_name: str, masks: Optional[bool] = N
             entry["calibration_sha256"] = r.calibration.split("/")[0]  # the data its statistics came from
         if r.bits is not None:
             entry["bits"], entry["quant_method"] = r.bits, r.qmethod
+        if r.reconstruct and r.values is not None:  # refitted again from the mask and calibration when applied
+            entry["reconstruct"], entry["values_sha256"] = r.reconstruct, weights_digest([r.values])
         layers[i.name] = entry
     recipe = {
         "prune_lab_recipe": RECIPE_FORMAT,
@@ -98,7 +100,11 @@ def apply_recipe(state: PruningState, data: Mapping[str, Any]) -> None:
         else:
             crit = get_criterion(entry["criterion"])  # unknown names fail here, before any change
             weight_dependent |= crit.weight_dependent and entry["pruned"] > 0
-        records.update(state.compute({name: entry["pruned"]}, crit, seed, given, pattern, over_channels=True))
+        records.update(state.compute({name: entry["pruned"]}, crit, seed, given, pattern, over_channels=True,
+                                     reconstruct=entry.get("reconstruct", "")))
+        if "values_sha256" in entry and weights_digest([records[name].values]) != entry["values_sha256"]:
+            warnings.warn(f"layer {name!r}: its refitted weights differ from the recipe's (another calibration set or "
+                          "machine); the mask is the recipe's", stacklevel=3)
     new_channels: dict = {}
     if channels or state.channels:  # the recipe's channel records, as stored; their layer masks derived
         start = {g: state.channel_record(g, keeps[g], int(e["removed"]), str(e.get("criterion", "l1")), int(e.get("seed", 0)))

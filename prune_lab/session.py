@@ -387,10 +387,10 @@ class Session:
                     metric: Optional[str] = None, layers: Optional[Sequence[str]] = None, resume: Any = None,
                     incremental: bool = True, progress: bool = True, on_step: Optional[Callable[[dict], None]] = None,
                     should_stop: Optional[Callable[[], bool]] = None, executor: Any = None,
-                    pattern: str = "unstructured") -> Any:
+                    pattern: str = "unstructured", reconstruct: Union[bool, str] = False) -> Any:
         """Prune each layer alone to each level (default 0-0.95 by 0.05), evaluate, restore exactly: a
         ``SensitivityResult`` (Ctrl-C returns the partial one; ``resume=`` continues it). ``executor``: None,
-        ``"ray"``, an address or a ``RayExecutor`` (bit for bit the same on CPU); ``pattern`` as for set_sparsity."""
+        ``"ray"``, an address or a ``RayExecutor`` (bit for bit the same on CPU); ``pattern``, ``reconstruct`` as for set_sparsity."""
         if metric is not None and metric != self.metric_name:
             raise ValueError(f"metric {metric!r}: this session measures {self.metric_name!r}; pass metric= to the Session")
         from .workflows.distributed import resolve_executor
@@ -399,7 +399,7 @@ class Session:
         ex = resolve_executor(executor, self.settings)  # an unreachable cluster fails here, before any work
         self.last_sensitivity = _sensitivity.sweep(self.state, self.evaluator, levels, criterion, layers, resume,
                                                    incremental, progress, on_step, should_stop, executor=ex,
-                                                   pattern=pattern)
+                                                   pattern=pattern, reconstruct=reconstruct)
         return self.last_sensitivity
 
     def tradeoff(self, strategies: Sequence[str] = _tradeoff.DEFAULT_STRATEGIES,

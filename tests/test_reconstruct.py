@@ -190,3 +190,167 @@ def test_bad_arguments_are_refused_clearly():
         rc.sparsegpt(w, h, n=1, m=3, blocksize=8)
     with pytest.raises(ValueError, match="damp must be >= 0"):
         rc.exact(w, h, torch.ones(2, 8, dtype=torch.bool), damp=-1)
+
+
+# ---------------------------------------------------------------------- through the Session and the state
+import prune_lab as pl  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc1 = nn.Linear(4 * 6 * 6, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+@pytest.fixture
+def net_session():
+    torch.manual_seed(0)
+    net = _Net()
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    s = pl.Session(net, (torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))), device="cpu")
+    s.calibrate((x, y), samples=64, batch_size=16, progress=False)
+    return s, net, x
+
+
+def _fc1_inputs(net: _Net, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.relu(net.conv(x)).flatten(1).double()  # (samples, 144): the dense model's fc1 inputs
+
+
+def test_session_exact_equals_damped_lstsq_on_the_layers_own_inputs(net_session):
+    """Independent oracle: the fc1 inputs of the dense model, and the damped objective
+    ||w X - v X_K||^2 + lam ||w_K - v||^2 solved by lstsq on the stacked system."""
+    s, net, x = net_session
+    w = s.original_weight("fc1").double()
+    X = _fc1_inputs(net, x)  # rows are samples
+    lam = rc.DAMP * float((X ** 2).sum(0).mean())
+    s.set_sparsity({"fc1": 0.6}, reconstruct="exact")
+    keep = s.mask("fc1")
+    live = net.fc1.weight.detach().double()
+    for r in range(16):
+        k = keep[r].nonzero().flatten()
+        a = torch.cat([X[:, k], lam ** 0.5 * torch.eye(len(k), dtype=torch.float64)])
+        b = torch.cat([X @ w[r], lam ** 0.5 * w[r, k]])
+        want = torch.zeros(144, dtype=torch.float64)
+        want[k] = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
+        torch.testing.assert_close(live[r], want, rtol=1e-4, atol=1e-6)
+    assert s.pruned_counts["fc1"] == round(0.6 * 16 * 144) == int((live == 0).sum())
+    # the mask is magnitude's: reconstruction changes the kept values, not which are kept
+    assert torch.equal(keep, pl.masks.k_smallest_mask(w.abs(), round(0.6 * 16 * 144)))
+
+
+@pytest.mark.parametrize("how", [dict(reconstruct="exact"), dict(reconstruct="sparsegpt"), dict(criterion="sparsegpt"),
+                                 dict(criterion="wanda", reconstruct=True)])
+def test_reconstruction_fits_the_inputs_better_than_the_mask_and_reset_is_bit_exact(net_session, how):
+    s, net, x = net_session
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    X = _fc1_inputs(net, x)
+    dense_out = X @ s.original_weight("fc1").double().T
+    s.set_sparsity({"fc1": 0.8, "conv": 0.5}, **how)
+    live = net.fc1.weight.detach().double()
+    masked = s.original_weight("fc1").double() * s.mask("fc1")
+    assert ((dense_out - X @ live.T) ** 2).sum() < ((dense_out - X @ masked.T) ** 2).sum()
+    conv = lambda w: torch.nn.functional.conv2d(x.double(), w.double())  # noqa: E731  (the conv's columns: in x kh x kw)
+    ref = conv(s.original_weight("conv"))
+    assert ((ref - conv(net.conv.weight.detach())) ** 2).sum() < ((ref - conv(s.original_weight("conv") * s.mask("conv"))) ** 2).sum()
+    assert s.pruned_counts == {"conv": 18, "fc1": round(0.8 * 16 * 144), "fc2": 0}
+    st = s.stats()
+    assert st.layers["fc1"]["nonzeros"] == int((net.fc1.weight != 0).sum()) == 16 * 144 - s.pruned_counts["fc1"]
+    snap = s.snapshot()
+    s.reset()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    s.restore(snap)
+    torch.testing.assert_close(net.fc1.weight.detach().double(), live, rtol=0, atol=0)
+    s.set_sparsity({"fc1": 0.8})  # the same mask without the refit: the magnitude values come back
+    if how.get("criterion") is None:
+        assert torch.equal(net.fc1.weight.detach(), s.original_weight("fc1") * s.mask("fc1"))
+
+
+def test_sparsegpt_criterion_takes_every_pattern_it_can_choose_itself(net_session):
+    s, net, _ = net_session
+    s.set_sparsity({"fc1": 0.5, "fc2": 0.5}, criterion="sparsegpt", pattern="2:4")
+    for name in ("fc1", "fc2"):
+        keep = s.mask(name)
+        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all()
+        assert torch.equal(s.model.get_submodule(name).weight != 0, keep)
+    s.set_global_sparsity(0.7, criterion="sparsegpt")
+    assert sum(s.pruned_counts.values()) == round(0.7 * sum(i.n_params for i in s.layers))
+
+
+def test_reconstruction_refusals_name_the_fix_and_change_nothing(net_session):
+    s, net, _ = net_session
+    fresh = pl.Session(_Net(), (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), device="cpu")
+    with pytest.raises(ValueError, match=r"reconstruction refits .* call calibrate\(train_data\) first"):
+        fresh.set_sparsity({"fc1": 0.5}, reconstruct=True)
+    assert fresh.pruned_counts["fc1"] == 0
+    before = net.fc1.weight.detach().clone()
+    with pytest.raises(ValueError, match="pattern 'channels' removes channels"):
+        s.set_sparsity({"fc1": 0.5}, pattern="channels", reconstruct=True)
+    with pytest.raises(ValueError, match="criterion 'sparsegpt' chooses unstructured or N:M masks itself, not pattern 'kernel'"):
+        s.set_sparsity({"conv": 0.5}, pattern="kernel", criterion="sparsegpt")
+    with pytest.raises(ValueError, match="reconstruct must be True, False or one of 'exact', 'sparsegpt', 'auto', got 'obs'"):
+        s.set_sparsity({"fc1": 0.5}, reconstruct="obs")
+    assert torch.equal(net.fc1.weight, before) and s.pruned_counts["fc1"] == 0
+    s.set_sparsity({"conv": 0.5}, pattern="kernel", reconstruct=True)  # a kernel mask can be refitted
+    assert s.state.record("conv").reconstruct == "exact"
+
+
+def test_a_layer_without_refittable_inputs_is_named():
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.head = nn.Linear(8, 20)
+
+        def forward(self, t):
+            return self.head(self.emb(t)).mean(1)
+
+    torch.manual_seed(0)
+    t, y = torch.randint(0, 20, (16, 5)), torch.randint(0, 20, (16,))
+    s = pl.Session(Emb(), (t[:8], y[:8]), device="cpu", extra_layers=["emb.weight"])
+    s.calibrate((t[8:], y[8:]), samples=8, progress=False)
+    s.set_sparsity({"head": 0.5}, reconstruct=True)  # the Linear head is served
+    with pytest.raises(ValueError, match=r"layer 'emb' \(a Embedding\): reconstruction refits weights from the inputs of nn.Linear"):
+        s.set_sparsity({"emb": 0.5}, reconstruct=True)
+    assert s.pruned_counts["emb"] == 0
+
+
+def test_gram_budget_is_stated_in_bytes(net_session, monkeypatch):
+    from prune_lab import calibration
+
+    s, _, x = net_session
+    monkeypatch.setattr(calibration, "GRAM_BUDGET_BYTES", 1000)
+    s.calibrate((x, torch.zeros(64, dtype=torch.long)), samples=32, progress=False)
+    with pytest.raises(ValueError, match=r"reconstruction needs 168,584 bytes .*layer 'fc1' alone 165,888 B, 144 columns"):
+        s.set_sparsity({"fc1": 0.5}, reconstruct=True)
+
+
+def test_sensitivity_with_reconstruction_measures_what_set_sparsity_gives(net_session):
+    s, net, _ = net_session
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = s.sensitivity(levels=[0.0, 0.5, 0.9], layers=["fc1"], reconstruct=True, progress=False)
+    assert res.reconstruct == "auto" or res.reconstruct == "exact" or res.reconstruct
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    for rec in res.records:
+        s.set_sparsity({"fc1": rec["level"]}, reconstruct=True)
+        assert s.evaluate()["loss"] == rec["loss"]
+        s.reset()
+    with pytest.raises(ValueError, match="runs in this process only"):
+        s.sensitivity(levels=[0.5], layers=["fc1"], reconstruct=True, executor="ray", progress=False)
+
+
+def test_recipe_refits_from_its_mask_and_the_calibration(net_session):
+    s, net, x = net_session
+    s.set_sparsity({"fc1": 0.7}, criterion="sparsegpt")
+    recipe = s.recipe()
+    assert recipe["layers"]["fc1"]["reconstruct"] == "sparsegpt" and "mask" in recipe["layers"]["fc1"]
+    live = net.fc1.weight.detach().clone()
+    s.reset()
+    s.apply_recipe(recipe)
+    assert torch.equal(net.fc1.weight.detach(), live)

@@ -20,7 +20,7 @@ from ..criteria import Criterion, get_criterion
 from ..evaluate import Evaluator
 from ..masks import check_fraction, count_to_prune
 from ..patterns import Pattern, get_pattern, same_pattern
-from ..state import PruningState
+from ..state import PruningState, check_reconstruct
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -67,6 +67,7 @@ class SensitivityResult:
     complete: bool = False
     missing: list[dict[str, Any]] = field(default_factory=list)  # points that could not be measured, and why
     pattern: str = "unstructured"  # or "N:M": each level > 0 is that pattern
+    reconstruct: str = ""  # "exact"/"sparsegpt"/"auto": every point's kept weights were refitted
 
     # ------------------------------------------------------------------ tables
     def table(self, key: Optional[str] = None) -> "torch.Tensor":
@@ -255,6 +256,7 @@ def sweep(
     seed: Optional[int] = None,
     executor: Any = None,
     pattern: str = "unstructured",
+    reconstruct: Any = False,
 ) -> SensitivityResult:
     """Prune each layer alone to each level (the others as they are), evaluate, put it back.
 
@@ -271,7 +273,11 @@ def sweep(
         return _group_sweep(state, evaluator, pat, levels, criterion, layers, resume, incremental, progress,
                             on_step, should_stop, executor)
     crit = get_criterion(criterion)
-    state.refresh_calibration(crit)  # after fine-tuning: the statistics of the weights now
+    method = "sparsegpt" if crit.reconstructs else check_reconstruct(reconstruct)
+    if method and executor is not None:
+        raise ValueError("a sweep with reconstruction (reconstruct=..., or criterion 'sparsegpt') runs in this process "
+                         "only; pass executor=None")
+    state.refresh_calibration(crit, bool(method))  # after fine-tuning: the statistics of the weights now
     pattern = pat.name
     levels, names = _points(state, pat, levels, layers)
     if resume is not None:
@@ -287,6 +293,7 @@ def sweep(
         reference=reference,
         dense=evaluator.baseline(),
         pattern=pattern,
+        reconstruct=method,
     )
     if executor is not None:
         result.complete = False
@@ -296,7 +303,7 @@ def sweep(
         return executor.sensitivity(state, evaluator, result, todo, crit, seed, incremental, progress, on_step, should_stop,
                                     pattern)
     return _run(state, evaluator, result, progress, on_step, should_stop,
-                lambda n, lv: measure_point(state, evaluator, crit, seed, n, lv, incremental, pattern))
+                lambda n, lv: measure_point(state, evaluator, crit, seed, n, lv, incremental, pattern, method))
 
 
 def _points(state: PruningState, pat: Pattern, levels: Optional[Sequence[float]],
@@ -422,14 +429,18 @@ def measure_channels(state: PruningState, evaluator: Evaluator, group: str, leve
 
 
 def measure_point(state: PruningState, evaluator: Evaluator, crit: Criterion, seed: int, name: str, level: float,
-                  incremental: bool = True, pattern: str = "unstructured") -> dict[str, Any]:
+                  incremental: bool = True, pattern: str = "unstructured", reconstruct: str = "") -> dict[str, Any]:
     """One sweep point: ``name`` pruned to ``level`` by ``crit`` (the others as they are),
-    evaluated, put back. The same code runs in-process and on a distributed worker."""
+    evaluated, put back. The same code runs in-process and on a distributed worker.
+    ``reconstruct``: the point's kept weights refitted (``state.compute`` gives mask and values)."""
     pat = get_pattern(pattern)
     info = state.layer(name)
     k = pat.count(info, pat.snap(level, info))
-    mask = None
-    if k:
+    mask: Any = None
+    if k and reconstruct:
+        r = state.compute({name: k}, crit, seed, pattern=pat.name, reconstruct=reconstruct)[name]
+        mask = (r.mask, r.values)
+    elif k:
         mask = pat.mask(info, k, lambda: state.keys([name], crit, seed)[0], lambda: state.scores(name, crit, seed))
         mask = mask.to(state.weights[name].device)
     with state.trial({name: mask}):
