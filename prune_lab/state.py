@@ -466,6 +466,21 @@ class PruningState:
                                old.bits, old.qmethod, method, values)
         return out
 
+    def refit_errors(self, name: str) -> Optional[tuple[float, float, float]]:
+        """For a layer whose kept weights were refitted: ``(||W X - (W*M) X||^2, ||W X - W_hat X||^2,
+        ||W X||^2)`` summed over the calibration inputs (``xtx``; None when not refitted or not held)."""
+        from .reconstruct import error, to_matrix
+
+        r = self.record(name)
+        stats = self.calibration.layers.get(name) if self.calibration is not None else None
+        if r.values is None or r.mask is None or stats is None or stats.xtx is None or not stats.xtx.numel():
+            return None
+        info, h = self.info(name), stats.xtx
+        w = to_matrix(self.base(name), info.kind).to(h)
+        masked = error(w, w * to_matrix(r.mask, info.kind).to(h), h).sum()
+        refit = error(w, to_matrix(r.values, info.kind).to(h), h).sum()
+        return float(masked), float(refit), float(error(w, torch.zeros_like(w), h).sum())
+
     def _refit(self, info: LayerInfo, pat: Any, k: int, mask: Optional[Tensor], method: str) -> tuple[Tensor, Tensor, str]:
         """(keep-mask, refitted weights, method) of one layer: SparseGPT's own mask selection when
         ``mask`` is None (unstructured or N:M), else the given mask refitted (``reconstruct.py``)."""

@@ -121,6 +121,7 @@ class StatsTable:
         self._nonzeros = NonzeroCounter()
         self._planner = Planner()
         self._dense_file_bytes: Optional[int] = None
+        self._refit_cache: dict[str, tuple[Any, Any]] = {}
 
     def compressed_plan(self, parts_wanted: bool = False) -> tuple[list, list]:
         """The compressed export of the live weights: pruned or quantized layers as gaps +
@@ -166,13 +167,34 @@ class StatsTable:
         return serialize({k: v.detach().cpu() for k, v in self.state.model.state_dict().items()})
 
     def table(self) -> Stats:
-        """Per layer and total: params, nonzeros, sparsity, bytes, MACs (see ``compute_stats``)."""
+        """Per layer and total: params, nonzeros, sparsity, bytes, MACs (see ``compute_stats``), and for
+        refitted layers how well they fit the calibration inputs (:meth:`refit_errors`)."""
         state = self.state
         with state.lock:
             entries, _ = self.compressed_plan()
             bits = {n: r.bits for n, r in state.records.items()}
-            return compute_stats(state.model, state.layers, state.weights, self.uses, self._nonzeros,
-                                 self.dense_file_bytes(), entries, bits)
+            stats = compute_stats(state.model, state.layers, state.weights, self.uses, self._nonzeros,
+                                  self.dense_file_bytes(), entries, bits)
+            self.refit_errors(stats)
+            return stats
+
+    def refit_errors(self, stats: Stats) -> None:
+        """``mask_error`` and ``refit_error`` per refitted layer and in total: ||W X - W' X||^2 / ||W X||^2 over
+        the calibration inputs, for the mask alone and for the refitted weights (None where nothing was refitted)."""
+        totals = [0.0, 0.0, 0.0]
+        for name, row in stats.layers.items():
+            token = self.state.record(name).token
+            hit = self._refit_cache.get(name)
+            errors = hit[1] if hit is not None and hit[0] == token else self.state.refit_errors(name)
+            self._refit_cache[name] = (token, errors)
+            row["mask_error"] = row["refit_error"] = None
+            if errors is not None:
+                masked, refit, signal = errors
+                row["mask_error"], row["refit_error"] = masked / max(signal, 1e-300), refit / max(signal, 1e-300)
+                totals = [a + b for a, b in zip(totals, errors)]
+        found = totals[2] > 0
+        stats.total["mask_error"] = totals[0] / totals[2] if found else None
+        stats.total["refit_error"] = totals[1] / totals[2] if found else None
 
 
 def describe_layers(state: "PruningState", header: str, coverage: Any) -> str:

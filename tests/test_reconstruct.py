@@ -354,3 +354,20 @@ def test_recipe_refits_from_its_mask_and_the_calibration(net_session):
     s.reset()
     s.apply_recipe(recipe)
     assert torch.equal(net.fc1.weight.detach(), live)
+
+
+def test_stats_report_the_refit_error_against_the_layers_own_inputs(net_session):
+    s, net, x = net_session
+    assert s.stats().total["refit_error"] is None
+    s.set_sparsity({"fc1": 0.8}, reconstruct=True)
+    X = _fc1_inputs(net, x)
+    w = s.original_weight("fc1").double()
+    ref = X @ w.T
+    signal = float((ref ** 2).sum())
+    refit = float(((ref - X @ net.fc1.weight.detach().double().T) ** 2).sum()) / signal
+    masked = float(((ref - X @ (w * s.mask("fc1")).T) ** 2).sum()) / signal
+    st = s.stats()
+    assert st.layers["fc1"]["refit_error"] == pytest.approx(refit, rel=1e-6)
+    assert st.layers["fc1"]["mask_error"] == pytest.approx(masked, rel=1e-6)
+    assert st.total["refit_error"] == pytest.approx(refit, rel=1e-6) and st.layers["conv"]["refit_error"] is None
+    assert refit < masked

@@ -560,7 +560,10 @@ class Lab:
         L["accuracy"].value = f"<b>{key}</b>: <span class='prune-lab-value'>{_fmt_metric(key, result[key])}</span>"
         delta = result[key] - dense[key]
         L["delta"].value = f"&Delta; vs dense: <span class='prune-lab-value'>{_fmt_delta(key, delta)}</span>"
-        L["loss"].value = f"loss: <span class='prune-lab-value'>{result['loss']:.4f}</span>"
+        refit = "" if t.get("refit_error") is None else (
+            f" &middot; refit error <span class='prune-lab-value'>{t['refit_error']:.1%}</span> "
+            f"(mask alone {t['mask_error']:.1%} of ||WX||&sup2;, calibration inputs)")
+        L["loss"].value = f"loss: <span class='prune-lab-value'>{result['loss']:.4f}</span>{refit}"
         L["sparsity"].value = f"sparsity: <span class='prune-lab-value'>{t['sparsity']:.2%}</span>"
         L["nonzeros"].value = f"nonzero weights: <span class='prune-lab-value'>{fmt_count(t['nonzeros'])}</span> / {fmt_count(t['params'])}"
         L["bytes"].value = f"file: {fmt_bytes(t['dense_file_bytes'])} dense &rarr; <span class='prune-lab-value'>{fmt_bytes(t['sparse_file_bytes'])}</span> sparse"

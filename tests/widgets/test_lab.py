@@ -411,3 +411,17 @@ def test_a_slider_move_re_syncs_only_its_own_slider(lab, monkeypatch):
     assert lab.session.pruned_counts["fc2"] == round(0.4 * 84 * 120)
     lab.session.set_sparsity({"conv2": 0.5, "fc1": 0.25})  # from another cell: both follow
     assert synced[-1] == ("conv2", "fc1") and lab.sliders["fc1"].value == 25
+
+
+def test_sparsegpt_in_the_lab_shows_its_refit_error_beside_the_loss(demo_session, digits):
+    lab = pl.Lab(demo_session, train_data=digits.train)
+    lab.sliders["fc1"].value = 80
+    assert "refit error" not in lab.labels["loss"].value
+    lab.criterion.value = "sparsegpt"  # SparseGPT chooses fc1's mask and refits the kept weights
+    assert demo_session.criteria["fc1"] == "sparsegpt" and demo_session.state.record("fc1").reconstruct == "sparsegpt"
+    st = demo_session.stats()
+    label = lab.labels["loss"].value
+    assert f"refit error <span class='prune-lab-value'>{st.total['refit_error']:.1%}</span>" in label
+    assert f"mask alone {st.total['mask_error']:.1%}" in label and st.total["refit_error"] < st.total["mask_error"]
+    lab.criterion.value = "magnitude"
+    assert "refit error" not in lab.labels["loss"].value
