@@ -13,6 +13,7 @@ from .lab_model import LabModel
 from .layers import Coverage, LayerInfo
 from .models import demo, train
 from .patterns import get_pattern, list_patterns, register_pattern
+from .onnx_export import OnnxExport, export_onnx
 from .runtime import int8_dynamic, latency
 from .session import Session
 from .state import Event, Snapshot
@@ -20,7 +21,7 @@ from .workflows.compact import load_compact, save_compact
 
 __all__ = [
     "Session", "LayerInfo", "Coverage", "Snapshot", "Event", "LabModel", "demo", "train", "datasets", "models", "criteria", "masks",
-    "distributed", "formats", "latency", "int8_dynamic",
+    "distributed", "formats", "latency", "int8_dynamic", "export_onnx", "OnnxExport",
     "load_recipe", "load_state_dict", "save_compact", "load_compact", "register_criterion", "register_allocation",
     "register_pattern", "get_pattern", "list_patterns", "list_criteria", "list_allocations", "plots", "Lab", "__version__",
 ]

@@ -12,7 +12,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,19 +30,26 @@ class Latency:
     repeats: int
     warmup: int
     spread: dict[int, tuple[float, float]] = field(default_factory=dict)  # (p10, p90) ms
+    runtime: str = "torch"  # or "onnxruntime"
 
     def __repr__(self) -> str:
         per = ", ".join(f"batch {b}: {v:.3f} ms" for b, v in self.ms.items())
-        return f"Latency({per}; median of {self.repeats} runs on {self.device}, {self.threads} threads)"
+        return f"Latency({per}; median of {self.repeats} runs in {self.runtime} on {self.device}, {self.threads} threads)"
 
 
-def latency(model: nn.Module, example_input: Tensor, batch_sizes: Sequence[int] = (1, 64), repeats: int = 30,
-            warmup: int = 5) -> Latency:
+def latency(model: Any, example_input: Tensor, batch_sizes: Sequence[int] = (1, 64), repeats: int = 30,
+            warmup: int = 5, runtime: str = "torch") -> Latency:
     """Median wall time of ``model(x)`` for ``x`` made of ``example_input``'s first sample
     repeated to each batch size, in eval mode under ``torch.inference_mode`` (CUDA synchronised
-    around every run). ``repeats`` timed runs after ``warmup`` untimed ones."""
+    around every run). ``repeats`` timed runs after ``warmup`` untimed ones. ``runtime="onnxruntime"``:
+    ``model`` is an ``.onnx`` path, an ``OnnxExport``, or a module (exported and checked first, to a
+    temporary file), run by ONNX Runtime's CPU provider with torch's thread count."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if runtime == "onnxruntime":
+        return _ort_latency(model, example_input, batch_sizes, repeats, warmup)
+    if runtime != "torch":
+        raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
     device = model_device(model)
     sample = example_input[:1].to(device)
     cuda = device.type == "cuda"
@@ -73,6 +80,47 @@ def latency(model: nn.Module, example_input: Tensor, batch_sizes: Sequence[int] 
         model.train(was_training)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     return Latency(ms, name, torch.get_num_threads(), repeats, warmup, spread)
+
+
+def _check_batches(batch_sizes: Sequence[int]) -> None:
+    for b in batch_sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"batch sizes must be positive integers, got {b!r}")
+
+
+def _ort_latency(model: Any, example_input: Tensor, batch_sizes: Sequence[int], repeats: int, warmup: int) -> Latency:
+    """:func:`latency` in ONNX Runtime (CPU provider): the same inputs, medians and spreads."""
+    import tempfile
+    from pathlib import Path
+
+    from .onnx_export import export_onnx, ort_session
+
+    _check_batches(batch_sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model, nn.Module):
+            path = export_onnx(model, example_input[:2], Path(tmp) / "model.onnx").path
+        else:
+            path = Path(getattr(model, "path", model))
+            if not path.is_file():
+                raise ValueError(f"runtime='onnxruntime' times an .onnx file, an OnnxExport or a module; {path} is not a file")
+        threads = torch.get_num_threads()
+        sess = ort_session(path, threads)
+        name = sess.get_inputs()[0].name
+        sample = example_input[:1].cpu().numpy()
+        ms: dict[int, float] = {}
+        spread: dict[int, tuple[float, float]] = {}
+        for b in batch_sizes:
+            x = sample.repeat(b, axis=0)
+            times = []
+            for i in range(warmup + repeats):
+                t = time.perf_counter()
+                sess.run(None, {name: x})
+                if i >= warmup:
+                    times.append((time.perf_counter() - t) * 1000)
+            ms[b] = statistics.median(times)
+            q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+            spread[b] = (q[0], q[-1])
+    return Latency(ms, "cpu (onnxruntime)", threads, repeats, warmup, spread, runtime="onnxruntime")
 
 
 def int8_dynamic(model: nn.Module) -> nn.Module:

@@ -344,6 +344,16 @@ class Session:
             raise RuntimeError("cannot export while a sweep holds trial masks in the model; stop the sweep first")
         return _export.write_export(path, self.sizes.export_bytes(sparse), self.recipe())
 
+    def export_onnx(self, path: Union[str, Path], check_samples: int = 256) -> Any:
+        """The live model (masked, quantized values) as ONNX with a dynamic batch, checked in ONNX Runtime on
+        ``check_samples`` eval samples (``onnx_export.export_onnx``; for a smaller file, export ``compact()``'s)."""
+        from .onnx_export import export_onnx
+
+        if self.state.in_trial:
+            raise RuntimeError("cannot export while a sweep holds trial masks in the model; stop the sweep first")
+        x = self.data.sample(min(check_samples, len(self.data)))[0]
+        return export_onnx(self.model, x[:2], path, check_inputs=x)
+
     def compact(self, semi_structured: bool = False, measure: bool = True, check_samples: int = 256) -> nn.Module:
         """A new, physically smaller model (Torch-Pruning): removed channels taken out, other masks kept as zeros,
         checked against the masked model on ``check_samples`` samples (<= 1e-4 of the output scale); ``measure=True``

@@ -12,7 +12,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "prune_lab"
 
 RANKS = {
-    "_version": 0, "registry": 0, "formats": 0, "cache": 0, "devices": 0,
+    "_version": 0, "registry": 0, "formats": 0, "cache": 0, "devices": 0, "onnx_export": 0.5,
     "masks": 1, "datasets": 1, "quantize": 1, "compress": 1, "runtime": 1,
     "reconstruct": 1.5, "criteria": 2, "layers": 2, "export": 2, "patterns": 2.5,
     "measure": 3, "calibration": 3.2, "groups": 3.3, "state": 3.4,
