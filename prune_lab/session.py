@@ -86,7 +86,6 @@ class Session:
         if event.kind == "device":
             self.evaluator.rebuild()
 
-    # ------------------------------------------------------------------ reading the state
     def layer(self, name: str) -> LayerInfo:
         return self.state.info(name)
 
@@ -156,7 +155,6 @@ class Session:
         """Call ``listener(event)`` after every change (an ``Event`` naming the layers changed)."""
         return self.state.subscribe(listener)
 
-    # ------------------------------------------------------------------ pruning
     def set_sparsity(self, sparsities: Mapping[str, float], criterion: Union[str, Callable, Criterion] = "magnitude",
                      seed: Optional[int] = None, pattern: str = "unstructured", round_to: Optional[int] = None,
                      reconstruct: Union[bool, str] = False) -> "Session":
@@ -186,7 +184,6 @@ class Session:
         if get_pattern(pattern).grouped:
             self.groups
 
-    # ------------------------------------------------------------------ channels (channels.py)
     @property
     def groups(self) -> Any:
         """The channel groups (``groups.Groups``: ``.groups``, ``.by_layer``, ``.excluded``), traced on first use."""
@@ -236,7 +233,6 @@ class Session:
         with self.state.trial({n: None for n, k in self.state.counts.items() if k}):
             yield self
 
-    # ------------------------------------------------------------------ calibration
     def calibrate(self, train_data: Any, samples: int = 512, batch_size: int = 64, criteria: Optional[Sequence[str]] = None,
                   hessian: str = "fisher", probes: int = 16, seed: int = 0, progress: bool = True) -> Any:
         """Prepare the data-aware criteria (``taylor``, ``obd``, ``wanda``) from the first ``samples`` of *training*
@@ -258,10 +254,8 @@ class Session:
         """How many times :meth:`calibrate` computed statistics (not served from its cache)."""
         return self.state.calibration_passes
 
-    # ------------------------------------------------------------------ measuring
     def evaluate(self, limit: Optional[int] = None) -> dict[str, float]:
-        """``{metric_name: value, "loss": value}`` on the eval data (first ``limit`` samples, full passes);
-        exact, recomputing only what lies downstream of the layers changed since the last call (``incremental.py``)."""
+        """``{metric_name: value, "loss": value}`` on the eval data (first ``limit`` samples), exact (``incremental.py``)."""
         return self.evaluator.evaluate(limit)
 
     def baseline(self, limit: Optional[int] = None) -> dict[str, float]:
@@ -269,8 +263,7 @@ class Session:
         return self.evaluator.baseline(limit)
 
     def stats(self) -> Stats:
-        """Per layer and total: params, nonzeros (counted in the live weights), sparsity, dense/sparse bytes (the
-        exports' lengths), dense/effective MACs per sample (counted at every matrix product or convolution)."""
+        """Per layer and total: params, nonzeros, sparsity, bytes, MACs, refit errors, all counted (``stats.py``)."""
         stats = self.sizes.table()
         if self.last_compact is not None and self._compact_version == self.version:
             stats.compact = self.last_compact
@@ -284,7 +277,6 @@ class Session:
         """Exact length of ``export(path, sparse=True)``'s file for the current weights."""
         return self.sizes.sparse_file_bytes()
 
-    # ------------------------------------------------------------------ devices
     def to(self, device: DeviceLike) -> "Session":
         """Move model, original weights, masks and eval data to ``device`` in one call."""
         dev = resolve_device(device)
@@ -295,7 +287,6 @@ class Session:
         self.state.to(dev)  # its event rebuilds the evaluator
         return self
 
-    # ------------------------------------------------------------------ recipes and export
     def recipe(self, masks: Optional[bool] = None) -> dict[str, Any]:
         """What was pruned, reproducibly: per layer pattern, count, sparsity, criterion and seed; the mask bits
         (packed, base64) where a callable criterion cannot be recomputed, or for every layer with ``masks=True``."""
@@ -314,7 +305,6 @@ class Session:
         _recipes.apply_recipe(self.state, data)
         return self
 
-    # ------------------------------------------------------------------ quantization
     def set_bits(self, bits: Mapping[str, Optional[int]], method: str = "uniform") -> "Session":
         """Quantize layers after pruning (``{layer: bits}``, None: float): ``"uniform"`` (per output channel; 2, 4, 8)
         or ``"kmeans"`` (Deep Compression's shared centroids; 1-8). Reversible like the masks."""
@@ -374,7 +364,6 @@ class Session:
         masks = {i.name: self.mask(i.name) for i in self.layers}
         return _export.to_torch_prune(model, masks, {i.name: i.param for i in self.layers})
 
-    # ------------------------------------------------------------------ workflows
     def rewind_to(self, state_dict: Mapping[str, Tensor]) -> "Session":
         """Lottery-ticket rewinding: every tensor back to ``state_dict``, pruned weights kept 0."""
         self.state.rewind_to(state_dict)
