@@ -35,6 +35,7 @@ class Stats:
         self.layers = layers
         self.total = total
         self.compact = compact  # a CompactReport: measured dense vs compact, when compact() ran on these masks
+        self.speed: list[str] = []  # what the theoretical speedup means on this runtime (``speed_notes``)
 
     def __getitem__(self, key: str) -> Any:
         return self.total if key == "total" else self.layers[key]
@@ -65,6 +66,7 @@ class Stats:
         )
         if self.compact is not None:
             lines.append(f"measured after compact(): {self.compact!r}")
+        lines += [f"  {note}" for note in self.speed[1:]]
         return "\n".join(lines)
 
 
@@ -176,6 +178,7 @@ class StatsTable:
             stats = compute_stats(state.model, state.layers, state.weights, self.uses, self._nonzeros,
                                   self.dense_file_bytes(), entries, bits)
             self.refit_errors(stats)
+            stats.speed = speed_notes(state, stats.total["speedup"])
             return stats
 
     def refit_errors(self, stats: Stats) -> None:
@@ -195,6 +198,41 @@ class StatsTable:
         found = totals[2] > 0
         stats.total["mask_error"] = totals[0] / totals[2] if found else None
         stats.total["refit_error"] = totals[1] / totals[2] if found else None
+
+
+def speed_notes(state: "PruningState", speedup: float) -> list[str]:
+    """What the theoretical speedup (MACs / effective MACs) means on *this* runtime, per kind of
+    sparsity in the state: stated from what the kernels do, never a promise (measured figures come
+    from ``compact()`` and ``pl.latency``)."""
+    from .patterns import get_pattern
+    from .runtime import semi_structured_reason
+
+    device = next(iter(state.weights.values())).device
+    where = f"torch on {device.type}, {torch.get_num_threads()} threads"
+    kinds: dict[str, list[str]] = {}
+    for name, r in state.records.items():
+        if r.count:
+            pat = get_pattern(r.pattern)
+            kind = "structured" if pat.structured else "2:4" if pat.semi_structured else "zeros"
+            kinds.setdefault(kind, []).append(name)
+        if r.bits is not None:
+            kinds.setdefault("quantized", []).append(name)
+    notes = [f"theoretical speedup {speedup:.2f}x: MACs counted, not timed"] if kinds else []
+    if "zeros" in kinds:
+        notes.append(f"unstructured/kernel zeros in {', '.join(kinds['zeros'])}: dense kernels still multiply them, "
+                     f"so {where} runs them no faster (no gain from this part)")
+    if "2:4" in kinds:
+        reason = semi_structured_reason(device)
+        notes.append(f"2:4 in {', '.join(kinds['2:4'])}: " + (
+            "CUDA semi-structured kernels can run it here: compact(semi_structured=True), then pl.latency measures it"
+            if reason is None else f"semi-structured kernels {reason}; here it runs as dense (no gain)"))
+    if "structured" in kinds:
+        notes.append(f"channels/blocks in {', '.join(kinds['structured'])}: faster only once removed: compact() "
+                     "measures the smaller model (batch 1 and 64)")
+    if "quantized" in kinds:
+        notes.append("quantized values are stored as floats here (no gain in torch); pl.int8_dynamic (torch.ao) "
+                     "and ONNX Runtime (pl.latency(..., runtime='onnxruntime')) time real int8 kernels")
+    return notes
 
 
 def describe_layers(state: "PruningState", header: str, coverage: Any) -> str:

@@ -36,3 +36,26 @@ def test_after_a_slider_move_only_that_layers_share_is_recomputed(digits, monkey
     fresh = pl.Session(zoo_model("lenet5", digits), digits.test, device="cpu")
     fresh.set_sparsity({"conv2": 0.5, "fc1": 0.7, "fc2": 0.5})
     assert again.total["sparse_file_bytes"] == fresh.stats().total["sparse_file_bytes"]  # the cache changes no byte
+
+
+def test_the_speed_notes_say_what_the_theoretical_figure_means_on_this_runtime(demo_session):
+    from prune_lab.runtime import semi_structured_reason
+
+    s = demo_session
+    assert s.stats().speed == []  # nothing pruned: nothing to explain
+    s.set_sparsity({"fc1": 0.5, "fc2": 0.5})
+    st = s.stats()
+    where = f"torch on cpu, {torch.get_num_threads()} threads"
+    assert st.speed == [f"theoretical speedup {st.total['speedup']:.2f}x: MACs counted, not timed",
+                        f"unstructured/kernel zeros in fc1, fc2: dense kernels still multiply them, so {where} runs them "
+                        "no faster (no gain from this part)"]
+    s.reset()
+    s.set_sparsity({"fc2": 0.5}, pattern="2:4")
+    s.set_sparsity({"conv2": 0.5}, pattern="channels")
+    s.set_global_bits(8)
+    notes = s.stats().speed
+    reason = semi_structured_reason(torch.device("cpu"))
+    assert notes[1] == f"2:4 in fc2: semi-structured kernels {reason}; here it runs as dense (no gain)"
+    assert notes[2].startswith("channels/blocks in conv2, fc1: faster only once removed: compact()")
+    assert "pl.int8_dynamic (torch.ao)" in notes[3] and "runtime='onnxruntime'" in notes[3]
+    assert all(n in repr(s.stats()) for n in notes[1:])

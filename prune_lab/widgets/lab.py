@@ -569,7 +569,8 @@ class Lab:
         L["bytes"].value = f"file: {fmt_bytes(t['dense_file_bytes'])} dense &rarr; <span class='prune-lab-value'>{fmt_bytes(t['sparse_file_bytes'])}</span> sparse"
         L["compression"].value = f"compression: <span class='prune-lab-value'>{t['compression']:.2f}x</span> (params/nonzeros), file {t['file_compression']:.2f}x"
         L["macs"].value = f"MACs: {fmt_count(t['macs'])} dense &rarr; <span class='prune-lab-value'>{fmt_count(t['effective_macs'])}</span> effective"
-        L["speedup"].value = f"theoretical speedup: <span class='prune-lab-value'>{t['speedup']:.2f}x</span>"
+        why = "".join(f"<br><i class='prune-lab-speed-note'>{html.escape(n)}</i>" for n in stats.speed[1:])
+        L["speedup"].value = f"theoretical speedup: <span class='prune-lab-value'>{t['speedup']:.2f}x</span> (MACs){why}"
         report = stats.compact
         if not self.model.grouped:
             L["measured"].value = ""
