@@ -69,6 +69,29 @@ MNIST_FILES = {
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
+def python_text(seq_len: int = 64, max_chars: Optional[int] = 200_000, test_fraction: float = 0.1) -> DataBundle:
+    """Characters of the Python documentation that ships with Python (``pydoc_data.topics``; no
+    download) as next-character prediction: ``x`` (windows, seq_len) token ids, ``y`` the same
+    shifted by one. Windows do not overlap; the last ``test_fraction`` of the text is the test
+    split, so no test character was seen in training. ``class_names`` are the characters."""
+    import pydoc_data.topics as topics
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    text = "".join(topics.topics[k] for k in sorted(topics.topics))
+    text = text[:max_chars] if max_chars else text
+    chars = sorted(set(text))
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    ids = torch.from_numpy(np.searchsorted(np.array([ord(c) for c in chars], dtype=np.uint32), codes).astype(np.int64))
+    windows = ids[: len(ids) // (seq_len + 1) * (seq_len + 1)].reshape(-1, seq_len + 1)
+    n_test = max(1, int(round(len(windows) * test_fraction)))
+    train, test = windows[:-n_test], windows[-n_test:]
+    return DataBundle("python_text", TensorDataset(train[:, :-1], train[:, 1:]), TensorDataset(test[:, :-1], test[:, 1:]),
+                      (seq_len,), len(chars), chars)
+
+
 def read_idx(path: Union[str, Path]) -> np.ndarray:
     """Read an IDX file (optionally .gz): the format MNIST is distributed in."""
     path = Path(path)

@@ -101,6 +101,61 @@ def small_resnet(data: DataBundle, widths: tuple[int, int, int] = (16, 32, 64), 
     return SmallResNet(data, widths, blocks)
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention written as q, k, v and o Linear layers (GPT-2 / BERT style)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"d={d} must be a multiple of heads={heads}")
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        split = lambda z: z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), CausalSelfAttention(d, heads), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A small GPT: token and position embeddings, pre-norm blocks, a Linear head over the vocabulary.
+    ``forward(tokens (batch, T))`` gives logits (batch, T, vocab)."""
+
+    def __init__(self, vocab: int, seq_len: int, d: int = 64, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq_len, d)
+        self.blocks = nn.Sequential(*(GPTBlock(d, heads) for _ in range(layers)))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.head(self.ln(self.blocks(x)))
+
+
+def tiny_gpt(data: DataBundle, d: int = 64, heads: int = 4, layers: int = 2) -> nn.Module:
+    """A :class:`TinyGPT` sized for a text bundle (``datasets.python_text``)."""
+    return TinyGPT(data.num_classes, data.input_shape[0], d, heads, layers)
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class logits (batch, classes) or per-token logits (batch, T, vocab)."""
+    if out.dim() == y.dim() + 1 and out.dim() > 2:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(out, y)
+
+
 def train(
     model: nn.Module,
     data: DataBundle,
@@ -137,7 +192,7 @@ def train(
             for start in range(0, len(x), batch_size):
                 idx = order[start : start + batch_size]
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss = _loss(model(x[idx]), y[idx])
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+
 import gzip
 
 import numpy as np
@@ -49,3 +50,23 @@ def test_idx_reader_rejects_garbage(tmp_path):
     q.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02")  # says 5 bytes, holds 2
     with pytest.raises(ValueError, match="truncated"):
         read_idx(q)
+
+@pytest.fixture(scope="module")
+def text():
+    return pl.datasets.python_text(seq_len=32, max_chars=40_000)
+
+
+def test_python_text_is_next_character_prediction_on_disjoint_windows(text):
+    import pydoc_data.topics as topics
+
+    raw = "".join(topics.topics[k] for k in sorted(topics.topics))[:40_000]
+    x, y = text.train.tensors
+    assert x.shape[1] == 32 and torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    assert "".join(text.class_names[i] for i in x[0].tolist()) == raw[:32]
+    tx, ty = text.test.tensors
+    assert len(x) + len(tx) == 40_000 // 33 and len(tx) == round(0.1 * (40_000 // 33))
+    start = len(x) * 33  # the test split starts after the last training window
+    assert "".join(text.class_names[i] for i in tx[0].tolist()) == raw[start : start + 32]
+    assert text.num_classes == len(set(raw)) == len(text.class_names)
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 2"):
+        pl.datasets.python_text(seq_len=1)

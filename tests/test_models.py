@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import os
 import subprocess
 import sys
@@ -78,3 +80,39 @@ def test_import_is_light():
     code2 = "import sys, prune_lab; prune_lab.plots; print('matplotlib' in sys.modules)"
     out2 = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, check=True, env={**os.environ, "MPLBACKEND": "Agg"})
     assert out2.stdout.strip() == "True"
+
+@pytest.fixture(scope="module")
+def text():
+    return pl.datasets.python_text(seq_len=32, max_chars=40_000)
+
+
+def test_tiny_gpt_trains_and_is_causal(text):
+    torch.manual_seed(0)
+    model = pl.models.tiny_gpt(text, d=32, heads=4, layers=1)
+    x = text.train.tensors[0][:4]
+    out = model(x)
+    assert out.shape == (4, 32, text.num_classes)
+    changed = x.clone()
+    changed[:, 20:] = 0  # later tokens cannot change earlier predictions
+    assert torch.allclose(model(changed)[:, :20], out[:, :20], atol=1e-5)
+    small = pl.datasets.DataBundle("t", torch.utils.data.TensorDataset(*[t[:256] for t in text.train.tensors]),
+                                   text.test, text.input_shape, text.num_classes, text.class_names)
+    history = pl.train(model, small, epochs=3, lr=3e-3, progress=False)
+    assert history["loss"][-1] < history["loss"][0] < math.log(text.num_classes) + 0.5
+
+
+def test_the_session_prunes_and_refits_the_attention_projections(text):
+    torch.manual_seed(0)
+    model = pl.models.tiny_gpt(text, d=32, heads=4, layers=1)
+    test = tuple(t[:32] for t in text.test.tensors)
+    s = pl.Session(model, test, device="cpu")
+    names = [i.name for i in s.layers]
+    assert {"blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v", "blocks.0.attn.o", "head"} <= set(names)
+    dense = s.evaluate()["loss"]
+    s.calibrate(tuple(t[:64] for t in text.train.tensors), samples=64, progress=False)
+    layers = {n: 0.5 for n in names if n.startswith("blocks")}
+    s.set_sparsity(layers, pattern="2:4", criterion="sparsegpt")
+    assert all(s.state.record(n).reconstruct == "sparsegpt" for n in layers)
+    st = s.stats()
+    assert st.total["refit_error"] < st.total["mask_error"]
+    assert math.isfinite(s.evaluate()["loss"]) and dense > 0
