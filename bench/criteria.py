@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import trained_on_mnist  # noqa: E402
+from _common import timed_lenet5_epoch  # noqa: E402
 
 
 import prune_lab as pl  # noqa: E402
@@ -28,10 +28,7 @@ CRITERIA = ("magnitude", "taylor", "obd", "wanda", "random")
 
 def main() -> None:
     warnings.simplefilter("ignore")
-    model, data = trained_on_mnist("lenet5", epochs=4, lr=2e-3, batch_size=64)
-    t = time.perf_counter()
-    pl.train(model, data, epochs=1, lr=5e-4, batch_size=64, device="cpu", progress=False)  # the timed epoch
-    epoch_s = time.perf_counter() - t
+    model, data, epoch_s = timed_lenet5_epoch()
     s = pl.Session(model, data.test, device="cpu")
     dense = s.evaluate()["accuracy"]
     t = time.perf_counter()

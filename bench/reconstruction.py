@@ -8,7 +8,10 @@ run: one training epoch of the model, the calibration pass that computes the inp
 matrices, the time the refit itself takes per setting (set_sparsity with it minus without), and
 the Gram matrices' bytes (8 * cols**2 per layer). Layer-wise reconstruction from the dense
 model's inputs, not SparseGPT's sequential pass over pruned layers (stated in the README).
-The language-model half of issue 21's benchmark is not here yet (no notebook-08 model).
+The language model: ``models.tiny_gpt`` (d=64, 2 blocks, q/k/v/o attention) trained 4 epochs on
+``datasets.python_text`` (200,000 characters of Python's bundled documentation), pruned in its
+blocks' Linear layers (embeddings and head dense, as the Wanda and SparseGPT papers do), scored
+by perplexity exp(token cross-entropy) on the held-out tail.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import trained_on_mnist  # noqa: E402
+from _common import timed_lenet5_epoch  # noqa: E402
 
 import prune_lab as pl  # noqa: E402
 
@@ -41,10 +44,7 @@ def prune(s: pl.Session, level, how: dict) -> float:
 
 def main() -> None:
     warnings.simplefilter("ignore")
-    model, data = trained_on_mnist("lenet5", epochs=4, lr=2e-3, batch_size=64)
-    t = time.perf_counter()
-    pl.train(model, data, epochs=1, lr=5e-4, batch_size=64, device="cpu", progress=False)  # the timed epoch
-    epoch_s = time.perf_counter() - t
+    model, data, epoch_s = timed_lenet5_epoch()
     s = pl.Session(model, data.test, device="cpu")
     dense = s.evaluate()["accuracy"]
     s.calibrate(data.train, samples=512, batch_size=64, progress=False)
@@ -77,7 +77,44 @@ def main() -> None:
         "refit_s_max": max(refit_s.values()), "refit_per_epoch_max": round(max(refit_s.values()) / epoch_s, 3),
         "gram_bytes": gram_bytes, "weight_bytes": sum(i.n_params * 4 for i in s.layers),
     }
+    out["lm"] = language_model()
     print(json.dumps(out))
+
+
+def language_model() -> dict:
+    import math
+
+    import torch
+
+    torch.manual_seed(0)
+    text = pl.datasets.python_text(seq_len=64, max_chars=200_000)
+    model = pl.models.tiny_gpt(text, d=64, heads=4, layers=2)
+    t = time.perf_counter()
+    pl.train(model, text, epochs=4, lr=3e-3, batch_size=32, progress=False)
+    epoch_s = (time.perf_counter() - t) / 4
+    s = pl.Session(model, text.test, device="cpu")
+    dense = math.exp(s.evaluate()["loss"])
+    s.calibrate(text.train, samples=256, batch_size=32, progress=False)
+    blocks = [i.name for i in s.layers if i.name.startswith("blocks")]
+    table, took = {}, {}
+    for crit in ("magnitude", "wanda", "obd", "sparsegpt"):
+        row = []
+        for level in LEVELS:
+            s.reset()
+            t = time.perf_counter()
+            if level == "2:4":
+                s.set_sparsity({n: 0.5 for n in blocks}, criterion=crit, pattern="2:4")
+            else:
+                s.set_sparsity({n: level for n in blocks}, criterion=crit)
+            took[f"{crit}@{level}"] = time.perf_counter() - t
+            row.append(round(math.exp(s.evaluate()["loss"]), 3))
+        table[crit] = row
+    s.reset()
+    best = lambda i: min(table, key=lambda c: table[c][i])  # noqa: E731
+    return {"dense_perplexity": round(dense, 3), "perplexity": table, "epoch_s": round(epoch_s, 2),
+            "sparsegpt_s_max": round(max(v for k, v in took.items() if k.startswith("sparsegpt")), 3),
+            "sparsegpt_beats_magnitude_at_70_90": all(table["sparsegpt"][i] < table["magnitude"][i] for i in (1, 2)),
+            "lowest_at_2_4": best(3), "gram_bytes": s.state.calibration.nbytes() if s.state.calibration else 0}
 
 
 if __name__ == "__main__":
