@@ -237,7 +237,8 @@ class Session:
                   hessian: str = "fisher", probes: int = 16, seed: int = 0, progress: bool = True) -> Any:
         """Prepare the data-aware criteria (``taylor``, ``obd``, ``wanda``) from the first ``samples`` of *training*
         data on the dense base weights; computed when first needed (or all ``criteria`` now), cached by weights, data
-        and settings; Ctrl-C changes nothing. ``hessian="hutchinson"``: ``obd`` uses Hutchinson's diagonal."""
+        and settings; Ctrl-C changes nothing. ``hessian="hutchinson"``: ``obd`` uses Hutchinson's diagonal. Also what
+        ``reconstruct=`` and ``sparsegpt`` refit with: each layer's input Gram matrix (``calibration.input_grams``)."""
         from .calibration import make_request
 
         request = make_request(train_data, samples, batch_size, criteria, hessian, probes, seed, progress, self.device,
