@@ -83,3 +83,21 @@ def test_a_mismatch_is_refused_and_not_written(demo_session, tmp_path):
     with pytest.raises(RuntimeError, match=r"differ from PyTorch's by .* not written"):
         pl.export_onnx(demo_session.model, demo_session.data.inputs[:2], tmp_path / "m.onnx", tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_onnx_is_smaller_and_its_distance_from_float_is_measured_honestly(demo_session, tmp_path):
+    s = demo_session
+    x = s.data.inputs[:64]
+    float_file = s.export_onnx(tmp_path / "m.onnx")
+    q = pl.onnx_export.int8_onnx(float_file, tmp_path / "q.onnx", s.model, x)
+    assert q.bytes == q.path.stat().st_size < float_file.bytes / 2  # int8 weights: about a quarter of float32
+    got = _ort(q.path, x)
+    with torch.no_grad():
+        want = s.model(x)
+    assert q.max_abs_diff == pytest.approx(float((got - want).abs().max()), rel=1e-6)
+    assert q.top1_agreement == float((got.argmax(1) == want.argmax(1)).float().mean()) and q.checked_samples == 64
+    lat = pl.latency(q, x, batch_sizes=(1,), repeats=2, warmup=1, runtime="onnxruntime")
+    assert lat.runtime == "onnxruntime" and lat.ms[1] > 0
+    with pytest.raises(ValueError, match="is not a file"):
+        pl.onnx_export.int8_onnx(tmp_path / "none.onnx", tmp_path / "z.onnx", s.model, x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx"]
