@@ -16,7 +16,7 @@ from .allocation import allocate, pattern_counts
 from .criteria import get_criterion
 from .masks import check_fraction
 from .patterns import Pattern, PatternWarning, get_pattern
-from .state import PruningState, check_reconstruct
+from .state import PruningState, check_reconstruct, check_reconstructable
 
 
 def check_layer_sparsity(state: PruningState, name: str, value: Any) -> float:
@@ -43,9 +43,7 @@ def set_sparsity(state: PruningState, sparsities: Mapping[str, Any], criterion: 
         )
     pat = get_pattern(pattern)
     method = check_reconstruct(reconstruct)
-    if pat.grouped and method:
-        raise ValueError(f"reconstruct refits the kept weights of one layer; pattern {pat.name!r} removes channels or "
-                         "blocks across layers, which it cannot serve (use 'unstructured', 'N:M' or 'kernel')")
+    check_reconstructable(pat, method)
     if pat.grouped:
         if pat.removes_blocks:
             _channels.set_blocks(state, sparsities)
@@ -68,9 +66,7 @@ def set_global_sparsity(state: PruningState, sparsity: Any, allocation: Any = "g
     layer it fits that level and warns (``PatternWarning``) naming the layers it skipped."""
     pat = get_pattern(pattern)
     method = check_reconstruct(reconstruct)
-    if pat.grouped and method:
-        raise ValueError(f"reconstruct refits the kept weights of one layer; pattern {pat.name!r} removes channels "
-                         "across layers, which it cannot serve (use 'unstructured', 'N:M' or 'kernel')")
+    check_reconstructable(pat, method)
     if pat.grouped:
         if pat.removes_blocks:
             raise ValueError("pattern 'blocks' removes named blocks: set_sparsity({block: 1}, pattern='blocks')")

@@ -34,6 +34,13 @@ _serials = itertools.count(1)
 RECONSTRUCT = ("exact", "sparsegpt", "auto")
 
 
+def check_reconstructable(pattern: Any, method: str) -> None:
+    """The refusal of reconstruction for a pattern that removes channels or blocks across layers."""
+    if method and pattern.grouped:
+        raise ValueError(f"reconstruct refits the kept weights of one layer; pattern {pattern.name!r} removes channels "
+                         "or blocks across layers, which it cannot serve (use 'unstructured', 'N:M' or 'kernel')")
+
+
 def check_reconstruct(value: Any) -> str:
     """``reconstruct=`` as a method name ("" for none): True means "auto" (exact up to
     ``reconstruct.EXACT_COLUMNS`` input columns, SparseGPT above)."""
@@ -419,9 +426,7 @@ class PruningState:
         is). Writes nothing."""
         pat = get_pattern(pattern)
         reconstruct = "sparsegpt" if criterion.reconstructs else check_reconstruct(reconstruct)
-        if reconstruct and pat.grouped:
-            raise ValueError(f"reconstruction refits the kept weights of one layer; pattern {pat.name!r} removes channels "
-                             "or blocks across layers, which it cannot serve (use 'unstructured', 'N:M' or 'kernel')")
+        check_reconstructable(pat, reconstruct)
         if pat.grouped:
             raise ValueError(f"pattern {pat.name!r} prunes channel groups or blocks: use compute_channels")
         pattern = pat.name

@@ -48,7 +48,13 @@ def finetuned(s, digits):
     s.finetune(train_batch(digits), steps=4, lr=0.05, progress=False)  # new bases, BatchNorm statistics, member bases
 
 
-STATES = {"channels": channels, "blocks": blocks, "2:4": nm, "quantized": quantized, "finetuned": finetuned}
+def reconstructed(s, digits):
+    s.calibrate(train_batch(digits), samples=128, progress=False)
+    s.set_sparsity({"layers.2.conv1": 0.6, "fc": 0.5}, reconstruct="exact")  # refitted values travel in the records
+
+
+STATES = {"channels": channels, "blocks": blocks, "2:4": nm, "quantized": quantized, "finetuned": finetuned,
+          "reconstructed": reconstructed}
 
 
 @pytest.mark.parametrize("kind", list(STATES))
