@@ -402,6 +402,29 @@ class Session:
                                                    pattern=pattern, reconstruct=reconstruct)
         return self.last_sensitivity
 
+    def plan(self, budget: Mapping[str, float], pattern: Optional[str] = None, criterion: Optional[str] = None,
+             sensitivity: Any = None, levels: Optional[Sequence[float]] = None, batch_size: int = 1,
+             apply: bool = False, max_rounds: int = 8, progress: bool = True) -> Any:
+        """The most accurate plan found whose *measured* cost meets ``budget`` (``{"macs": 0.5}``: half the dense
+        MACs; ``params``, ``file_bytes`` alike, or absolute; ``{"latency_ms": 10}`` at ``batch_size`` on this device)
+        from a sensitivity sweep (``sensitivity=``, or one run now); a ``BudgetPlan`` (``planner.py``). The session is
+        unchanged unless ``apply=True``."""
+        from .planner import plan_budget
+
+        if sensitivity is None:
+            pat = get_pattern(pattern)
+            crit = criterion or ("l1" if pat.grouped and not pat.removes_blocks else "magnitude")
+            sensitivity = self.sensitivity(levels, crit, pattern=pat.name, progress=progress)
+        else:
+            self._groups_for(sensitivity.pattern)
+            _sensitivity.check_current(sensitivity, self.state, pattern, criterion)
+        example = self.data.sample(min(256, len(self.data)))[0]
+        result = plan_budget(self.state, self.evaluator, self.sizes, self._uses, sensitivity, budget, example,
+                             batch_size, max_rounds)
+        if apply:
+            self.set_sparsity(dict(result), criterion=result.criterion, pattern=result.pattern)
+        return result
+
     def tradeoff(self, strategies: Sequence[str] = _tradeoff.DEFAULT_STRATEGIES,
                  compressions: Sequence[float] = _tradeoff.DEFAULT_COMPRESSIONS, finetune: Optional[dict] = None,
                  seeds: int = 1, cache: bool = True, progress: bool = True, executor: Any = None) -> Any:

@@ -20,7 +20,7 @@ RANKS = {
     "evaluate": 5,
     "workflows": 6.9, "workflows.sensitivity": 6, "workflows.finetune": 6, "workflows.compact": 6,
     "workflows.tradeoff": 6.5,
-    "workflows.distributed": 6.8,
+    "workflows.distributed": 6.8, "planner": 6.6,
     "session": 7, "models": 7,
     "lab_model": 8,
     "plots": 9,

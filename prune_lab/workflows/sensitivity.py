@@ -306,6 +306,25 @@ def sweep(
                 lambda n, lv: measure_point(state, evaluator, crit, seed, n, lv, incremental, pattern, method))
 
 
+def check_current(result: SensitivityResult, state: PruningState, pattern: Optional[str] = None,
+                  criterion: Optional[str] = None) -> None:
+    """A clear error unless ``result`` was swept on the state as it is now, with ``pattern`` and
+    ``criterion`` (when given): curves of another state predict nothing about this one."""
+    if pattern is not None and not same_pattern(result.pattern, pattern):
+        raise ValueError(f"the sensitivity result was swept with pattern {result.pattern!r}, not {pattern!r}")
+    if criterion is not None and criterion != result.criterion:
+        raise ValueError(f"the sensitivity result was swept with criterion {result.criterion!r}, not {criterion!r}")
+    if get_pattern(result.pattern).grouped:
+        channels = state.channels
+        now = {g: channels[g].count / result.n_params[g] if g in channels else 0.0 for g in result.layers}
+    else:
+        now = {n: state.sparsity[n] for n in result.layers}
+    for name in result.layers:
+        if abs(now[name] - result.current.get(name, 0.0)) > 1e-12:
+            raise ValueError(f"the sensitivity result was swept with {name!r} at sparsity {result.current.get(name, 0.0):.1%}, "
+                             f"but it is at {now[name]:.1%} now: sweep again (sensitivity(...)) on the state as it is")
+
+
 def _points(state: PruningState, pat: Pattern, levels: Optional[Sequence[float]],
             layers: Optional[Sequence[str]]) -> tuple[list[float], list[str]]:
     """The sweep's checked levels (a pattern with fixed levels allows only those) and layers
