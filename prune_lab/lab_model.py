@@ -451,6 +451,24 @@ class LabModel:
         )
         return plan
 
+    def apply_budget(self, key: str, value: float) -> Any:
+        """Plan for one budget (``{key: value}``, see ``Session.plan``) from the latest sweep, apply
+        it (one undo step); ``status`` shows the measured cost and metric next to the prediction."""
+        self._check_idle("plan to a budget")
+        result = self.session.last_sensitivity
+        if result is None:
+            raise ValueError("no sensitivity result yet: click 'run sensitivity' first (the plan is chosen from its curves)")
+        plan = self.session.plan({key: value}, sensitivity=result)  # checks everything; the session is unchanged
+        self.push_undo()
+        with self._act():
+            self.session.set_sparsity(plan, criterion=plan.criterion, pattern=plan.pattern)
+        b, metric = plan.budget, plan.metric
+        self.set_status(
+            f"budget {html.escape(key)} &le; {b.limit:,.4g} (dense {b.dense:,.4g}): <b>measured {plan.measured[key]:,.4g}</b>, "
+            f"{metric} <b>{plan.measured[metric]:.2%}</b> (the curves predicted {plan.predicted[metric]:.2%}); "
+            f"{len(plan.rounds)} plans measured")
+        return plan
+
     def export(self, path: str) -> dict:
         self._check_idle("export")
         target = Path(path).expanduser()

@@ -443,7 +443,7 @@ class _Search:
         finally:
             state.restore(snap)
         r = {"choice": dict(choice), "need": need, "predicted_cost": self.now - saving,
-             "cost": cost, "met": met, metric: value, "predicted_metric": self.result.reference[metric] - drop,
+             "cost": cost, "met": met, metric: value, "predicted_metric": self.result.clip(self.result.reference[metric] - drop),
              "sparsities": sparsities}
         self.rounds.append(r)
         if met:

@@ -205,6 +205,15 @@ class Lab:
         self.stop_button = button("stop", "stop", self.stop, "stop")
         self.stop_button.disabled = True
         self.plan_button = button("apply plan", "apply-plan", self.apply_plan, "magic")
+        self.budget_key = W.Dropdown(options=[("MACs", "macs"), ("params", "params"), ("file bytes", "file_bytes"),
+                                              ("latency ms", "latency_ms")], value="macs", description="budget",
+                                     layout=W.Layout(width="190px"))
+        self.budget_key.add_class("prune-lab-budget-key")
+        self.budget_value = W.BoundedFloatText(value=0.5, min=1e-9, max=1e15, step=0.05, layout=W.Layout(width="110px"),
+                                               tooltip="up to 1: a fraction of the dense model's; above: absolute (ms for latency)")
+        self.budget_value.add_class("prune-lab-budget-value")
+        self.budget_button = button("plan to budget", "plan-budget", self.apply_budget, "bullseye")
+        self.budget_button.tooltip = "the most accurate plan from the curves whose measured cost meets the budget"
         self.speed_button = button("measure speed", "measure-speed", self.measure_speed, "stopwatch")
         self.speed_button.tooltip = "remove the channels for real (compact) and time both models"
         self.speed_button.layout.display = "none"  # shown under the channels pattern
@@ -279,6 +288,7 @@ class Lab:
         ])
         sensitivity_tab = W.VBox([
             W.HBox([self.sensitivity_button, self.stop_button, self.plan_button], layout=wrap),
+            W.HBox([self.budget_key, self.budget_value, self.budget_button], layout=wrap),
             self.progress,
             self.images["sensitivity"],
         ])
@@ -452,6 +462,11 @@ class Lab:
         self.model.apply_plan(self.global_slider.value / 100 if target is None else target)
 
     @_guard
+    def apply_budget(self, key: Optional[str] = None, value: Optional[float] = None) -> None:
+        """Plan to the budget in the box (or ``key``/``value``) from the latest sweep, measured, and apply it."""
+        self.model.apply_budget(key or self.budget_key.value, self.budget_value.value if value is None else value)
+
+    @_guard
     def export(self, path: Optional[str] = None) -> dict:
         return self.model.export(path or self.export_path.value)
 
@@ -502,6 +517,7 @@ class Lab:
         for w in [*self.sliders.values(), *self.locks.values(), self.global_slider, self.allocation, self.criterion,
                   self.pattern, self.quant, self.finetune_button, self.ft_steps, self.ft_lr, self.ft_schedule,
                   self.reset_button, self.undo_button, self.redo_button, self.sensitivity_button, self.plan_button, self.speed_button,
+                  self.budget_key, self.budget_value, self.budget_button,
                   self.device, self.export_button, self.export_path, self.layer_select]:
             w.disabled = disabled
         if self.model.train_data is None:

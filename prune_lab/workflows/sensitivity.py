@@ -211,7 +211,7 @@ class SensitivityResult:
             pos[n] = j
         pruned.update(locked)
         sparsities = {n: pruned[n] / self.n_params[n] for n in self.layers}
-        return Plan(sparsities, self._clip(self.reference[self.metric] - drop), self.reference[self.metric],
+        return Plan(sparsities, self.clip(self.reference[self.metric] - drop), self.reference[self.metric],
                     sum(pruned.values()) / total)
 
     def _cheapest_step(self, free: Sequence[str], curves: dict[str, list[tuple[float, float]]], pos: dict[str, int],
@@ -231,7 +231,7 @@ class SensitivityResult:
                     best = (key, n, j, add)
         return None if best is None else best[1:]
 
-    def _clip(self, predicted: float) -> float:
+    def clip(self, predicted: float) -> float:
         """A prediction kept within what is possible: never above the best value measured (the
         per-layer drops add up without bound), never outside [0, 1] for accuracy."""
         measured = [r[self.metric] for r in self.records] + [self.reference[self.metric]]

@@ -114,6 +114,24 @@ def test_apply_plan_shows_predicted_and_measured(lab):
     assert f"measured {measured:.2%}" in lab.status.value and "predicted" in lab.status.value and "a guess" in lab.status.value
 
 
+def test_budget_box_applies_a_measured_plan(lab):
+    lab.budget_button.click()  # before any sweep: a clear error in the Lab
+    assert "run sensitivity" in lab.status.value and "prune-lab-error" in lab.status.value
+    lab.run_sensitivity(levels=[0.0, 0.3, 0.6, 0.9])
+    lab.budget_key.value, lab.budget_value.value = "macs", 0.5
+    lab.budget_button.click()
+    s = lab.session
+    total = s.stats().total
+    assert total["effective_macs"] <= 0.5 * total["macs"]  # met, counted independently of the plan
+    assert f"measured {total['effective_macs']:,.4g}" in lab.status.value
+    assert f"{s.evaluate()['accuracy']:.2%}" in lab.status.value and "predicted" in lab.status.value
+    lab.undo()
+    assert s.total_sparsity() == 0
+    lab.budget_key.value = "latency_ms"  # unstructured: refused by name, nothing changed
+    lab.budget_button.click()
+    assert "dense kernels" in lab.status.value and s.total_sparsity() == 0
+
+
 def test_errors_show_in_the_lab(lab):
     lab.apply_plan()
     assert isinstance(lab.last_error, ValueError)
