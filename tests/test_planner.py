@@ -197,3 +197,27 @@ def test_knapsack_equals_brute_force(layers, need):
         assert choice is not None
         assert sum(drops[n][j] for n, j in choice.items()) == pytest.approx(expected, abs=1e-9)
         assert sum(savings[n][j] for n, j in choice.items()) >= need * (1 - 1e-9)
+
+
+def test_knapsack_floors_savings_so_the_need_is_met():
+    assert knapsack({"a": [0.0, 0.1]}, {"a": [0.0, 0.99]}, 1.0, bins=1) is None  # 0.99 < 1: not enough
+    assert knapsack({"a": [0.0, 0.1]}, {"a": [0.0, 1.0]}, 1.0, bins=1) == {"a": 1}
+    # two layers: the cheaper pair that reaches the need, not the cheapest single step
+    drops, savings = {"a": [0.0, 0.2, 0.5], "b": [0.0, 0.1, 0.9]}, {"a": [0.0, 4.0, 8.0], "b": [0.0, 4.0, 8.0]}
+    assert knapsack(drops, savings, 8.0) == {"a": 1, "b": 1}
+    assert knapsack(drops, savings, 0.0) == {"a": 0, "b": 0}
+
+
+def test_weight_plans_predict_macs_exactly_and_a_budget_of_1_is_the_dense_model(demo):
+    """Nonzero MACs add up exactly across layers (convolutions too), so the prediction equals the
+    count; a budget of 1 is the dense model's figure (nothing need be pruned)."""
+    model, data = demo
+    s = pl.Session(model, data.test)
+    r = s.sensitivity(levels=LEVELS, progress=False)
+    plan = s.plan({"macs": 0.4}, sensitivity=r)
+    assert plan.predicted["macs"] == plan.measured["macs"] <= 0.4 * plan.budget.dense
+    whole = s.plan({"params": 1}, sensitivity=r)
+    assert whole.budget.limit == sum(p.numel() for p in s.model.parameters()) >= whole.measured["params"]
+    # with nothing to save, each layer takes its least measured drop (some gain accuracy when pruned)
+    assert whole.rounds[0]["predicted_metric"] == r.clip(r.reference["accuracy"] - sum(min(
+        [0.0] + [r.reference["accuracy"] - v for lv, v in r.curve(n) if lv > 0]) for n in r.layers))
