@@ -53,7 +53,6 @@ def main() -> None:
         model, data = trained_on_mnist(factory, epochs=epochs, lr=lr)
         s = pl.Session(model, data.test, device="cpu")
         meter = CostMeter(s.state, s.sizes, s.data.sample(256)[0], 1)
-        dense_macs = meter.dense("macs")
         dense_acc = s.evaluate()["accuracy"]
         for pattern, criterion in (("unstructured", "magnitude"), ("channels", "l1")):
             t = time.perf_counter()
