@@ -35,17 +35,20 @@ def main() -> None:
         small = s.compact(measure=False)
         compact = pl.export_onnx(small, x[:2], Path(tmp) / "compact.onnx", check_inputs=x)
         s.reset()
+        int8 = pl.onnx_export.int8_onnx(dense.path, Path(tmp) / "dense.int8.onnx", model, x)  # dynamic int8 (ORT)
         times: dict = {}
         for _ in range(ROUNDS):
             for key, m, runtime in (("torch_dense", model, "torch"), ("torch_compact", small, "torch"),
                                     ("ort_dense", dense, "onnxruntime"), ("ort_compact", compact, "onnxruntime"),
-                                    ("ort_masked", masked, "onnxruntime")):
+                                    ("ort_masked", masked, "onnxruntime"), ("ort_int8", int8.path, "onnxruntime")):
                 lat = pl.latency(m, x, batch_sizes=(1, 64), repeats=10, warmup=3, runtime=runtime)
                 for b, ms in lat.ms.items():
                     times.setdefault(f"{key}_b{b}", []).append(ms)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     out = {"name": "onnx_runtime", "threads": torch.get_num_threads(),
-           "file_bytes": {"dense": dense.bytes, "masked": masked.bytes, "compact": compact.bytes},
+           "file_bytes": {"dense": dense.bytes, "masked": masked.bytes, "compact": compact.bytes, "int8": int8.bytes},
+           "int8_vs_float": {"max_abs_diff": int8.max_abs_diff, "top1_agreement": int8.top1_agreement,
+                             "samples": int8.checked_samples},
            "max_abs_diff": {"dense": dense.max_abs_diff, "masked": masked.max_abs_diff, "compact": compact.max_abs_diff},
            "ms": {k: round(v, 3) for k, v in med.items()}}
     for b in (1, 64):
@@ -53,6 +56,7 @@ def main() -> None:
         out[f"torch_speedup_b{b}"] = round(med[f"torch_dense_b{b}"] / med[f"torch_compact_b{b}"], 2)
         out[f"ort_vs_torch_dense_b{b}"] = round(med[f"torch_dense_b{b}"] / med[f"ort_dense_b{b}"], 2)
         out[f"ort_masked_vs_dense_b{b}"] = round(med[f"ort_dense_b{b}"] / med[f"ort_masked_b{b}"], 2)
+        out[f"ort_int8_vs_dense_b{b}"] = round(med[f"ort_dense_b{b}"] / med[f"ort_int8_b{b}"], 2)
     print(json.dumps(out))
 
 
