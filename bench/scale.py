@@ -1,8 +1,9 @@
 """What a session costs on real-size models, in plain forward passes of the same model and data.
 
 Models (random weights: costs, not accuracies, are measured here):
-- ``resnet50``: torchvision's ResNet-50 layout (bottlenecks 3-4-6-3, 25.6M parameters), written
-  here, on 3x64x64 inputs (not 224x224: a 2-core CPU; MACs scale with the pixels);
+- ``resnet50``: torchvision's ResNet-50 layout (bottlenecks 3-4-6-3; 23.5M parameters with a
+  10-class head, 25.6M with ImageNet's), written here, on 3x64x64 inputs (not 224x224: a 2-core
+  CPU; MACs scale with the pixels);
 - ``gpt2_small``: ``models.tiny_gpt`` at GPT-2-small's size (d=768, 12 heads, 12 blocks, 85M
   parameters in the blocks), on 64-character windows of ``python_text``.
 A BERT-base-size encoder is not measured (the causal mask aside, its blocks are the GPT's).
