@@ -171,31 +171,14 @@ def _point_masks(state: PruningState, result: "SensitivityResult", pattern: Patt
                  level: float) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The masks a sweep point writes (as ``workflows.sensitivity`` measured it)."""
     from .criteria import get_criterion
+    from .workflows.sensitivity import channel_point_masks, point_mask
 
     if pattern.grouped:
         from .channels import scores
 
-        grp = state.groups.get(name)
-        k = _group_removal(state, name, level)
-        if not k:
-            return {}, {}
-        keep = grp.keep(scores(state, name, result.criterion) if not pattern.removes_blocks
-                        else torch.zeros(1, dtype=torch.float64), k)
-        return state.channel_trial_masks(name, keep)
-    info = state.layer(name)
-    k = pattern.count(info, pattern.snap(level, info))
-    if not k:
-        return {name: None}, {}
-    crit = get_criterion(result.criterion)
-    mask = pattern.mask(info, k, lambda: state.keys([name], crit, state.seed)[0], lambda: state.scores(name, crit, state.seed))
-    return {name: mask.to(state.weights[name].device)}, {}
-
-
-def _group_removal(state: PruningState, group: str, level: float) -> int:
-    """Channels a sweep point removes from ``group`` (at most all but one class; a block: all)."""
-    grp = state.groups.get(group)
-    block = group in state.groups.blocks
-    return min(grp.removal(level), grp.size - (0 if block else grp.period))
+        sc = torch.zeros(1, dtype=torch.float64) if pattern.removes_blocks else scores(state, name, result.criterion)
+        return channel_point_masks(state, name, level, sc)
+    return {name: point_mask(state, get_criterion(result.criterion), state.seed, pattern, name, level)}, {}
 
 
 def _counted(state: PruningState, uses: Mapping[str, list], masks: Mapping[str, Any],
@@ -275,6 +258,8 @@ class Options:
 def options(state: PruningState, result: "SensitivityResult", pattern: Pattern, uses: Mapping[str, list], key: str,
             dense: Mapping[str, float]) -> Options:
     """The knapsack's items from the sweep's curves and each point's predicted saving."""
+    from .workflows.sensitivity import group_removal
+
     saved = point_savings(state, result, pattern, uses, key, dense)
     ref = result.reference[result.metric]
     levels: dict[str, list[Optional[float]]] = {}
@@ -285,7 +270,7 @@ def options(state: PruningState, result: "SensitivityResult", pattern: Pattern, 
         levels[name], drops[name], savings[name] = [None], [0.0], [0.0]
         for level, s in zip(result.levels, saved[name]):
             if level in measured and s > 0:
-                value = _group_removal(state, name, level) / state.groups.get(name).size if pattern.grouped else level
+                value = group_removal(state, name, level) / state.groups.get(name).size if pattern.grouped else level
                 levels[name].append(value)
                 drops[name].append(ref - measured[level])
                 savings[name].append(float(s))

@@ -438,10 +438,7 @@ def measure_channels(state: PruningState, evaluator: Evaluator, group: str, leve
     """One channel sweep point: ``group`` losing ``level`` of its channels (at most all but
     one), the lowest ``scores`` first; the readers' columns are zeroed, which computes exactly
     what removing the channels computes."""
-    grp = state.groups.get(group)
-    block = group in state.groups.blocks  # a block is one channel, removed whole
-    k = min(grp.removal(level), grp.size - (0 if block else grp.period))
-    masks, members = state.channel_trial_masks(group, grp.keep(scores, k)) if k else ({}, {})
+    masks, members = channel_point_masks(state, group, level, scores)
     with state.trial(masks, members):
         r = evaluator.evaluate(commit=False, incremental=incremental)
     return {"layer": group, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
@@ -452,16 +449,37 @@ def measure_point(state: PruningState, evaluator: Evaluator, crit: Criterion, se
     """One sweep point: ``name`` pruned to ``level`` by ``crit`` (the others as they are),
     evaluated, put back. The same code runs in-process and on a distributed worker.
     ``reconstruct``: the point's kept weights refitted (``state.compute`` gives mask and values)."""
-    pat = get_pattern(pattern)
-    info = state.layer(name)
-    k = pat.count(info, pat.snap(level, info))
-    mask: Any = None
-    if k and reconstruct:
-        r = state.compute({name: k}, crit, seed, pattern=pat.name, reconstruct=reconstruct)[name]
-        mask = (r.mask, r.values)
-    elif k:
-        mask = pat.mask(info, k, lambda: state.keys([name], crit, seed)[0], lambda: state.scores(name, crit, seed))
-        mask = mask.to(state.weights[name].device)
-    with state.trial({name: mask}):
+    with state.trial({name: point_mask(state, crit, seed, get_pattern(pattern), name, level, reconstruct)}):
         r = evaluator.evaluate(commit=False, incremental=incremental)
     return {"layer": name, "level": level, evaluator.metric_name: r[evaluator.metric_name], "loss": r["loss"]}
+
+
+def point_mask(state: PruningState, crit: Criterion, seed: int, pat: Pattern, name: str, level: float,
+               reconstruct: str = "") -> Any:
+    """What a sweep point writes for layer ``name`` at ``level``: None (dense), its mask, or a
+    ``(mask, values)`` pair when its kept weights are refitted."""
+    info = state.layer(name)
+    k = pat.count(info, pat.snap(level, info))
+    if not k:
+        return None
+    if reconstruct:
+        r = state.compute({name: k}, crit, seed, pattern=pat.name, reconstruct=reconstruct)[name]
+        return (r.mask, r.values)
+    mask = pat.mask(info, k, lambda: state.keys([name], crit, seed)[0], lambda: state.scores(name, crit, seed))
+    return mask.to(state.weights[name].device)
+
+
+def group_removal(state: PruningState, group: str, level: float) -> int:
+    """Channels a sweep point removes from ``group``: ``level`` of them, at most all but one
+    class (a block is one channel, removed whole)."""
+    grp = state.groups.get(group)
+    block = group in state.groups.blocks
+    return min(grp.removal(level), grp.size - (0 if block else grp.period))
+
+
+def channel_point_masks(state: PruningState, group: str, level: float,
+                        scores: "torch.Tensor") -> tuple[dict[str, Any], dict[str, "torch.Tensor"]]:
+    """``(layer masks, member masks)`` a channel sweep point writes: ``group`` losing
+    :func:`group_removal` channels, the lowest ``scores`` first."""
+    k = group_removal(state, group, level)
+    return state.channel_trial_masks(group, state.groups.get(group).keep(scores, k)) if k else ({}, {})
