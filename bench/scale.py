@@ -6,7 +6,10 @@ Models (random weights: costs, not accuracies, are measured here):
   CPU; MACs scale with the pixels);
 - ``gpt2_small``: ``models.tiny_gpt`` at GPT-2-small's size (d=768, 12 heads, 12 blocks, 85M
   parameters in the blocks), on 64-character windows of ``python_text``.
-A BERT-base-size encoder is not measured (the causal mask aside, its blocks are the GPT's).
+- ``bert_base``: a BERT-base-size encoder from torch's own ``nn.TransformerEncoder`` (d=768,
+  12 heads, 12 layers, feed-forward 3072; ``nn.MultiheadAttention``, so the fused attention
+  path), predicting each character of the same windows (85M parameters with this vocabulary;
+  BERT-base's 110M include a 30,522-word embedding).
 
 Per model and eval set (1x and 4x samples) and width (1x and 0.5x): Session creation, the
 memory it holds (base weights copy, the incremental activation cache), the first evaluation,
@@ -59,6 +62,20 @@ def resnet50(width: float = 1.0, classes: int = 10) -> nn.Module:
             cin = w(mid) * 4
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
     return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Token embedding + learned positions + ``nn.TransformerEncoder`` + a per-token head."""
+
+    def __init__(self, vocab: int, seq: int, d: int = 768, heads: int = 12, layers: int = 12):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.zeros(seq, d))
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.emb(x) + self.pos[: x.shape[1]]))
 
 
 def timed(fn, repeats: int = 1) -> float:
@@ -133,6 +150,10 @@ def main() -> None:
             n = 8 * scale
             model = pl.models.tiny_gpt(text, d=d, heads=heads, layers=blocks)
             rows[f"gpt2_d{d}_n{n}"] = measure(model, xs[:n], ys[:n], channels=False)
+    for scale in (1, 4):
+        n = 8 * scale
+        model = Encoder(text.num_classes, xs.shape[1])
+        rows[f"bert_base_n{n}"] = measure(model, xs[:n], ys[:n], channels=False)
     print(json.dumps({"name": "scale", "threads": torch.get_num_threads(), "rows": rows}))
 
 
