@@ -134,7 +134,7 @@ class CostMeter:
         else:
             total = self.sizes.table().total
             out = {"macs": float(total["effective_macs"]), "params": float(total["model_nonzeros"]),
-                   "file_bytes": float(self.sizes.sparse_file_bytes())}
+                   "file_bytes": float(total["sparse_file_bytes"])}  # the same compressed plan, computed once
             model = self.state.model
         if "latency_ms" in keys:
             out["latency_ms"] = self._latency(model)
