@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .criteria import get_criterion
 from .groups import Groups, find_groups, get_channel_criterion
+from .heads import find_heads
 from .masks import check_fraction
 from .state import PruningState
 
@@ -23,7 +24,9 @@ def ensure_groups(state: PruningState, example_input: Tensor) -> Groups:
     kept on the state."""
     if state.groups is None:
         with state.lock:
-            state.groups = find_groups(state.model, state.layers, example_input)
+            groups = find_groups(state.model, state.layers, example_input)
+            groups.heads, groups.heads_excluded = find_heads(state.model, state.layers, example_input)
+            state.groups = groups
     return state.groups
 
 
@@ -41,7 +44,7 @@ def criterion_of(state: PruningState, criterion: Any) -> tuple[str, str]:
 def scores(state: PruningState, group: str, criterion: str = "l1", seed: Optional[int] = None) -> Tensor:
     """Importance of each channel of ``group`` (float64; the lowest are removed first), from
     the base weights; see ``groups.py`` for each criterion's formula."""
-    grp = state.groups.of(group)
+    grp = state.groups.get(group) if state.groups.has(group) else state.groups.of(group)
     crit = get_channel_criterion(criterion)
     seed = state.seed if seed is None else int(seed)
     element = None
@@ -54,31 +57,45 @@ def scores(state: PruningState, group: str, criterion: str = "l1", seed: Optiona
 
 def keep_of(state: PruningState, group: str) -> Tensor:
     """The keep-mask over a group's channels (True = kept)."""
-    grp = state.groups.of(group)
+    grp = state.groups.get(group) if state.groups.has(group) else state.groups.of(group)
     c = state.channels.get(grp.name)
     return torch.ones(grp.size, dtype=torch.bool) if c is None else c.keep.clone()
 
 
-def kept(state: PruningState) -> dict[str, tuple[int, int]]:
-    """Per channel group: ``(kept, total)`` channels (every group, pruned or not)."""
+def kept(state: PruningState, heads: bool = False) -> dict[str, tuple[int, int]]:
+    """Per channel group: ``(kept, total)`` channels (every group, pruned or not); ``heads``:
+    per attention module, ``(kept, total)`` heads."""
     removed = {g: c.count for g, c in state.channels.items()}
-    return {g: (grp.size - removed.get(g, 0), grp.size) for g, grp in state.groups.groups.items()}
+    return {g: (grp.size - removed.get(g, 0), grp.size) for g, grp in units(state.groups, heads).items()}
 
 
-def counts_for(groups: Groups, sparsities: Mapping[str, Any], round_to: Optional[int]) -> dict[str, int]:
+def unit_of(groups: Groups, name: str, heads: bool = False) -> Any:
+    """The channel group ``name`` produces (``heads``: the head group of attention module
+    ``name`` or of one of its projections); a ValueError says why there is none."""
+    return groups.head(name) if heads else groups.of(name)
+
+
+def units(groups: Groups, heads: bool = False) -> dict[str, Any]:
+    """Every channel group (``heads``: every head group) by name."""
+    return groups.heads if heads else groups.groups
+
+
+def counts_for(groups: Groups, sparsities: Mapping[str, Any], round_to: Optional[int], heads: bool = False) -> dict[str, int]:
     """Channels removed per group for ``{layer: fraction of its group's channels}``: whole
-    classes of tied channels, a multiple of ``round_to`` kept; one value per group."""
+    classes of tied channels, a multiple of ``round_to`` kept; one value per group
+    (``heads``: heads removed per attention module)."""
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive integer (channels kept are a multiple of it), got {round_to!r}")
     counts: dict[str, int] = {}
     asked: dict[str, str] = {}
+    what = "heads" if heads else "channels"
     for layer, value in sparsities.items():
-        grp = groups.of(layer)
-        fraction = check_fraction(value, f"layer {layer!r}: channel sparsity")
+        grp = unit_of(groups, layer, heads)
+        fraction = check_fraction(value, f"layer {layer!r}: {'head' if heads else 'channel'} sparsity")
         k = grp.removal(fraction, round_to)
         if k >= grp.size:
             most = grp.size - grp.period
-            raise ValueError(f"layer {layer!r}: sparsity {fraction:g} would remove every one of its {grp.size} channels "
+            raise ValueError(f"layer {layer!r}: sparsity {fraction:g} would remove every one of its {grp.size} {what} "
                              f"(group {grp.name!r}); at most {most} can go (sparsity <= {most / grp.size:.3g})")
         if grp.name in counts and counts[grp.name] != k:
             raise ValueError(f"layers {asked[grp.name]!r} and {layer!r} share channel group {grp.name!r}: give one value")
@@ -87,9 +104,10 @@ def counts_for(groups: Groups, sparsities: Mapping[str, Any], round_to: Optional
 
 
 def set_channels(state: PruningState, sparsities: Mapping[str, Any], criterion: Any = "l1", seed: Optional[int] = None,
-                 round_to: Optional[int] = None, replace_unstructured: bool = False) -> None:
-    """Remove ``round(fraction * channels)`` of each named layer's channel group, lowest score first."""
-    counts = counts_for(state.groups, sparsities, round_to)
+                 round_to: Optional[int] = None, replace_unstructured: bool = False, heads: bool = False) -> None:
+    """Remove ``round(fraction * channels)`` of each named layer's channel group, lowest score
+    first (``heads``: ``round(fraction * heads)`` of each named attention module's heads)."""
+    counts = counts_for(state.groups, sparsities, round_to, heads)
     name, calibration = criterion_of(state, criterion)
     seed = state.seed if seed is None else int(seed)
     channels, records = state.compute_channels(counts, lambda g: scores(state, g, name, seed), name, seed,
@@ -116,11 +134,11 @@ def global_counts(groups: Groups, all_scores: Mapping[str, Tensor], fraction: fl
     normalised importance go (Torch-Pruning's global pruning): each group's (class) scores are
     divided by their mean so groups of different size and scale compare; a class of tied
     channels goes whole, and the best class of every group stays."""
-    total = sum(groups.groups[g].size for g in all_scores)
+    total = sum(groups.get(g).size for g in all_scores)
     target = int(round(fraction * total))
     pool = []
     for g, sc in all_scores.items():
-        unit = groups.groups[g].class_scores(sc)
+        unit = groups.get(g).class_scores(sc)
         norm = unit / unit.mean().clamp(min=1e-300)
         order = torch.argsort(unit, stable=True)
         pool += [(float(norm[i]), g, rank) for rank, i in enumerate(order[:-1].tolist())]
@@ -128,7 +146,7 @@ def global_counts(groups: Groups, all_scores: Mapping[str, Tensor], fraction: fl
     counts = {g: 0 for g in all_scores}
     removed = 0
     for _, g, _rank in pool:
-        step = groups.groups[g].period
+        step = groups.get(g).period
         if removed + step <= target:
             counts[g] += step
             removed += step
@@ -136,20 +154,28 @@ def global_counts(groups: Groups, all_scores: Mapping[str, Tensor], fraction: fl
 
 
 def set_global_channels(state: PruningState, sparsity: Any, allocation: Any = "uniform", criterion: Any = "l1",
-                        seed: Optional[int] = None, locked: Sequence[str] = (), round_to: Optional[int] = None) -> None:
+                        seed: Optional[int] = None, locked: Sequence[str] = (), round_to: Optional[int] = None,
+                        heads: bool = False) -> None:
     """``uniform``: every unlocked group loses the same fraction (each keeping at least one
     channel, or class); ``global``: the channels with the lowest normalised importance
-    (:func:`global_counts`)."""
-    fraction = check_fraction(sparsity, "channel sparsity")
+    (:func:`global_counts`). ``heads``: the same over the attention modules' heads."""
+    fraction = check_fraction(sparsity, f"{'head' if heads else 'channel'} sparsity")
     groups = state.groups
-    locked_groups = {groups.of(n).name for n in locked}
-    free = [g for g in groups.groups if g not in locked_groups]
+    locked_groups = set()
+    for n in locked:
+        try:
+            locked_groups.add(unit_of(groups, n, heads).name)
+        except ValueError:
+            if not heads:  # a locked layer outside every head group stays as it is anyway
+                raise
+    free = [g for g in units(groups, heads) if g not in locked_groups]
     if allocation not in ("uniform", "global"):
-        raise ValueError(f"pattern 'channels' takes allocation 'uniform' or 'global', not {allocation!r}")
+        raise ValueError(f"pattern {'heads' if heads else 'channels'!r} takes allocation 'uniform' or 'global', "
+                         f"not {allocation!r}")
     name, calibration = criterion_of(state, criterion)
     seed = state.seed if seed is None else int(seed)
     if allocation == "uniform":
-        counts = {g: min(groups.groups[g].removal(fraction, round_to), groups.groups[g].size - groups.groups[g].period)
+        counts = {g: min(groups.get(g).removal(fraction, round_to), groups.get(g).size - groups.get(g).period)
                   for g in free}
         score_of = lambda g: scores(state, g, name, seed)  # noqa: E731
     else:
@@ -161,5 +187,5 @@ def set_global_channels(state: PruningState, sparsity: Any, allocation: Any = "u
     state.apply_channels(channels, records)
 
 
-__all__ = ["ensure_groups", "criterion_of", "scores", "keep_of", "kept", "counts_for", "set_channels", "set_blocks",
+__all__ = ["unit_of", "units", "ensure_groups", "criterion_of", "scores", "keep_of", "kept", "counts_for", "set_channels", "set_blocks",
            "global_counts", "set_global_channels"]

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .incremental import IncrementalEngine, TraceError
-from .measure import EvalData, Evaluation, Scorer, Totals, eval_mode, full_pass
+from .measure import EvalData, Evaluation, Scorer, eval_mode, full_pass
 from .state import PruningState
 
 LOSS_TOLERANCE = 1e-5
@@ -50,6 +50,15 @@ class Evaluator:
         self._engine: Optional[IncrementalEngine] = None
         self._baselines: dict[Optional[int], dict[str, float]] = {}
         self.counts = {"full": 0, "incremental": 0}
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether a smaller metric is better (perplexity): which way a "drop" goes."""
+        return self.scorer.lower_is_better
+
+    def goodness(self, value: float) -> float:
+        """``value`` turned so that larger is better (the metric, or minus it)."""
+        return -value if self.lower_is_better else value
 
     def __repr__(self) -> str:
         mode = "incremental" if self.engine() is not None else f"full passes ({self.fallback_reason or 'incremental off'})"
@@ -102,7 +111,7 @@ class Evaluator:
                 self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             else:
                 self.counts["incremental"] += 1
-                totals = Totals()
+                totals = self.scorer.totals()
                 with torch.inference_mode():
                     for out, y in pairs:
                         totals.add(self.scorer.batch(out, y), len(y))

@@ -129,10 +129,31 @@ class Groups:
     example_shape: tuple[int, ...] = ()
     example_dtype: str = "float32"
     blocks: dict[str, ChannelGroup] = field(default_factory=dict)  # removable blocks by module name (size 1)
+    heads: dict[str, ChannelGroup] = field(default_factory=dict)  # attention heads by module name (``heads.py``)
+    heads_excluded: dict[str, str] = field(default_factory=dict)  # attention modules without head groups: why
 
     def get(self, name: str) -> ChannelGroup:
-        """A channel group or a block by its name."""
-        return self.groups[name] if name in self.groups else self.blocks[name]
+        """A channel group, a block or an attention module's head group by its name."""
+        for units in (self.groups, self.blocks, self.heads):
+            if name in units:
+                return units[name]
+        raise KeyError(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.groups or name in self.blocks or name in self.heads
+
+    def head(self, name: str) -> ChannelGroup:
+        """The head group of attention module ``name`` (or of one of its projection layers); a
+        ValueError says why there is none and lists the ones there are."""
+        if name in self.heads:
+            return self.heads[name]
+        owner = next((g for g in self.heads.values() if name in g.layers), None)
+        if owner is not None:
+            return owner
+        if name in self.heads_excluded:
+            raise ValueError(f"attention module {name!r} has no head group: {self.heads_excluded[name]}")
+        raise ValueError(f"{name!r} is not an attention module with prunable heads.{close_names(name, list(self.heads))} "
+                         f"Attention modules: {', '.join(self.heads) or 'none'}")
 
     def block(self, name: str) -> ChannelGroup:
         """The removable block ``name``; a ValueError lists the ones there are."""

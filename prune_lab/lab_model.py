@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .allocation import LayerCollapseWarning, get_allocation
 from .patterns import PatternWarning, get_pattern
-from .formats import fmt_bytes
+from .formats import fmt_bytes, fmt_metric
 from .masks import check_count
 from .session import Session
 from .state import Event, Snapshot
@@ -250,8 +250,8 @@ class LabModel:
         self._check_idle("prune")
         self.session.check_sparsity(name, sparsity)
         pat = get_pattern(self.pattern)
-        if pat.grouped:
-            self.session.groups.of(name)  # a layer without a channel group says why, before anything changes
+        if pat.grouped:  # a layer without a channel (head) group says why, before anything changes
+            self.session.groups.head(name) if pat.heads else self.session.groups.of(name)
         else:
             sparsity = pat.snap(float(sparsity), self.session.layer(name))
         self.push_undo(coalesce=f"layer:{name}" if coalesce else None)
@@ -270,21 +270,37 @@ class LabModel:
 
         return lab_patterns()
 
+    def _unit(self, name: str) -> Optional[str]:
+        """The group a slider on layer ``name`` moves: its channel group, or under the heads
+        pattern the head group of the attention module it projects for (None: none)."""
+        groups = self.session.groups
+        if get_pattern(self.pattern).heads:
+            return next((g for g, grp in groups.heads.items() if name in grp.layers), None)
+        return groups.by_layer.get(name)
+
+    def _held(self) -> dict[str, tuple[int, int]]:
+        return self.session.heads if get_pattern(self.pattern).heads else self.session.channels
+
     def channel_fraction(self, name: str) -> Optional[float]:
-        """Under the channels pattern: the fraction of ``name`` 's channel group removed (None
-        when the layer has no group)."""
-        g = self.session.groups.by_layer.get(name)
+        """Under a grouped pattern: the fraction of ``name`` 's channel (head) group removed
+        (None when the layer has no group)."""
+        g = self._unit(name)
         if g is None:
             return None
-        kept, total = self.session.channels[g]
+        kept, total = self._held()[g]
         return (total - kept) / total
 
     def channel_text(self, name: str) -> str:
-        """"45 of 64 channels" for a producing layer; why not, for the others."""
-        g = self.session.groups.by_layer.get(name)
+        """"45 of 64 channels" ("2 of 4 heads") for a layer of a group; why not, for the others."""
+        g = self._unit(name)
+        heads = get_pattern(self.pattern).heads
         if g is None:
+            if heads:
+                return "not an attention projection with prunable heads"
             return "no channel group: " + self.session.groups.excluded.get(name, "not a Conv/Linear output")
-        kept, total = self.session.channels[g]
+        kept, total = self._held()[g]
+        if heads:
+            return f"{kept} of {total} heads of {g}"
         shared = [p for p in self.session.groups.groups[g].producers if p != name]
         return f"{kept} of {total} channels" + (f" (with {', '.join(shared)})" if shared else "")
 
@@ -307,7 +323,10 @@ class LabModel:
                              "session.set_sparsity({block: 1}, pattern='blocks')")
         if pat.grouped:  # whole channels: the weight masks go, every group starts whole
             groups = self.session.groups
-            if not groups.groups:
+            if pat.heads and not groups.heads:
+                raise ValueError("this model has no attention heads prune_lab can remove" + "".join(
+                    f"; {n}: {why}" for n, why in list(groups.heads_excluded.items())[:3]))
+            if not pat.heads and not groups.groups:
                 raise ValueError("this model has no channel group to prune: " + "; ".join(
                     f"{n}: {why}" for n, why in list(groups.excluded.items())[:3]))
             self.push_undo()
@@ -422,7 +441,7 @@ class LabModel:
     def channel_total(self) -> float:
         """The fraction of all channel groups' channels removed (what the global slider shows
         under the channels pattern)."""
-        held = self.session.channels.values()
+        held = self._held().values()
         return sum(n - k for k, n in held) / max(sum(n for _, n in held), 1)
 
     def set_locked(self, name: str, locked: bool) -> None:
@@ -446,8 +465,9 @@ class LabModel:
             self.session.set_sparsity(plan, criterion=self.criterion)
         measured = self.session.evaluate()[self.session.metric_name]
         self.set_status(
-            f"plan for {plan.total_sparsity:.1%}: predicted {self.session.metric_name} {plan.predicted:.2%} "
-            f"(a guess from the curves, relative to the state the sweep started from) &middot; <b>measured {measured:.2%}</b>"
+            f"plan for {plan.total_sparsity:.1%}: predicted {self.session.metric_name} "
+            f"{fmt_metric(self.session.metric_name, plan.predicted)} "
+            f"(a guess from the curves, relative to the state the sweep started from) &middot; <b>measured {fmt_metric(self.session.metric_name, measured)}</b>"
         )
         return plan
 
@@ -465,7 +485,8 @@ class LabModel:
         b, metric = plan.budget, plan.metric
         self.set_status(
             f"budget {html.escape(key)} &le; {b.limit:,.4g} (dense {b.dense:,.4g}): <b>measured {plan.measured[key]:,.4g}</b>, "
-            f"{metric} <b>{plan.measured[metric]:.2%}</b> (the curves predicted {plan.predicted[metric]:.2%}); "
+            f"{metric} <b>{fmt_metric(metric, plan.measured[metric])}</b> (the curves predicted "
+            f"{fmt_metric(metric, plan.predicted[metric])}); "
             f"{len(plan.rounds)} plans measured")
         return plan
 
@@ -578,7 +599,7 @@ class LabModel:
                 job.result = result
                 after = self.measure()["evaluation"][metric]
                 state = "stopped after" if result.interrupted else "done:"
-                self.set_status(f"fine-tuning {state} {job.done} steps; {metric} {before:.2%} -> {after:.2%} "
+                self.set_status(f"fine-tuning {state} {job.done} steps; {metric} {fmt_metric(metric, before)} -> {fmt_metric(metric, after)} "
                                 "(undo goes back to before)")
             except Exception as e:
                 self.show_error(e)

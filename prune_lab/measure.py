@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .metrics import SummedMetric, lower_is_better
+
 Metric = Callable[[Tensor, Tensor], Tensor]
 
 #: materialise eval data into device tensors up to this many bytes; larger data streams
@@ -182,6 +184,8 @@ class Scorer:
             valid = targets != IGNORE_INDEX
             correct = (out.argmax(dim=self.class_dim) == targets) & valid
             m_sum, m_n = correct.sum(dtype=torch.float64), valid.sum(dtype=torch.float64)
+        elif isinstance(self.metric, SummedMetric):
+            m_sum, m_n = self.metric.batch(out, targets)
         else:
             m_sum, m_n = torch.as_tensor(self.metric(out, targets)).double() * b, b
         if self.loss_fn is None:
@@ -192,6 +196,14 @@ class Scorer:
             l_sum = F.cross_entropy(logits.float(), flat, reduction="sum", ignore_index=IGNORE_INDEX).double()
             return m_sum, m_n, l_sum, (flat != IGNORE_INDEX).sum(dtype=torch.float64)
         return m_sum, m_n, torch.as_tensor(self.loss_fn(out, targets)).double() * b, b
+
+    def totals(self) -> "Totals":
+        """Running sums for this scorer's batches (a summed metric finishes the mean)."""
+        return Totals(self.metric.finish if isinstance(self.metric, SummedMetric) else None)
+
+    @property
+    def lower_is_better(self) -> bool:
+        return lower_is_better(self.metric)
 
     def check(self, outputs: Any, targets: Tensor) -> "Scorer":
         """This scorer fitted to the model's output layout, or a ValueError that says what to pass."""
@@ -245,7 +257,8 @@ class Evaluation:
 class Totals:
     """Running sums of :meth:`Scorer.batch` results; ``result()`` syncs with the host once."""
 
-    def __init__(self) -> None:
+    def __init__(self, finish: Optional[Callable[[float], float]] = None) -> None:
+        self.finish = finish
         self.m_sum: Any = 0.0
         self.m_n: Any = 0.0
         self.l_sum: Any = None
@@ -262,6 +275,8 @@ class Totals:
     def result(self) -> Evaluation:
         m_n = float(self.m_n)
         metric = float(self.m_sum) / m_n if m_n else math.nan
+        if self.finish is not None and m_n:
+            metric = self.finish(metric)
         loss = None if self.l_sum is None else float(self.l_sum) / max(float(self.l_n), 1.0)
         return Evaluation(metric, loss, self.n)
 
@@ -287,7 +302,7 @@ def full_pass(model: nn.Module, data: EvalData, scorer: Scorer, limit: Optional[
     """Plain forward passes over the eval data: the oracle every faster path must equal.
 
     Grad mode and train/eval mode are restored whatever happens (no generator holds a mode)."""
-    totals = Totals()
+    totals = scorer.totals()
     with eval_mode(model), torch.inference_mode():
         for x, y in data.batches(limit):
             totals.add(scorer.batch(model(x), y), len(y))

@@ -112,10 +112,10 @@ class CausalSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        split = lambda z: z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        b, t, _ = x.shape
+        split = lambda z: z.reshape(b, t, self.heads, -1).transpose(1, 2)  # noqa: E731  (head size from q: heads can go)
         y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(b, t, d))
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class GPTBlock(nn.Module):

@@ -6,6 +6,7 @@
 - ``kernel`` (``kernel-l2``): whole k x k kernels of a convolution, one ``(out, in)`` slice,
   ranked by the L1 (L2) norm of the criterion's per-entry scores (magnitude: of the weights);
 - ``channels``: whole output channels with everything coupled to them (``groups.py``);
+- ``heads``: whole attention heads (``heads.py``);
 - ``blocks``: whole residual blocks.
 
 Each pattern knows how it parses (:func:`get_pattern`), which layers it fits, its weight count
@@ -130,6 +131,7 @@ class Pattern:
     removes_blocks: bool = False  # (grouped) a value removes a whole block (1) or keeps it (0)
     semi_structured: bool = False  # torch.sparse's semi-structured (2:4) kernels can run it (CUDA)
     allocated: bool = False  # an allocation's own masks (a global threshold...) are this pattern's masks
+    heads: bool = False  # (grouped) values apply to the attention modules' head groups
 
     def fits(self, info: "LayerInfo") -> bool:
         """Whether the pattern can prune this layer at all."""
@@ -355,12 +357,24 @@ class Blocks(Pattern):
         return None
 
 
+class Heads(Pattern):
+    """Whole attention heads of a module (``heads.py``): a value is the fraction of its heads
+    removed, the lowest-scored first (at least one stays); named by the attention module (or
+    any of its projection layers)."""
+
+    name, label, structured, grouped, heads = "heads", "heads", True, True, True
+
+    def selection(self) -> Optional[tuple[int, int]]:
+        return None
+
+
 register_pattern(Unstructured())
 register_pattern(NM(2, 4, label="2:4"))  # the one the Lab offers; any other N:M parses on demand
 register_pattern(Kernel("kernel", 1, label="kernels"))
 register_pattern(Kernel("kernel-l2", 2))
 register_pattern(Channels())
 register_pattern(Blocks())
+register_pattern(Heads())
 
 
 __all__ = ["Pattern", "register_pattern", "get_pattern", "list_patterns", "lab_patterns", "PATTERNS","UNSTRUCTURED", "PatternWarning", "nm_fits", "parse_nm", "normalize", "nm_sparsity", "check_nm", "nm_mask", "nm_groups", "input_dim"]

@@ -261,7 +261,6 @@ def options(state: PruningState, result: "SensitivityResult", pattern: Pattern, 
     from .workflows.sensitivity import group_removal
 
     saved = point_savings(state, result, pattern, uses, key, dense)
-    ref = result.reference[result.metric]
     levels: dict[str, list[Optional[float]]] = {}
     drops: dict[str, list[float]] = {}
     savings: dict[str, list[float]] = {}
@@ -272,7 +271,7 @@ def options(state: PruningState, result: "SensitivityResult", pattern: Pattern, 
             if level in measured and s > 0:
                 value = group_removal(state, name, level) / state.groups.get(name).size if pattern.grouped else level
                 levels[name].append(value)
-                drops[name].append(ref - measured[level])
+                drops[name].append(result.lost(measured[level]))
                 savings[name].append(float(s))
     return Options(levels, drops, savings)
 
@@ -313,7 +312,7 @@ def plan_budget(state: PruningState, evaluator: Evaluator, sizes: "StatsTable", 
             f"budget {key} <= {limit:,.6g} ({asked:g} asked; dense {dense[key]:,.6g}) is out of reach with pattern "
             f"{pat.name!r} at the levels swept: pruning every {'group' if pat.grouped else 'layer'} to its deepest measured "
             f"level measures {key} {deep['cost'][key]:,.6g}; sweep higher levels or use a structured pattern")
-    best = search.refine(max(search.met, key=lambda r: (r[result.metric], -r["cost"][key])), refine)
+    best = search.refine(max(search.met, key=lambda r: (result.goodness(r[result.metric]), -r["cost"][key])), refine)
     return BudgetPlan(opts.sparsities(best["choice"]), pat.name, result.criterion, target, result.metric,
                       {result.metric: best["predicted_metric"], key: best["predicted_cost"]},
                       {result.metric: best[result.metric], key: best["cost"][key]}, best["cost"],
@@ -381,7 +380,7 @@ class _Search:
                     continue
                 evaluations -= 1
                 r = self.measure(choice, math.nan)
-                if r["met"] and r[metric] > best[metric]:
+                if r["met"] and self.result.goodness(r[metric]) > self.result.goodness(best[metric]):
                     best, moved = r, True
                     break
                 if evaluations <= 0:
@@ -428,7 +427,7 @@ class _Search:
         finally:
             state.restore(snap)
         r = {"choice": dict(choice), "need": need, "predicted_cost": self.now - saving,
-             "cost": cost, "met": met, metric: value, "predicted_metric": self.result.clip(self.result.reference[metric] - drop),
+             "cost": cost, "met": met, metric: value, "predicted_metric": self.result.predict(drop),
              "sparsities": sparsities}
         self.rounds.append(r)
         if met:

@@ -442,7 +442,7 @@ def tradeoff(result: Any, x: str = "compression") -> Figure:
         costs = xs_all
     else:
         costs = [-v for v in xs_all]  # more compression / speedup is better
-    front = pareto_front(costs, ys_all)
+    front = pareto_front(costs, ys_all, getattr(result, "lower_is_better", False))
     ax.plot([xs_all[i] for i in front], [ys_all[i] for i in front], color="gray", linewidth=3, alpha=0.35, zorder=0, gid="pareto", label="Pareto front")
     ax.axhline(result.dense[m], color="black", linestyle=":", linewidth=1, gid="dense")
     ax.set_xscale("log")

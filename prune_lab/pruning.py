@@ -48,7 +48,7 @@ def set_sparsity(state: PruningState, sparsities: Mapping[str, Any], criterion: 
         if pat.removes_blocks:
             _channels.set_blocks(state, sparsities)
         else:
-            _channels.set_channels(state, sparsities, criterion, seed, round_to)
+            _channels.set_channels(state, sparsities, criterion, seed, round_to, heads=pat.heads)
         return
     if round_to is not None:
         raise ValueError(f"round_to applies to pattern='channels' only, not {pat.name!r}")
@@ -70,7 +70,7 @@ def set_global_sparsity(state: PruningState, sparsity: Any, allocation: Any = "g
     if pat.grouped:
         if pat.removes_blocks:
             raise ValueError("pattern 'blocks' removes named blocks: set_sparsity({block: 1}, pattern='blocks')")
-        _channels.set_global_channels(state, sparsity, allocation, criterion, seed, locked)
+        _channels.set_global_channels(state, sparsity, allocation, criterion, seed, locked, heads=pat.heads)
         return
     crit = get_criterion(criterion)
     state.refresh_calibration(crit, bool(method))

@@ -64,7 +64,7 @@ def _recipe_keeps(state: PruningState, channels: Any) -> dict[str, Tensor]:
     keeps = {}
     for g, entry in channels.items():
         groups = state.groups
-        if groups is None or (g not in groups.groups and g not in groups.blocks) or groups.get(g).size != entry.get("size"):
+        if groups is None or not groups.has(g) or groups.get(g).size != entry.get("size"):
             known = {} if groups is None else {n: grp.size for n, grp in groups.groups.items()}
             raise ValueError(f"recipe channel group {g!r} ({entry.get('size')} channels) is not in this model; its groups: "
                              f"{known}")

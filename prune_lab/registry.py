@@ -42,4 +42,7 @@ def close_names(name: str, valid: list[str]) -> str:
 
 
 def describe(obj: Callable | str) -> str:
-    return obj if isinstance(obj, str) else getattr(obj, "__name__", type(obj).__name__)
+    if isinstance(obj, str):
+        return obj
+    name = getattr(obj, "name", None)  # a metric object (``metrics.SummedMetric``) names itself
+    return name if isinstance(name, str) and name else getattr(obj, "__name__", type(obj).__name__)

@@ -198,6 +198,13 @@ class Session:
         return _channels.kept(self.state)
 
     @property
+    def heads(self) -> dict[str, tuple[int, int]]:
+        """Per attention module with prunable heads: ``(kept, total)`` heads (``heads.py``; why a module has none:
+        ``groups.heads_excluded``)."""
+        self.groups
+        return _channels.kept(self.state, heads=True)
+
+    @property
     def blocks(self) -> dict[str, bool]:
         """Per removable block (residual or transformer block: the identity once zeroed), whether it is removed."""
         return {b: b in self.state.channels for b in self.groups.blocks}

@@ -579,8 +579,9 @@ class PruningState:
             raise RuntimeError("channel groups are not known yet (Session finds them on first use)")
         new = dict(self._channels if start is None else start)
         for g, k in counts.items():
-            if g not in self.groups.groups and g not in self.groups.blocks:
-                raise ValueError(f"no channel group {g!r}; groups: {', '.join(self.groups.groups)}")
+            if not self.groups.has(g):
+                raise ValueError(f"no channel group {g!r}; groups: {', '.join(self.groups.groups)}; attention modules: "
+                                 f"{', '.join(self.groups.heads) or 'none'}")
             group = self.groups.get(g)
             block = g in self.groups.blocks  # a block is one "channel": removed whole
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= group.size - group.period + block \

@@ -528,7 +528,7 @@ class Lab:
 
     def _slider_usable(self, name: str) -> bool:
         """Under the channels pattern only layers that produce a channel group have a slider."""
-        return not self.model.grouped or name in self.session.groups.by_layer
+        return not self.model.grouped or self.model.channel_fraction(name) is not None
 
     # ------------------------------------------------------------------ refreshing
     def _changed(self) -> None:

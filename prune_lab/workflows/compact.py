@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..groups import remove_channels
+from ..heads import remove_heads
 from ..measure import OUTPUT_TOLERANCE, output_difference
 from ..state import PruningState
 
@@ -85,17 +86,20 @@ def replace_blocks(model: nn.Module, blocks: Sequence[str]) -> nn.Module:
 
 
 def compact_copy(model: nn.Module, removed: Mapping[str, list[int]], example_input: Tensor,
-                 blocks: Sequence[str] = ()) -> nn.Module:
+                 blocks: Sequence[str] = (), heads: Mapping[str, list[int]] = {}) -> nn.Module:
     """A deep copy of ``model`` with ``removed`` (group root module -> channel indices) taken
-    out and the removed ``blocks`` replaced by the identity."""
+    out, the removed ``heads`` (attention module -> head indices) taken out after them and the
+    removed ``blocks`` replaced by the identity."""
     small = copy.deepcopy(model)
     if removed:
         remove_channels(small, example_input, removed)
+    remove_heads(small, heads)
     replace_blocks(small, blocks)
     small.prune_lab_structure = {  # type: ignore[assignment]
         "prune_lab_structure": STRUCTURE_FORMAT,
         "removed": {k: [int(i) for i in v] for k, v in removed.items() if v},
         "blocks": sorted(blocks),
+        "heads": {k: [int(i) for i in v] for k, v in heads.items() if v},
         "example_shape": [1, *example_input.shape[1:]],
         "example_dtype": str(example_input.dtype).replace("torch.", ""),
     }
@@ -126,6 +130,7 @@ def load_compact(path: Union[str, Path], model: nn.Module) -> nn.Module:
     example = torch.zeros(structure["example_shape"], dtype=dtype, device=next(model.parameters()).device)
     if structure["removed"]:
         remove_channels(model, example, structure["removed"])
+    remove_heads(model, structure.get("heads", {}))
     replace_blocks(model, structure.get("blocks", []))
     own = model.state_dict()
     bad = [k for k, v in data["state_dict"].items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
@@ -183,7 +188,8 @@ def compact_state(state: "PruningState", example: Tensor, measure: bool = True, 
         removed = {groups.groups[g].root_module: torch.nonzero(~c.keep).flatten().tolist() for g, c in channels.items()
                    if g in groups.groups}
         blocks = [g for g in channels if g in groups.blocks]
-        small = compact_copy(state.model, removed, example, blocks)
+        heads = {g: torch.nonzero(~c.keep).flatten().tolist() for g, c in channels.items() if g in groups.heads}
+        small = compact_copy(state.model, removed, example, blocks, heads)
         diff, scale = check_outputs(state.model, small, example)
         report = None
         if measure:

@@ -304,8 +304,8 @@ class _Run:
         metric = self.evaluator.metric_name
         ev = {**self.evaluator.evaluate(), "sparsity": self.state.total_sparsity(), "steps": self.result.steps}
         self.result.evaluations.append(ev)
-        if c.restore == "best" and ev[metric] > self.best[0]:
-            self.best = (ev[metric], self.state.snapshot())
+        if c.restore == "best" and self.evaluator.goodness(ev[metric]) > self.best[0]:
+            self.best = (self.evaluator.goodness(ev[metric]), self.state.snapshot())
 
     def finish(self) -> FinetuneResult:
         if self.config.restore == "best" and self.best[1] is not None:

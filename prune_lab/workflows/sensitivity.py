@@ -18,6 +18,7 @@ import torch
 
 from ..criteria import Criterion, get_criterion
 from ..evaluate import Evaluator
+from ..channels import unit_of, units
 from ..masks import check_fraction, count_to_prune
 from ..patterns import Pattern, get_pattern, same_pattern
 from ..state import PruningState, check_reconstruct
@@ -68,6 +69,7 @@ class SensitivityResult:
     missing: list[dict[str, Any]] = field(default_factory=list)  # points that could not be measured, and why
     pattern: str = "unstructured"  # or "N:M": each level > 0 is that pattern
     reconstruct: str = ""  # "exact"/"sparsegpt"/"auto": every point's kept weights were refitted
+    lower_is_better: bool = False  # the metric is better smaller (perplexity): a drop is a rise
 
     # ------------------------------------------------------------------ tables
     def table(self, key: Optional[str] = None) -> "torch.Tensor":
@@ -132,11 +134,26 @@ class SensitivityResult:
             f"reference {self.metric} {self.reference[self.metric]:.4f})"
         )
 
+    def lost(self, value: float) -> float:
+        """How much worse ``value`` is than the reference (positive = worse; for a metric that
+        is better smaller, such as perplexity, the rise)."""
+        ref = self.reference[self.metric]
+        return value - ref if self.lower_is_better else ref - value
+
+    def predict(self, drop: float) -> float:
+        """The metric the additive model predicts after losing ``drop`` (clipped: :meth:`clip`)."""
+        ref = self.reference[self.metric]
+        return self.clip(ref + drop if self.lower_is_better else ref - drop)
+
+    def goodness(self, value: float) -> float:
+        """``value`` turned so that larger is better."""
+        return -value if self.lower_is_better else value
+
     def drop(self, layer: str, level: float) -> float:
         """Metric lost at ``level`` relative to the reference (positive = worse)."""
         for lv, v in self.curve(layer):
             if lv == level:
-                return self.reference[self.metric] - v
+                return self.lost(v)
         raise KeyError((layer, level))
 
     def ranking(self, max_drop: float = 0.01) -> dict[str, float]:
@@ -146,7 +163,7 @@ class SensitivityResult:
         for layer in self.layers:
             best = 0.0
             for level, v in self.curve(layer):
-                if self.reference[self.metric] - v > max_drop + 1e-12:
+                if self.lost(v) > max_drop + 1e-12:
                     break
                 best = level
             out[layer] = best
@@ -170,7 +187,7 @@ class SensitivityResult:
             raise ValueError("allocate needs exactly one of target_sparsity=... or max_drop=...")
         total = sum(self.n_params[n] for n in self.layers)
         free = [n for n in self.layers if n not in locked]
-        curves = {n: [(0.0, 0.0)] + [(lv, self.reference[self.metric] - v) for lv, v in self.curve(n) if lv > 0] for n in free}
+        curves = {n: [(0.0, 0.0)] + [(lv, self.lost(v)) for lv, v in self.curve(n) if lv > 0] for n in free}
         max_reach = sum(curves[n][-1][0] * self.n_params[n] for n in free) + sum(locked.values())
         if target_sparsity is not None:
             if not 0 <= target_sparsity <= 1 or math.isnan(target_sparsity):
@@ -211,7 +228,7 @@ class SensitivityResult:
             pos[n] = j
         pruned.update(locked)
         sparsities = {n: pruned[n] / self.n_params[n] for n in self.layers}
-        return Plan(sparsities, self.clip(self.reference[self.metric] - drop), self.reference[self.metric],
+        return Plan(sparsities, self.predict(drop), self.reference[self.metric],
                     sum(pruned.values()) / total)
 
     def _cheapest_step(self, free: Sequence[str], curves: dict[str, list[tuple[float, float]]], pos: dict[str, int],
@@ -232,9 +249,11 @@ class SensitivityResult:
         return None if best is None else best[1:]
 
     def clip(self, predicted: float) -> float:
-        """A prediction kept within what is possible: never above the best value measured (the
-        per-layer drops add up without bound), never outside [0, 1] for accuracy."""
+        """A prediction kept within what is possible: never better than the best value measured
+        (the per-layer drops add up without bound), never outside [0, 1] for accuracy."""
         measured = [r[self.metric] for r in self.records] + [self.reference[self.metric]]
+        if self.lower_is_better:
+            return max(predicted, min(measured))
         predicted = min(predicted, max(measured))
         if self.metric == "accuracy":
             predicted = min(max(predicted, 0.0), 1.0)
@@ -292,8 +311,7 @@ def sweep(
         metric=evaluator.metric_name,
         reference=reference,
         dense=evaluator.baseline(),
-        pattern=pattern,
-        reconstruct=method,
+        pattern=pattern, reconstruct=method, lower_is_better=evaluator.lower_is_better,
     )
     if executor is not None:
         result.complete = False
@@ -374,7 +392,8 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels
             raise ValueError(f"pattern 'blocks': levels are 0 (kept) and 1 (removed), got {levels}")
         scores = {b: torch.zeros(1, dtype=torch.float64) for b in names}
     else:
-        names = list(groups.groups) if layers is None else list(dict.fromkeys(groups.of(n).name for n in layers))
+        names = list(units(groups, pat.heads)) if layers is None else \
+            list(dict.fromkeys(unit_of(groups, n, pat.heads).name for n in layers))
         levels = list(DEFAULT_LEVELS if levels is None else levels)
         for lv in levels:
             check_fraction(lv, "sensitivity level")
@@ -390,7 +409,7 @@ def _group_sweep(state: PruningState, evaluator: Evaluator, pat: Pattern, levels
         layers=names, levels=levels, n_params=sizes,
         current={g: (state.channels[g].count / sizes[g] if g in state.channels else 0.0) for g in names},
         criterion=criterion, metric=evaluator.metric_name, reference=evaluator.evaluate(), dense=evaluator.baseline(),
-        pattern=pattern)
+        pattern=pattern, lower_is_better=evaluator.lower_is_better)
     if executor is not None:
         result.complete = False
         done = result.done()

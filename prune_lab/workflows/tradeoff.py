@@ -22,9 +22,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
+def pareto_front(costs: Sequence[float], scores: Sequence[float], lower_is_better: bool = False) -> list[int]:
     """Indices of the points no other point beats (lower or equal cost and higher or equal
-    score, one strictly), ordered by cost. Lower cost is better, higher score is better."""
+    score, one strictly), ordered by cost. Lower cost is better, higher score is better
+    (``lower_is_better``: a lower score, such as perplexity)."""
+    if lower_is_better:
+        scores = [-v for v in scores]
     order = sorted(range(len(costs)), key=lambda i: (costs[i], -scores[i]))
     front: list[int] = []
     best = float("-inf")
@@ -54,6 +57,7 @@ class TradeoffResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     cached: bool = False
     missing: list[dict[str, Any]] = field(default_factory=list)  # points that could not be measured, and why
+    lower_is_better: bool = False  # the metric is better smaller (perplexity)
 
     def summary(self) -> list[dict[str, Any]]:
         """Mean and spread (population std) over seeds per (strategy, compression)."""
@@ -182,7 +186,7 @@ def run_tradeoff(
     metric = evaluator.metric_name
     points = [(seed, strategy, allocation, criterion, c) for seed in range(seeds)
               for strategy, (allocation, criterion) in zip(strategies, pairs) for c in compressions]
-    result = TradeoffResult(metric, evaluator.baseline(), config)
+    result = TradeoffResult(metric, evaluator.baseline(), config, lower_is_better=evaluator.lower_is_better)
     if executor is not None:
         executor.tradeoff(state, evaluator, result, points, train_data, finetune, progress)
     else:
