@@ -158,7 +158,10 @@ def test_pruned_mha_follows_masks_and_per_head_3d_masks():
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
             got_w, weights = small(q, kv, kv, need_weights=True, **kwargs)
             torch.testing.assert_close(got_w, want, rtol=0, atol=1e-5)
-            assert weights.shape == (2, 5, 6)
+            per = masked(q, kv, kv, need_weights=True, average_attn_weights=False, **kwargs)[1]
+            torch.testing.assert_close(weights, per[:, [0, 3]].mean(1), rtol=0, atol=1e-6)  # the heads that remain
+            torch.testing.assert_close(small(q, kv, kv, average_attn_weights=False, **kwargs)[1], per[:, [0, 3]],
+                                       rtol=0, atol=1e-6)
         # unbatched input, as nn.MultiheadAttention takes it
         torch.testing.assert_close(small(q[0], kv[0], kv[0])[0], masked(q[0], kv[0], kv[0])[0], rtol=0, atol=1e-5)
 
