@@ -8,6 +8,7 @@ per notebook, and the time of each setting relative to the machine's own at 2 th
 
     python bench/notebook_settings.py                  # every setting (about an hour on 2 cores)
     python bench/notebook_settings.py native/2 default/1
+    PRUNE_LAB_NOTEBOOKS=08 python bench/notebook_settings.py    # one notebook, every setting
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def run_notebook(path: Path, env: dict[str, str]) -> tuple[float, str]:
 
 def main() -> None:
     settings = sys.argv[1:] or SETTINGS
-    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    only = os.environ.get("PRUNE_LAB_NOTEBOOKS", "")  # e.g. "08" or "05,08": those notebooks only
+    notebooks = [p for p in sorted((ROOT / "notebooks").glob("*.ipynb")) if not only or p.name[:2] in only.split(",")]
     mnist = os.environ.get("PRUNE_LAB_MNIST", str(ROOT.parent / "shared" / "data" / "mnist"))
     report: dict = {}
     for setting in settings:

@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 @dataclass
 class DataBundle:
-    """Train/test tensors plus what a model needs to size itself."""
+    """Train/test tensors plus what a model needs to size itself; ``val`` (after
+    :meth:`with_val`) is held out of ``train`` for choices (sensitivity, plans, thresholds), so
+    the test split is touched only for the final number."""
 
     name: str
     train: TensorDataset
@@ -26,15 +28,35 @@ class DataBundle:
     input_shape: tuple[int, ...]
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    val: Optional[TensorDataset] = None
+
+    def with_val(self, fraction: float = 0.2, seed: int = 0) -> "DataBundle":
+        """A copy whose ``val`` is ``round(fraction * len(train))`` training samples (a seeded
+        permutation) and whose ``train`` is the rest; ``test`` is the same object."""
+        if self.val is not None:
+            raise ValueError(f"{self.name!r} already has a validation split ({len(self.val)} samples)")
+        n = len(self.train)
+        k = int(round(fraction * n))
+        if isinstance(fraction, bool) or not 0 < k < n:
+            raise ValueError(f"with_val: fraction must leave 1 to {n - 1} of the {n} training samples for validation, "
+                             f"got {fraction!r}")
+        x, y = self.train.tensors
+        train, val = _split(x, y, fraction, seed)
+        return DataBundle(self.name, train, self.test, self.input_shape, self.num_classes, list(self.class_names), val)
 
     def loader(self, split: str = "train", batch_size: int = 64, shuffle: Optional[bool] = None, seed: int = 0) -> DataLoader:
-        ds = {"train": self.train, "test": self.test}[split]
+        splits = {"train": self.train, "test": self.test, "val": self.val}
+        if split not in splits or splits[split] is None:
+            raise ValueError(f"split {split!r}: use 'train', 'test'" + (" or 'val'" if self.val is not None else
+                                                                       " (or 'val' after with_val())"))
+        ds = splits[split]
         g = torch.Generator().manual_seed(seed)
         return DataLoader(ds, batch_size=batch_size, shuffle=(split == "train") if shuffle is None else shuffle, generator=g)
 
     def __repr__(self) -> str:
+        val = f" / {len(self.val)} val" if self.val is not None else ""
         return (
-            f"DataBundle({self.name!r}: {len(self.train)} train / {len(self.test)} test, "
+            f"DataBundle({self.name!r}: {len(self.train)} train{val} / {len(self.test)} test, "
             f"input {self.input_shape}, {self.num_classes} classes)"
         )
 

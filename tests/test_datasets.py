@@ -69,3 +69,23 @@ def test_python_text_is_next_character_prediction_on_disjoint_windows(text):
     assert text.num_classes == len(set(raw)) == len(text.class_names)
     with pytest.raises(ValueError, match="seq_len must be an integer >= 2"):
         pl.datasets.python_text(seq_len=1)
+
+
+def test_with_val_holds_out_part_of_train_and_keeps_test():
+    data = pl.datasets.digits()
+    split = data.with_val(0.25, seed=3)
+    n = len(data.train)
+    assert len(split.val) == round(0.25 * n) and len(split.train) == n - round(0.25 * n)
+    assert split.test is data.test and data.val is None
+    rows = lambda ds: {tuple(r.tolist()) for r in ds.tensors[0].flatten(1)}  # noqa: E731
+    assert rows(split.train) | rows(split.val) == rows(data.train)
+    assert not rows(split.train) & rows(split.val) - rows(data.test)  # disjoint (up to duplicate images)
+    assert len(split.train) + len(split.val) == n
+    assert torch.equal(split.val.tensors[0], data.with_val(0.25, seed=3).val.tensors[0])  # seeded
+    assert "val" in repr(split) and len(list(split.loader("val", batch_size=1000))) == 1
+    with pytest.raises(ValueError, match="already has a validation split"):
+        split.with_val(0.1)
+    with pytest.raises(ValueError, match="fraction must leave 1 to"):
+        data.with_val(0.0)
+    with pytest.raises(ValueError, match=r"or 'val' after with_val\(\)"):
+        data.loader("val")
