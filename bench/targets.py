@@ -6,7 +6,7 @@ answers of notebook 02 (a quarter of the file, at most 5 more test digits wrong)
 (exercise 1: within a point; exercise 2: 90% sparsity, at most 7 more digits wrong; exercise 3:
 global beats uniform at 90%) and notebook 05 (at 90%, one-shot: magnitude under LAMP beats random
 by at least 10 points; how the data-aware criteria compare is printed as a range) for demo seeds 0-4, and notebook 08
-(at 2:4 the next best criterion's perplexity is at least 1.01x SparseGPT's; seeds 0-2, ``PRUNE_LAB_TARGETS=08``)
+(at 2:4 the next best criterion's perplexity is at least 1.05x SparseGPT's; seeds 0-2, ``PRUNE_LAB_TARGETS=08``)
 under every setting of
 ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, the machine's own) x ``OMP_NUM_THREADS`` (1, 2),
 each setting in a fresh process with a fresh cache. It prints one JSON line: per target the worst
@@ -36,7 +36,7 @@ TARGETS = {
     "03e2_sparsity": ("min", 0.9),
     "03e3_global_minus_uniform_points": ("min", 0.0),
     "05_magnitude_minus_random_points": ("min", 10.0),
-    "08_next_best_over_sparsegpt_at_2_4": ("min", 1.01),
+    "08_next_best_over_sparsegpt_at_2_4": ("min", 1.05),
 }
 REPORTED = ["05_best_data_aware_minus_magnitude_digits"]  # no target: the range is printed
 
@@ -100,7 +100,7 @@ def notebook_05(s, data) -> dict:
 
 def notebook_08(seed: int) -> dict:
     """Notebook 08's 2:4 table (its training, calibration and pruning, with the seed varied):
-    the next best criterion's perplexity over SparseGPT's (the answer asserts >= 1.01)."""
+    the next best criterion's perplexity over SparseGPT's (the answer asserts >= 1.05)."""
     import torch
 
     import prune_lab as pl
