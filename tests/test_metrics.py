@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import prune_lab as pl
 from prune_lab.workflows.sensitivity import SensitivityResult
 from prune_lab.workflows.tradeoff import pareto_front
+from tests.test_planner import teacher
 
 
 def lm_session(batch_size: int = 5) -> tuple[pl.Session, torch.Tensor, torch.Tensor]:
@@ -73,21 +73,9 @@ def test_the_pareto_front_of_a_lower_is_better_metric():
     assert pareto_front(costs, scores) == [0]
 
 
-def teacher_lm(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 6))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    x = torch.randn(400, 16, generator=g)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    return model, (x, y)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_planner_returns_the_lowest_perplexity_it_measured(seed):
-    model, data = teacher_lm(seed)
+    model, data = teacher(seed)  # seeded weights, no training: the same on every CPU
     s = pl.Session(model, data, metric=pl.metrics.perplexity)
     r = s.sensitivity(levels=(0.0, 0.5, 0.75, 0.9), progress=False)
     plan = s.plan({"macs": 0.4}, sensitivity=r, progress=False)
