@@ -73,12 +73,15 @@ def test_the_pareto_front_of_a_lower_is_better_metric():
     assert pareto_front(costs, scores) == [0]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_planner_returns_the_lowest_perplexity_it_measured(seed):
+@pytest.mark.parametrize("seed,refine,budget", [(0, True, 0.4), (1, True, 0.4), (0, False, 0.3)])
+def test_the_planner_returns_the_lowest_perplexity_it_measured(seed, refine, budget, monkeypatch):
+    if not refine:  # the plan the search itself picks, before the local search (its last default argument)
+        defaults = pl.planner.plan_budget.__defaults__
+        monkeypatch.setattr(pl.planner.plan_budget, "__defaults__", (*defaults[:-1], 0))
     model, data = teacher(seed)  # seeded weights, no training: the same on every CPU
     s = pl.Session(model, data, metric=pl.metrics.perplexity)
     r = s.sensitivity(levels=(0.0, 0.5, 0.75, 0.9), progress=False)
-    plan = s.plan({"macs": 0.4}, sensitivity=r, progress=False)
+    plan = s.plan({"macs": budget}, sensitivity=r, progress=False)
     met = [p for p in plan.rounds if p["met"]]
     assert len(met) > 1
     assert plan.measured["perplexity"] == min(p["perplexity"] for p in met)
