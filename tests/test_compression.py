@@ -86,7 +86,7 @@ def test_bad_nm_input_is_refused_and_changes_nothing(nm):
         (dict(sparsities={"head": 0.5}, pattern="2:4"), r"input dimension \(size 6, dim 1 of \(10, 6\)\) by 4, which does not divide it"),
         (dict(sparsities={"conv": 0.6}, pattern="2:4"), r"pattern 2:4 means sparsity 0.5 \(or 0 to un-prune\), not 0.6"),
         (dict(sparsities={"conv": 0.5, "head": 0.5}, pattern="2:4"), "head"),
-        (dict(sparsities={"conv": 0.5}, pattern="4"), "use 'unstructured', '2:4', .*'channels', 'blocks' or 'N:M'"),
+        (dict(sparsities={"conv": 0.5}, pattern="4"), "use 'unstructured', '2:4', .*'channels', 'blocks', 'heads' or 'N:M'"),
     ):
         with pytest.raises(ValueError, match=match):
             s.set_sparsity(**kwargs)
