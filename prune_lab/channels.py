@@ -44,7 +44,7 @@ def criterion_of(state: PruningState, criterion: Any) -> tuple[str, str]:
 def scores(state: PruningState, group: str, criterion: str = "l1", seed: Optional[int] = None) -> Tensor:
     """Importance of each channel of ``group`` (float64; the lowest are removed first), from
     the base weights; see ``groups.py`` for each criterion's formula."""
-    grp = state.groups.get(group) if state.groups.has(group) else state.groups.of(group)
+    grp = state.groups.resolve(group)
     crit = get_channel_criterion(criterion)
     seed = state.seed if seed is None else int(seed)
     element = None
@@ -57,7 +57,7 @@ def scores(state: PruningState, group: str, criterion: str = "l1", seed: Optiona
 
 def keep_of(state: PruningState, group: str) -> Tensor:
     """The keep-mask over a group's channels (True = kept)."""
-    grp = state.groups.get(group) if state.groups.has(group) else state.groups.of(group)
+    grp = state.groups.resolve(group)
     c = state.channels.get(grp.name)
     return torch.ones(grp.size, dtype=torch.bool) if c is None else c.keep.clone()
 

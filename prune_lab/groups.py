@@ -142,14 +142,22 @@ class Groups:
     def has(self, name: str) -> bool:
         return name in self.groups or name in self.blocks or name in self.heads
 
+    def resolve(self, name: str) -> ChannelGroup:
+        """A group, block or head group by its name, else the channel group layer ``name`` produces."""
+        return self.get(name) if self.has(name) else self.of(name)
+
+    def head_of_layer(self, layer: str) -> Optional[str]:
+        """The attention module whose head group holds ``layer`` (a projection), or None."""
+        return next((n for n, g in self.heads.items() if layer in g.layers), None)
+
     def head(self, name: str) -> ChannelGroup:
         """The head group of attention module ``name`` (or of one of its projection layers); a
         ValueError says why there is none and lists the ones there are."""
         if name in self.heads:
             return self.heads[name]
-        owner = next((g for g in self.heads.values() if name in g.layers), None)
+        owner = self.head_of_layer(name)
         if owner is not None:
-            return owner
+            return self.heads[owner]
         if name in self.heads_excluded:
             raise ValueError(f"attention module {name!r} has no head group: {self.heads_excluded[name]}")
         raise ValueError(f"{name!r} is not an attention module with prunable heads.{close_names(name, list(self.heads))} "

@@ -274,9 +274,7 @@ class LabModel:
         """The group a slider on layer ``name`` moves: its channel group, or under the heads
         pattern the head group of the attention module it projects for (None: none)."""
         groups = self.session.groups
-        if get_pattern(self.pattern).heads:
-            return next((g for g, grp in groups.heads.items() if name in grp.layers), None)
-        return groups.by_layer.get(name)
+        return groups.head_of_layer(name) if get_pattern(self.pattern).heads else groups.by_layer.get(name)
 
     def _held(self) -> dict[str, tuple[int, int]]:
         return self.session.heads if get_pattern(self.pattern).heads else self.session.channels
