@@ -106,3 +106,16 @@ def test_channel_tradeoffs_run_on_ray_with_identical_points(ray_runtime, trained
     remote = s.tradeoff(**grid, executor="ray")
     assert remote.missing == [] and not remote.config.get("interrupted")
     assert len(remote.records) == 6 and remote.records == local.records
+
+
+def test_head_sweeps_and_perplexity_run_on_ray_with_identical_points(ray_runtime):
+    """Head groups are traced again on the workers (``ensure_groups``) and perplexity travels
+    with the scorer: the remote points equal the local ones."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 20, (16, 13))
+    data = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    s = pl.Session(pl.models.TinyGPT(20, 12, d=32, heads=4, layers=2), data, device="cpu", metric=pl.metrics.perplexity)
+    s.set_sparsity({"blocks.0.attn": 0.25}, pattern="heads")
+    local = s.sensitivity(levels=(0.0, 0.5, 0.75), pattern="heads", progress=False)
+    remote = s.sensitivity(levels=(0.0, 0.5, 0.75), pattern="heads", progress=False, executor="ray")
+    assert remote.complete and remote.lower_is_better and remote.records == local.records and len(local.records) == 6
