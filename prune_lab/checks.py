@@ -73,9 +73,8 @@ def check_sensitivity_loop(fn: Callable[[Any, str, Sequence[float]], Sequence[fl
                            levels: Sequence[float]) -> str:
     """``fn(session, layer, levels)`` must return the metric with ``layer`` alone pruned to
     each level (magnitude, unstructured) and leave the session exactly as it found it."""
-    before = {n: s for n, s in session.sparsity.items()}
-    weights = session.model.state_dict()
-    snapshot = {k: v.clone() for k, v in weights.items()}
+    before = dict(session.sparsity)
+    snapshot = {k: v.clone() for k, v in session.model.state_dict().items()}
     got = _call(fn, "sensitivity_loop", session, layer, list(levels))
     after = session.model.state_dict()
     if session.sparsity != before or any(not torch.equal(after[k], v) for k, v in snapshot.items()):
@@ -107,14 +106,13 @@ def check_channel_ranking(rank: Callable[[Tensor], Tensor], remove: Callable[[nn
         raise StudentError(f"rank_channels: got {got}, expected {want.tolist()} (input channels of conv2 by the L2 norm "
                            f"of next_weight[:, c], smallest first; norms {[round(float(v), 3) for v in norms]})")
     for n in (1, 3):
-        original = copy.deepcopy(model)
         small = _call(remove, "remove_channels", copy.deepcopy(model), n)
         c1, c2 = small.conv1, small.conv2
         if c1.out_channels != 8 - n or c1.weight.shape[0] != 8 - n or c2.weight.shape[1] != 8 - n or c2.in_channels != 8 - n:
             raise StudentError(f"remove_channels(model, {n}): conv1 should have {8 - n} output channels and conv2 {8 - n} "
                                f"inputs; got weights {tuple(c1.weight.shape)} and {tuple(c2.weight.shape)} (set "
                                "out_channels/in_channels too)")
-        zeroed = copy.deepcopy(original)
+        zeroed = copy.deepcopy(model)
         with torch.no_grad():
             zeroed.conv1.weight[want[:n]] = 0
             zeroed.conv1.bias[want[:n]] = 0
@@ -124,7 +122,7 @@ def check_channel_ranking(rank: Callable[[Tensor], Tensor], remove: Callable[[nn
                                f"channels zeroed by {float((got_out - want_out).abs().max()):.3g}: keep the right rows of "
                                "conv1 (weight and bias) and the same columns of conv2, in order")
         params = sum(p.numel() for p in small.parameters())
-        compact = _compact_params(original, x, n)
+        compact = _compact_params(model, x, n)
         if params != compact:
             raise StudentError(f"remove_channels(model, {n}): {params} parameters; Session.compact() removing {n} of conv1's "
                                f"channels leaves {compact}")

@@ -17,6 +17,7 @@ import torch
 
 from .incremental import IncrementalEngine, TraceError
 from .measure import EvalData, Evaluation, Scorer, eval_mode, full_pass
+from .metrics import goodness
 from .state import PruningState
 
 LOSS_TOLERANCE = 1e-5
@@ -58,7 +59,7 @@ class Evaluator:
 
     def goodness(self, value: float) -> float:
         """``value`` turned so that larger is better (the metric, or minus it)."""
-        return -value if self.lower_is_better else value
+        return goodness(value, self.lower_is_better)
 
     def __repr__(self) -> str:
         mode = "incremental" if self.engine() is not None else f"full passes ({self.fallback_reason or 'incremental off'})"

@@ -411,16 +411,24 @@ def _find_blocks(twin: nn.Module, layers: Sequence[Any], example_input: Any) -> 
     return blocks
 
 
-def _masked_minus_removed(model: nn.Module, groups: Sequence[ChannelGroup], example_input: Any) -> bool:
-    """Whether removing channel 0 (and the channels tied to it) of each group physically
-    computes what masking it computes."""
-    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+def masked_first_class(model: nn.Module, groups: Sequence[ChannelGroup]) -> tuple[nn.Module, list[Tensor]]:
+    """A copy of ``model`` with channel 0 (and the channels tied to it) of each group masked in
+    every member, and each group's keep-mask: what a removal of them must compute."""
+    masked = copy.deepcopy(model)
     params = dict(masked.named_parameters(remove_duplicate=False))
     keeps = [g.keep(torch.arange(g.size, dtype=torch.float64), g.period) for g in groups]  # the lowest: channel 0's class
     with torch.no_grad():
         for g, keep in zip(groups, keeps):
             for m in g.members:
                 params[m.key].mul_(m.mask(keep, params[m.key].shape))
+    return masked, keeps
+
+
+def _masked_minus_removed(model: nn.Module, groups: Sequence[ChannelGroup], example_input: Any) -> bool:
+    """Whether removing channel 0 (and the channels tied to it) of each group physically
+    computes what masking it computes."""
+    masked, keeps = masked_first_class(model, groups)
+    small = copy.deepcopy(model)
     try:
         remove_channels(small, example_input, {g.root_module: (~keep).nonzero().flatten().tolist()
                                                for g, keep in zip(groups, keeps)})

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .groups import ChannelGroup, Member, _example
+from .groups import ChannelGroup, Member, _example, masked_first_class
 from .measure import OUTPUT_TOLERANCE, output_difference
 
 HEAD_COUNT_ATTRS = ("heads", "num_heads", "n_head", "n_heads", "num_attention_heads")
@@ -206,15 +206,10 @@ def find_heads(model: nn.Module, layers: Sequence[Any], example_input: Any) -> t
 
 def _unfaithful(model: nn.Module, group: ChannelGroup, example_input: Any) -> str:
     """Why removing head 0 of ``group`` does not compute what masking it does ("" when it does)."""
-    masked, small = copy.deepcopy(model), copy.deepcopy(model)
-    params = dict(masked.named_parameters(remove_duplicate=False))
-    keep = torch.ones(group.size, dtype=torch.bool)
-    keep[0] = False
-    with torch.no_grad():
-        for mem in group.members:
-            params[mem.key].mul_(mem.mask(keep, params[mem.key].shape))
+    masked, (keep,) = masked_first_class(model, [group])
+    small = copy.deepcopy(model)
     try:
-        remove_heads(small, {group.name: [0]})
+        remove_heads(small, {group.name: (~keep).nonzero().flatten().tolist()})
         diff, scale = output_difference(masked, small, _example(example_input))
     except Exception as e:
         return f"its forward fails with a head removed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"

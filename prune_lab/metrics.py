@@ -65,4 +65,9 @@ def lower_is_better(metric: object) -> bool:
     return bool(getattr(metric, "lower_is_better", False))
 
 
-__all__ = ["SummedMetric", "Perplexity", "perplexity", "lower_is_better", "IGNORE_INDEX"]
+def goodness(value: float, lower_is_better: bool) -> float:
+    """``value`` turned so that larger is better (the value, or minus it)."""
+    return -value if lower_is_better else value
+
+
+__all__ = ["SummedMetric", "Perplexity", "perplexity", "lower_is_better", "goodness", "IGNORE_INDEX"]

@@ -20,6 +20,7 @@ from ..criteria import Criterion, get_criterion
 from ..evaluate import Evaluator
 from ..channels import unit_of, units
 from ..masks import check_fraction, count_to_prune
+from ..metrics import goodness
 from ..patterns import Pattern, get_pattern, same_pattern
 from ..state import PruningState, check_reconstruct
 
@@ -137,8 +138,7 @@ class SensitivityResult:
     def lost(self, value: float) -> float:
         """How much worse ``value`` is than the reference (positive = worse; for a metric that
         is better smaller, such as perplexity, the rise)."""
-        ref = self.reference[self.metric]
-        return value - ref if self.lower_is_better else ref - value
+        return self.goodness(self.reference[self.metric]) - self.goodness(value)
 
     def predict(self, drop: float) -> float:
         """The metric the additive model predicts after losing ``drop`` (clipped: :meth:`clip`)."""
@@ -147,7 +147,7 @@ class SensitivityResult:
 
     def goodness(self, value: float) -> float:
         """``value`` turned so that larger is better."""
-        return -value if self.lower_is_better else value
+        return goodness(value, self.lower_is_better)
 
     def drop(self, layer: str, level: float) -> float:
         """Metric lost at ``level`` relative to the reference (positive = worse)."""
