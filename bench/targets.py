@@ -15,6 +15,7 @@ outcome, the target and the margin (in test samples where the target is a count 
     python bench/targets.py            # all settings (about 10 minutes on 2 cores)
     python bench/targets.py --one 0    # one process: seed 0 in this process's setting
     PRUNE_LAB_TARGETS=05 python bench/targets.py   # notebook 05's targets only
+    PRUNE_LAB_TARGETS=A2 python bench/targets.py   # assignment 2's (plan, timid plan, masked training)
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ TARGETS = {
     "03e3_global_minus_uniform_points": ("min", 0.0),
     "05_magnitude_minus_random_points": ("min", 10.0),
     "08_next_best_over_sparsegpt_at_2_4": ("min", 1.05),
+    "A2_plan_more_wrong_val": ("max", 2),
+    "A2_timid_plan_more_wrong_val": ("max", 2),
+    "A2_plan_file_fraction": ("max", 0.25),
+    "A2_masked_training_val_accuracy": ("min", 0.9),
 }
 REPORTED = ["05_best_data_aware_minus_magnitude_digits"]  # no target: the range is printed
 
@@ -49,6 +54,8 @@ def one(seed: int) -> dict:
 
     if os.environ.get("PRUNE_LAB_TARGETS") == "08":
         return notebook_08(seed)
+    if os.environ.get("PRUNE_LAB_TARGETS") == "A2":
+        return assignment_02(seed)
 
     model, data = pl.demo(progress=False, seed=seed)
     n = len(data.test)
@@ -120,6 +127,51 @@ def notebook_08(seed: int) -> dict:
         s.reset()
     return {"seed": seed, "threads": torch.get_num_threads(), "dense": dense, "at_2_4": at,
             "08_next_best_over_sparsegpt_at_2_4": min(at["magnitude"], at["wanda"]) / at["sparsegpt"]}
+
+
+def assignment_02(seed: int) -> dict:
+    """Assignment 2's trained outcomes with the source notebook's own solution code (its solution
+    cells run here) and the checks' own settings: the reference plan's validation digits lost after
+    the checked fine-tuning (at most 2), the "timid" wrong submission's (every layer at 0.5: it must
+    lose only its size points, so it must also stay within 2), and the reference ``train_masked``'s
+    validation accuracy from prune_lab's rewound ticket (at least 0.9)."""
+    import copy
+
+    import torch
+
+    import prune_lab as pl
+    from prune_lab.plan_checks import plan_file_fraction
+    from prune_lab.ticket_checks import library_masks
+
+    source = Path(__file__).resolve().parents[1] / "assignments/source/02_plan_and_ticket/02_plan_and_ticket.ipynb"
+    cells = json.loads(source.read_text())["cells"]
+    space: dict = {"torch": torch, "nn": torch.nn}
+    for c in cells:
+        if c["metadata"].get("nbgrader", {}).get("solution"):
+            exec("".join(c["source"]), space)
+    model, data = pl.demo(progress=False, seed=seed, val=0.2)
+    s = pl.Session(model, data.val)
+    n, dense = len(data.val), s.evaluate()["accuracy"]
+    out: dict = {"seed": seed, "threads": torch.get_num_threads(), "dense": dense}
+    for key, plan in (("A2_plan_more_wrong_val", space["plan"]), ("A2_timid_plan_more_wrong_val", {i.name: 0.5 for i in s.layers})):
+        s.set_sparsity(plan)
+        s.finetune(data.train, steps=300, lr=0.01, progress=False, seed=0)  # what check_plan_accuracy runs
+        out[key] = round((dense - s.evaluate()["accuracy"]) * n)
+        s.reset()
+    sparse, dense_bytes = plan_file_fraction(space["plan"], s)
+    out["A2_plan_file_fraction"] = sparse / dense_bytes
+    torch.manual_seed(1 + seed)
+    net = pl.models.mlp(data)
+    theta0 = {k: v.clone() for k, v in net.state_dict().items()}
+    pl.Session(net, data.val).finetune(data.train, steps=300, lr=0.05, progress=False)
+    start = pl.Session(copy.deepcopy(net), data.val)
+    start.set_global_sparsity(0.9, allocation="global")
+    start.rewind_to(theta0)
+    trained = space["train_masked"](start.model, library_masks(net, 0.9, data.val), data, 300, 0.05)
+    x, y = data.val.tensors
+    with torch.no_grad():
+        out["A2_masked_training_val_accuracy"] = float((trained.eval()(x).argmax(1) == y).float().mean())
+    return out
 
 
 def main() -> None:

@@ -122,16 +122,16 @@ def vgg_cifar() -> nn.Sequential:
 def test_vgg_cifar_with_30_percent_channels_removed_has_the_macs_and_params_counted_by_hand():
     torch.manual_seed(0)
     model = vgg_cifar()
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 16, 16)  # 16x16 rather than CIFAR's 32: the same counts by hand, a quarter of the time
     s = pl.Session(model, (x, torch.randint(0, 10, (4,))), device="cpu")
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     s.set_sparsity({n: 0.3 for n in convs[:-1]}, pattern="channels")
     small = s.compact(measure=True)
-    # by hand: widths after removing round(0.3 * c) channels; 3x3 convs at 32, 32, 16, 16, 8, 8, 4, 4 pixels
+    # by hand: widths after removing round(0.3 * c) channels; 3x3 convs at 16, 16, 8, 8, 4, 4, 2, 2 pixels
     full = [64, 128, 256, 256, 512, 512, 512, 512]
     kept = [c - round(0.3 * c) for c in full[:-1]] + [512]
     assert kept == [45, 90, 179, 179, 358, 358, 358, 512]
-    sides = [32, 32, 16, 16, 8, 8, 4, 4]
+    sides = [16, 16, 8, 8, 4, 4, 2, 2]
     ins = [3] + kept[:-1]
     conv_macs = sum(o * i * 9 * h * h for o, i, h in zip(kept, ins, sides))
     linear_macs = 512 * 10

@@ -21,7 +21,7 @@ RANKS = {
     "workflows": 6.9, "workflows.sensitivity": 6, "workflows.finetune": 6, "workflows.compact": 6,
     "workflows.tradeoff": 6.5,
     "workflows.distributed": 6.8, "planner": 6.6,
-    "session": 7, "models": 7, "checks": 7.5,
+    "session": 7, "models": 7, "checks": 7.5, "plan_checks": 7.6, "ticket_checks": 7.6,
     "lab_model": 8,
     "plots": 9,
     "widgets": 10.5, "widgets.lab": 10, "widgets.percent_slider": 9.5,

@@ -40,6 +40,30 @@ def test_demo_accuracy_and_cache(demo, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_demo_with_val_trains_only_on_the_rest_and_caches_apart(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_LAB_CACHE", str(tmp_path))
+    seen = []
+
+    def recording(model, data, **kwargs):  # no real training: what it would train on is the point
+        seen.append(data.train.tensors[0].clone())
+
+    monkeypatch.setattr(pl.models, "train", recording)
+    _, data = pl.demo(progress=False, val=0.2)
+    assert (len(data.train), len(data.val), len(data.test)) == (1150, 288, 359)  # round(0.2 * 1438) = 288
+    assert torch.equal(seen[0], data.train.tensors[0])  # trained on the rest only
+    # train and val partition the bundled training digits: the same rows, each once
+    rows = lambda t: sorted(map(tuple, t.flatten(1).tolist()))  # noqa: E731
+    both = torch.cat([data.train.tensors[0], data.val.tensors[0]])
+    assert rows(both) == rows(pl.datasets.digits().train.tensors[0])
+    assert torch.equal(data.test.tensors[0], pl.datasets.digits().test.tensors[0])
+    names = sorted(p.name for p in tmp_path.glob("demo-*.pt"))
+    pl.demo(progress=False)
+    assert len(sorted(p.name for p in tmp_path.glob("demo-*.pt"))) == len(names) + 1  # its own cache file
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="val is the fraction of training digits"):
+            pl.demo(progress=False, val=bad)
+
+
 def test_corrupt_cache_is_rebuilt(demo, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNE_LAB_CACHE", str(tmp_path))
     model, _ = demo
