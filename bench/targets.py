@@ -153,7 +153,7 @@ def assignment_02(seed: int) -> dict:
     s = pl.Session(model, data.val)
     n, dense = len(data.val), s.evaluate()["accuracy"]
     out: dict = {"seed": seed, "threads": torch.get_num_threads(), "dense": dense}
-    for key, plan in (("A2_plan_more_wrong_val", space["plan"]), ("A2_timid_plan_more_wrong_val", {i.name: 0.5 for i in s.layers})):
+    for key, plan in (("A2_plan_more_wrong_val", space["plan"]), ("A2_timid_plan_more_wrong_val", {i.name: 0.3 for i in s.layers})):
         s.set_sparsity(plan)
         s.finetune(data.train, steps=300, lr=0.01, progress=False, seed=0)  # what check_plan_accuracy runs
         out[key] = round((dense - s.evaluate()["accuracy"]) * n)
