@@ -132,8 +132,8 @@ def notebook_08(seed: int) -> dict:
 def assignment_02(seed: int) -> dict:
     """Assignment 2's trained outcomes with the source notebook's own solution code (its solution
     cells run here) and the checks' own settings: the reference plan's validation digits lost after
-    the checked fine-tuning (at most 2), the "timid" wrong submission's (every layer at 0.5: it must
-    lose only its size points, so it must also stay within 2), and the reference ``train_masked``'s
+    the checked fine-tuning (at most 2), the "timid" wrong submission's (every layer at 0.3; it came
+    within a digit of the target on one setting, so the test does not assert that cell), and the reference ``train_masked``'s
     validation accuracy from prune_lab's rewound ticket (at least 0.9)."""
     import copy
 
