@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import criteria, datasets, formats, masks, metrics, models
+from . import criteria, datasets, formats, granularity, masks, metrics, models, slimming, sparse_kernels
 from .workflows import distributed
 from ._version import __version__
 from .allocation import list_allocations, register_allocation
@@ -21,7 +21,7 @@ from .workflows.compact import load_compact, save_compact
 
 __all__ = [
     "Session", "LayerInfo", "Coverage", "Snapshot", "Event", "LabModel", "demo", "train", "datasets", "models", "criteria", "masks", "metrics",
-    "distributed", "formats", "latency", "int8_dynamic", "export_onnx", "OnnxExport",
+    "granularity", "slimming", "sparse_kernels", "distributed", "formats", "latency", "int8_dynamic", "export_onnx", "OnnxExport",
     "load_recipe", "load_state_dict", "save_compact", "load_compact", "register_criterion", "register_allocation",
     "register_pattern", "get_pattern", "list_patterns", "list_criteria", "list_allocations", "plots", "Lab", "__version__",
 ]

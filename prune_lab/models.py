@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,31 @@ def small_resnet(data: DataBundle, widths: tuple[int, int, int] = (16, 32, 64), 
     return SmallResNet(data, widths, blocks)
 
 
+class SmallVGG(nn.Module):
+    """VGG-style: conv3x3-BatchNorm-ReLU stages, max-pooling after every stage but the first,
+    global average pooling and one Linear. No residual adds, so every BatchNorm is its own
+    channel group: the setting of network slimming (Liu et al. 2017 pruned VGG this way)."""
+
+    def __init__(self, data: DataBundle, widths: Sequence[int] = (16, 32, 64)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = data.input_shape[0]
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(c, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, data.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def small_vgg(data: DataBundle, widths: Sequence[int] = (16, 32, 64)) -> nn.Module:
+    return SmallVGG(data, widths)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention written as q, k, v and o Linear layers (GPT-2 / BERT style)."""
 
@@ -166,21 +191,28 @@ def train(
     seed: int = 0,
     progress: bool = True,
     weight_decay: float = 0.0,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    penalty: Optional[Callable[[nn.Module], torch.Tensor]] = None,
 ) -> dict:
-    """Adam on ``data.train`` with a progress bar; Ctrl-C stops early and keeps what was learned.
+    """Adam (or ``optimizer="sgd"`` with ``momentum``) on ``data.train`` with a progress bar; Ctrl-C
+    stops early and keeps what was learned. ``penalty(model)``, a scalar tensor, is added to every
+    batch's loss (``slimming.l1_on_bn_scales``: network slimming's sparsity term).
 
-    Returns ``{"loss": [per-epoch mean], "test_accuracy": float, "interrupted": bool}``.
+    Returns ``{"loss": [per-epoch mean of the loss with the penalty], "test_accuracy": float,
+    "interrupted": bool}``.
     """
     from tqdm.auto import tqdm
 
     from .devices import resolve_device
+    from .workflows.finetune import make_optimizer
 
     dev = resolve_device(device)
     model.to(dev)
     torch.manual_seed(seed)
     x, y = data.train.tensors
     x, y = x.to(dev), y.to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     g = torch.Generator().manual_seed(seed)
     history: dict = {"loss": [], "interrupted": False}
     bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
@@ -193,6 +225,8 @@ def train(
                 idx = order[start : start + batch_size]
                 opt.zero_grad(set_to_none=True)
                 loss = _loss(model(x[idx]), y[idx])
+                if penalty is not None:
+                    loss = loss + penalty(model)
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)

@@ -480,3 +480,71 @@ def criterion_scores(session: "Session", layer: str, criteria: Sequence[str] = (
     fig.colorbar(im, ax=list(axes), label="importance rank", shrink=0.9)
     fig.suptitle(f"{layer} ({'x'.join(map(str, info.shape))}): which weights each criterion keeps", fontsize=10)
     return fig
+
+
+def grain_curves(results: dict[str, Any], layer: str, key: Optional[str] = None) -> Figure:
+    """One layer's sensitivity at several grains: ``{grain: SensitivityResult}`` (each a sweep of
+    ``layer`` with ``pattern=grain``), the metric against the fraction removed (for channels, of the
+    layer's channel group: its readers' columns go too)."""
+    fig = new_figure((6.0, 3.6))
+    ax = fig.subplots()
+    reference = None
+    for grain, result in results.items():
+        k = key or result.metric
+        pts = result.curve(layer, k)
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", markersize=4, label=grain, gid=f"grain:{grain}")
+            reference = result.reference[k]
+            metric_axis(ax.yaxis, k)
+            ax.set_ylabel(k)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle=":", linewidth=1, gid="reference")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlabel(f"fraction of {layer} removed, finest grain to coarsest")
+    ax.set_title(f"{layer}: the same fraction at four grains", fontsize=10)
+    ax.legend(fontsize=9, loc="lower left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def kernel_speedup(timings: Any) -> Figure:
+    """Measured dense time / sparse time of ``W @ X`` against the sparsity of ``W``
+    (``sparse_kernels.KernelTimings``), with the break-even marked: above 1 the sparse kernel wins."""
+    fig = new_figure((6.0, 3.4))
+    ax = fig.subplots()
+    xs = [r.sparsity for r in timings.rows]
+    ax.plot(xs, [r.speedup for r in timings.rows], marker="o", gid="speedup")
+    ax.axhline(1.0, color="gray", linestyle=":", linewidth=1, gid="even")
+    be = timings.break_even
+    if be is not None:
+        ax.axvline(be, color="C3", linestyle="--", linewidth=1, gid="break-even")
+        ax.text(be, ax.get_ylim()[1], f" break-even {be:.0%}", color="C3", va="top", fontsize=9)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlabel("sparsity of W (zeros uniformly placed)")
+    ax.set_ylabel("dense time / sparse time")
+    out, inp = timings.shape
+    ax.set_title(f"{timings.layout.upper()} vs dense, W {out}x{inp}, batch {timings.batch}, {timings.device}, "
+                 f"{timings.threads} threads (measured)", fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def bn_scale_histograms(models: dict[str, Any], bins: int = 40) -> Figure:
+    """``|gamma|`` of every BatchNorm channel, one histogram per model (``{label: model}``), on one
+    shared axis: network slimming's penalty piles the scales up near zero."""
+    from .slimming import bn_scales
+
+    fig = new_figure((6.0, 3.2))
+    ax = fig.subplots()
+    values = {label: np.concatenate([g.detach().abs().cpu().numpy() for g in bn_scales(m).values()])
+              for label, m in models.items()}
+    top = max(float(v.max()) for v in values.values())
+    edges = np.linspace(0.0, top, bins + 1)
+    for label, v in values.items():
+        ax.hist(v, bins=edges, alpha=0.6, label=f"{label} ({v.size} channels)")
+    ax.set_xlabel("|gamma| of a BatchNorm channel")
+    ax.set_ylabel("channels")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig

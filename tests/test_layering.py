@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "prune_lab"
 
 RANKS = {
     "_version": 0, "registry": 0, "formats": 0, "cache": 0, "devices": 0, "onnx_export": 0.5,
-    "metrics": 0.5, "masks": 1, "datasets": 1, "quantize": 1, "compress": 1, "runtime": 1,
+    "metrics": 0.5, "masks": 1, "datasets": 1, "quantize": 1, "compress": 1, "runtime": 1, "sparse_kernels": 1,
     "reconstruct": 1.5, "criteria": 2, "layers": 2, "export": 2, "patterns": 2.5,
     "measure": 3, "calibration": 3.2, "groups": 3.3, "heads": 3.35, "state": 3.4,
     "allocation": 4, "incremental": 4, "stats": 4, "recipes": 4, "channels": 4.5, "pruning": 4.6,
@@ -21,7 +21,7 @@ RANKS = {
     "workflows": 6.9, "workflows.sensitivity": 6, "workflows.finetune": 6, "workflows.compact": 6,
     "workflows.tradeoff": 6.5,
     "workflows.distributed": 6.8, "planner": 6.6,
-    "session": 7, "models": 7, "checks": 7.5, "plan_checks": 7.6, "ticket_checks": 7.6,
+    "session": 7, "models": 7, "slimming": 7.2, "granularity": 7.2, "checks": 7.5, "plan_checks": 7.6, "ticket_checks": 7.6,
     "lab_model": 8,
     "plots": 9,
     "widgets": 10.5, "widgets.lab": 10, "widgets.percent_slider": 9.5,
