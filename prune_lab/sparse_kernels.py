@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 
 LAYOUTS = ("csr", "coo")
 
@@ -25,7 +26,7 @@ class KernelRow:
     """One sparsity: median milliseconds of ``W @ X`` dense and sparse, and their largest difference."""
 
     sparsity: float
-    nonzeros: int
+    nonzeros: int  # values stored by the sparse layout: exactly n - round(sparsity * n)
     dense_ms: float
     sparse_ms: float
     max_error: float  # max |sparse - dense| over the output (float sums in another order)
@@ -108,31 +109,43 @@ def _time_into(fn, sync, repeats: int, warmup: int, times: list[float]) -> None:
             times.append((time.perf_counter() - t) * 1000)
 
 
+def random_operands(out_features: int, in_features: int, batch: int, sparsities: Sequence[float],
+                    seed: int = 0) -> tuple[Tensor, list[Tensor]]:
+    """``X`` (in x batch) and, per sparsity ``s``, ``W`` (out x in, float32) with exactly
+    ``round(s * out * in)`` zeros uniformly placed (as unstructured pruning leaves them), the same
+    nonzero values at every level; deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g)
+    x = torch.randn(in_features, batch, generator=g)
+    n = w.numel()
+    weights = []
+    for s in sparsities:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[torch.randperm(n, generator=g)[: int(round(s * n))]] = False
+        weights.append(w * keep.view_as(w))
+    return x, weights
+
+
 def time_sparse_matmul(out_features: int = 1024, in_features: int = 1024, batch: int = 64,
                        sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98), layout: str = "csr",
                        repeats: int = 25, warmup: int = 3, seed: int = 0,
                        device: Union[str, torch.device, None] = None) -> KernelTimings:
-    """Time ``W @ X`` with ``W`` dense (zeros multiplied) and in ``layout`` (zeros skipped) for a
-    random ``W`` with exactly ``round(s * out * in)`` zeros at each sparsity ``s`` (uniformly placed,
-    as unstructured pruning leaves them); ``repeats`` runs of each, alternating, after ``warmup``."""
+    """Time ``W @ X`` with ``W`` dense (zeros multiplied) and in ``layout`` (zeros skipped) for the
+    :func:`random_operands` of ``seed``: ``repeats`` runs of each, alternating, after ``warmup``."""
     _check(out_features, in_features, batch, sparsities, layout, repeats, warmup)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_features, in_features, generator=g)
-    x = torch.randn(in_features, batch, generator=g).to(dev)
-    n = w.numel()
+    x, weights = random_operands(out_features, in_features, batch, sparsities, seed)
+    x = x.to(dev)
     result = KernelTimings((out_features, in_features), batch, layout,
                            torch.cuda.get_device_name(dev) if cuda else "cpu", torch.get_num_threads(), repeats)
-    for s in sparsities:
-        zeros = int(round(s * n))
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[torch.randperm(n, generator=g)[:zeros]] = False
-        dense = (w * keep.view_as(w)).to(dev)
+    for s, w in zip(sparsities, weights):
+        dense = w.to(dev)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": a fact of torch, not of this measurement
             warnings.simplefilter("ignore", UserWarning)
             sparse = dense.to_sparse_csr() if layout == "csr" else dense.to_sparse_coo().coalesce()
+            stored = int(sparse.values().numel())  # what the sparse kernel iterates over, counted in its own layout
             with torch.inference_mode():
                 err = float((sparse @ x - dense @ x).abs().max())
                 dense_t: list[float] = []
@@ -140,8 +153,8 @@ def time_sparse_matmul(out_features: int = 1024, in_features: int = 1024, batch:
                 for _ in range(repeats):  # alternate one run each, so load changes hit both
                     _time_into(lambda: dense @ x, sync, 1, warmup if not dense_t else 0, dense_t)
                     _time_into(lambda: sparse @ x, sync, 1, warmup if not sparse_t else 0, sparse_t)
-        result.rows.append(KernelRow(float(s), n - zeros, statistics.median(dense_t), statistics.median(sparse_t), err))
+        result.rows.append(KernelRow(float(s), stored, statistics.median(dense_t), statistics.median(sparse_t), err))
     return result
 
 
-__all__ = ["KernelRow", "KernelTimings", "LAYOUTS", "break_even", "time_sparse_matmul"]
+__all__ = ["KernelRow", "KernelTimings", "LAYOUTS", "break_even", "random_operands", "time_sparse_matmul"]

@@ -13,11 +13,24 @@ import prune_lab as pl
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
-@pytest.mark.parametrize("factory", [pl.models.mlp, pl.models.lenet5, pl.models.small_resnet])
+@pytest.mark.parametrize("factory", [pl.models.mlp, pl.models.lenet5, pl.models.small_resnet, pl.models.small_vgg])
 def test_zoo_sized_from_bundle(factory, shape):
     bundle = pl.datasets.DataBundle("x", None, None, shape, 7)
     model = factory(bundle)
     assert model(torch.zeros(2, *shape)).shape == (2, 7)
+
+
+def test_small_vgg_is_three_conv_bn_stages_each_its_own_channel_group(digits):
+    model = pl.models.small_vgg(digits, (4, 6, 8))
+    # conv3x3 without bias, BatchNorm gamma and beta, then fc 8 -> 10 with bias
+    by_hand = (1 * 4 * 9 + 2 * 4) + (4 * 6 * 9 + 2 * 6) + (6 * 8 * 9 + 2 * 8) + (8 * 10 + 10)
+    assert sum(p.numel() for p in model.parameters()) == by_hand
+    s = pl.Session(model, digits.test)
+    assert {g: kept for g, kept in s.channels.items() if g.startswith("features")} == \
+        {"features.0": (4, 4), "features.3": (6, 6), "features.7": (8, 8)}
+    for g, bn in [("features.0", "features.1"), ("features.3", "features.4"), ("features.7", "features.8")]:
+        assert torch.equal(s.channel_scores(g, "bn_scale"), model.get_submodule(bn).weight.detach().abs().double())
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
 
 
 def test_mlp_is_lenet_300_100(digits):

@@ -183,3 +183,49 @@ def test_tradeoff_points_fit_once_then_only_grow():
     assert ax.get_xlim() == pytest.approx((100 / 2, 2000 * 2))  # widened with room on both sides
     pareto = [l for l in ax.lines if l.get_gid() == "pareto"][0]
     assert sorted(pareto.get_xdata()) == [100, 1000]  # the cheapest and the best: 2000 B and 1500 B are dominated
+
+
+def test_grain_curves_draw_each_grains_sweep(demo_session):
+    results = {p: demo_session.sensitivity(levels=levels, layers=["conv2"], pattern=p, progress=False)
+               for p, levels in [("unstructured", [0.25, 0.5]), ("2:4", [0.5]), ("channels", [0.25, 0.5])]}
+    fig = pl.plots.grain_curves(results, "conv2")
+    ax = fig.axes[0]
+    for grain, result in results.items():
+        (line,) = _artists(ax, f"grain:{grain}")
+        assert list(zip(line.get_xdata(), line.get_ydata())) == result.curve("conv2", "accuracy")
+    (ref,) = _artists(ax, "reference")
+    assert ref.get_ydata()[0] == demo_session.evaluate()["accuracy"]
+
+
+def test_kernel_speedup_plots_the_ratios_and_marks_the_break_even():
+    from prune_lab.sparse_kernels import KernelRow, KernelTimings
+
+    rows = [KernelRow(0.5, 50, 1.0, 2.0, 0.0), KernelRow(0.8, 20, 1.0, 1.0 / 1.5, 0.0), KernelRow(0.9, 10, 3.0, 1.0, 0.0)]
+    t = KernelTimings((10, 10), 4, "csr", "cpu", 2, 5, rows)
+    ax = pl.plots.kernel_speedup(t).axes[0]
+    (line,) = _artists(ax, "speedup")
+    assert list(line.get_xdata()) == [0.5, 0.8, 0.9]
+    assert list(line.get_ydata()) == pytest.approx([0.5, 1.5, 3.0])
+    (mark,) = _artists(ax, "break-even")
+    assert mark.get_xdata()[0] == pytest.approx(0.5 + 0.5 * 0.3 / 1.0)
+    assert "(measured)" in ax.get_title()
+    losing = KernelTimings((10, 10), 4, "coo", "cpu", 2, 5, rows[:1])
+    assert not _artists(pl.plots.kernel_speedup(losing).axes[0], "break-even")
+
+
+def test_bn_scale_histograms_count_every_channel(digits):
+    import torch
+
+    torch.manual_seed(0)
+    a, b = pl.models.small_vgg(digits, (4, 6, 8)), pl.models.small_vgg(digits, (4, 6, 8))
+    with torch.no_grad():
+        for m in b.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.mul_(torch.linspace(-0.5, 0.5, m.weight.numel()))
+    ax = pl.plots.bn_scale_histograms({"plain": a, "slimmed": b}, bins=10).axes[0]
+    heights = [[p.get_height() for p in c.patches] for c in ax.containers]
+    assert sum(heights[0]) == 18 and sum(heights[1]) == 18
+    values = np.concatenate([m.weight.detach().abs().numpy() for m in b.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    edges = np.linspace(0, 1.0, 11)  # the plain model's gammas are all 1: the top of the shared axis
+    assert heights[1] == list(np.histogram(values, bins=edges)[0])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["plain (18 channels)", "slimmed (18 channels)"]
