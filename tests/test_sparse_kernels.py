@@ -17,6 +17,7 @@ from prune_lab.sparse_kernels import KernelRow, KernelTimings, break_even
     ([0.9, 0.5, 0.7], [1.2, 0.5, 0.8], 0.8),                # order of the input does not matter
     ([0.5, 0.6, 0.7, 0.8], [1.1, 0.9, 0.95, 1.5], 0.7 + 0.05 * 0.1 / 0.55),  # from the *last* loss on
     ([0.5, 0.8], [0.6, 1.0], 0.8),                          # exactly even counts as winning
+    ([0.5, 0.6, 0.8], [1.2, 1.0, 1.5], 0.5),                # ... also below the top
     ([0.3, 0.6], [1.2, 2.0], 0.3),                          # already faster at the lowest level
     ([0.7], [1.0], 0.7),
 ])
