@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from torch import Tensor
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -82,4 +84,21 @@ def spectrum(session: "Session", layers: Sequence[str], sparsity: float = 0.5,
     return Spectrum(layers, sparsity, session.metric_name, dense, rows)
 
 
-__all__ = ["GRAINS", "GrainRow", "Spectrum", "spectrum"]
+def grain_masks(session: "Session", layer: str, sparsity: float = 0.5, grains: Sequence[str] = GRAINS,
+                criterion: str = "magnitude") -> dict[str, Tensor]:
+    """``{grain: keep mask of layer's weight}`` (bool, the weight's shape) with ``layer`` pruned to
+    ``sparsity`` at each grain in turn, the session restored bit for bit afterwards: what each grain
+    leaves of the same layer, for :func:`prune_lab.plots.grain_masks`."""
+    before = session.snapshot()
+    masks: dict[str, Tensor] = {}
+    try:
+        for grain in grains:
+            session.set_sparsity({layer: sparsity}, criterion=criterion, pattern=grain)
+            masks[grain] = session.mask(layer).detach().cpu().clone()
+            session.restore(before)
+    finally:
+        session.restore(before)
+    return masks
+
+
+__all__ = ["GRAINS", "GrainRow", "Spectrum", "grain_masks", "spectrum"]

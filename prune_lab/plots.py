@@ -508,6 +508,23 @@ def grain_curves(results: dict[str, Any], layer: str, key: Optional[str] = None)
     return fig
 
 
+def grain_masks(masks: dict[str, Any], layer: str) -> Figure:
+    """What each grain keeps of one layer: ``{grain: keep mask}`` (``granularity.grain_masks``),
+    one panel per grain, a row per output channel and, for a conv, its ``in x kh x kw`` weights
+    flattened along the row (a kernel is a run of ``kh * kw``). Dark: kept; light: pruned."""
+    fig = new_figure((6.4, 1.2 + 0.06 * max(int(next(iter(masks.values())).shape[0]), 8)))
+    axes = np.atleast_1d(fig.subplots(1, len(masks), sharey=True))
+    for ax, (grain, mask) in zip(axes, masks.items()):
+        m = np.asarray(mask, dtype=bool).reshape(mask.shape[0], -1)
+        ax.imshow(m, cmap="Greys", vmin=0, vmax=1.6, aspect="auto", interpolation="nearest", gid=f"mask:{grain}")
+        ax.set_title(f"{grain}\n{1 - m.mean():.0%} pruned", fontsize=9)
+        ax.set_xticks([])
+        ax.set_xlabel("weights of a row", fontsize=8)
+    axes[0].set_ylabel("output channel")
+    fig.suptitle(f"{layer}: the same layer pruned at each grain (dark: kept)", fontsize=10)
+    return fig
+
+
 def kernel_speedup(timings: Any) -> Figure:
     """Measured dense time / sparse time of ``W @ X`` against the sparsity of ``W``
     (``sparse_kernels.KernelTimings``), with the break-even marked: above 1 the sparse kernel wins."""

@@ -88,3 +88,20 @@ def test_a_grain_that_does_not_fit_is_refused_by_name_and_nothing_changes(demo_s
     with pytest.raises(ValueError, match="layer 'fc1' is pruned unstructured"):
         granularity.spectrum(demo_session, ["conv2"], 0.5)  # the channels grain would discard fc1's mask
     _same(_state(demo_session), before)
+
+
+def test_grain_masks_are_the_masks_each_grain_leaves_and_the_session_is_restored(demo_session):
+    before = _state(demo_session)
+    masks = granularity.grain_masks(demo_session, "conv2", 0.5)
+    _same(_state(demo_session), before)
+    assert list(masks) == list(granularity.GRAINS)
+    assert all(m.shape == (16, 8, 3, 3) and m.dtype == torch.bool for m in masks.values())
+    assert [int((~m).sum()) for m in masks.values()] == [576, 576, 576, 576]
+    pairs = masks["2:4"].permute(0, 2, 3, 1).reshape(-1, 4)  # 2:4 runs along the input channels
+    assert bool((pairs.sum(1) == 2).all())
+    kernels = masks["kernel"].reshape(16 * 8, 9).sum(1)
+    assert sorted(set(kernels.tolist())) == [0, 9]  # whole 3x3 kernels, nothing in between
+    rows = masks["channels"].reshape(16, -1).sum(1)
+    assert sorted(rows.tolist()) == [0] * 8 + [72] * 8  # whole filters
+    assert torch.equal(masks["unstructured"], demo_session.original_weight("conv2").abs()
+                       > demo_session.original_weight("conv2").abs().flatten().kthvalue(576).values)

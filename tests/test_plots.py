@@ -229,3 +229,15 @@ def test_bn_scale_histograms_count_every_channel(digits):
     edges = np.linspace(0, 1.0, 11)  # the plain model's gammas are all 1: the top of the shared axis
     assert heights[1] == list(np.histogram(values, bins=edges)[0])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["plain (18 channels)", "slimmed (18 channels)"]
+
+
+def test_grain_masks_show_each_grains_mask(demo_session):
+    import torch
+
+    masks = {"a": torch.ones(4, 2, 3, 3, dtype=torch.bool), "b": torch.zeros(4, 2, 3, 3, dtype=torch.bool)}
+    masks["b"][0] = True
+    fig = pl.plots.grain_masks(masks, "conv2")
+    for ax, (grain, mask) in zip(fig.axes, masks.items()):
+        (im,) = _artists(ax, f"mask:{grain}")
+        assert np.array_equal(im.get_array(), mask.reshape(4, 18).numpy())
+    assert [ax.get_title() for ax in fig.axes] == ["a\n0% pruned", "b\n75% pruned"]
