@@ -494,14 +494,16 @@ def grain_curves(results: dict[str, Any], layer: str, key: Optional[str] = None)
         pts = result.curve(layer, k)
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", markersize=4, label=grain, gid=f"grain:{grain}")
+            alone = len(pts) == 1  # 2:4 has one level: a marker big enough not to hide under another curve
+            ax.plot(xs, ys, marker="D" if alone else "o", markersize=8 if alone else 4, linestyle="none" if alone else "-",
+                    label=grain, gid=f"grain:{grain}", zorder=3 if alone else 2)
             reference = result.reference[k]
             metric_axis(ax.yaxis, k)
             ax.set_ylabel(k)
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle=":", linewidth=1, gid="reference")
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.set_xlabel(f"fraction of {layer} removed, finest grain to coarsest")
+    ax.set_xlabel(f"fraction of {layer}'s weights removed (channels: of its filters)")
     ax.set_title(f"{layer}: the same fraction at four grains", fontsize=10)
     ax.legend(fontsize=9, loc="lower left")
     ax.grid(alpha=0.3)
