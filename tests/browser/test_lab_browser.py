@@ -30,6 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("PRUNE_LAB_ARTIFACTS", ROOT / "test-artifacts"))
 LAYER = "fc1"
+# many changes to the displayed Lab from the kernel in a burst, then a reset, as a student's cell may do
+BURST_CELL = ("for allocation in ('uniform', 'global'):\n"
+              "    lab.allocation.value = allocation\n"
+              "    for sparsity in (50, 80, 90):\n"
+              "        lab.global_slider.value = sparsity\n"
+              "lab.reset()")
 SYNC_CELL = ("_sync = globals().get('_sync', 0) + 1\n"
              "print(f'SYNC {_sync} total={session.total_sparsity():.4f} slider={lab.global_slider.value} '\n"
              "      f'layers={sorted(set(s.value for s in lab.sliders.values()))}')")
@@ -61,6 +67,7 @@ def jupyterlab(tmp_path, demo):
     import nbformat
 
     nb = nbformat.read(ROOT / "notebooks" / "03_interactive_lab.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(BURST_CELL))  # the notebook's reference answers use their own Lab
     nb.cells.append(nbformat.v4.new_code_cell(SYNC_CELL))
     nbformat.write(nb, root / "03_interactive_lab.ipynb")
     settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
