@@ -58,7 +58,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def jupyterlab(tmp_path, demo):
+def jupyterlab(tmp_path, demo_val):  # the notebook's demo (val=0.2), cached for its kernel
     _need_chromium()
     root = tmp_path / "root"
     root.mkdir()
@@ -146,8 +146,9 @@ def _cut_texts(page, where: str) -> dict:
 
 
 def expected_accuracy(demo, sparsity: float) -> str:
+    """What the Lab shows: accuracy on the validation digits (the notebook's ``Session(model, data.val)``)."""
     model, data = demo
-    s = pl.Session(model, data.test, device="cpu")
+    s = pl.Session(model, data.val, device="cpu")
     try:
         s.set_sparsity({LAYER: sparsity})
         return f"{s.evaluate()['accuracy']:.2%}"
@@ -155,7 +156,8 @@ def expected_accuracy(demo, sparsity: float) -> str:
         s.reset()
 
 
-def test_lab_in_jupyterlab(jupyterlab, demo):
+def test_lab_in_jupyterlab(jupyterlab, demo_val):
+    demo = demo_val
     from playwright.sync_api import sync_playwright
 
     url, token = jupyterlab

@@ -59,7 +59,7 @@ def test_every_notebook_with_a_trained_target_runs_on_the_other_cpu():
 
 
 @pytest.mark.parametrize("path,cpu", RUNS, ids=[f"{p.name}-{cpu}" for p, cpu in RUNS])
-def test_notebook_runs(path, cpu, tmp_path, monkeypatch, demo):  # demo: this CPU's kernels load its cached weights
+def test_notebook_runs(path, cpu, tmp_path, monkeypatch, demo, demo_val):  # this CPU's kernels load their cached weights
     monkeypatch.setenv("PRUNE_LAB_FAST", "1")
     for key, value in CPU_SETTINGS[cpu].items():
         monkeypatch.setenv(key, value)
