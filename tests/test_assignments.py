@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -18,15 +19,23 @@ COURSE = ROOT / "assignments"
 NBGRADER = [sys.executable, "-m", "nbgrader"]
 
 
+class Wrong(NamedTuple):
+    """A deliberately wrong submission: edits to solution cells, the grade cells that must then fail, phrases
+    its feedback must hold, and grade cells left unasserted (a trained outcome too near its target)."""
+
+    edits: dict                       # grade id of a solution cell -> {old: new} or "layerwise"
+    failing: set[str]
+    said: tuple[str, ...]
+    unasserted: frozenset[str] = frozenset()
+
+
 @dataclass
 class Assignment:
     points: dict[str, float]          # grade cell -> points
     solution_lines: tuple[str, ...]   # lines of the solution that the release must not hold
     blanks: int                       # `raise NotImplementedError()` in the release
     not_written: tuple[str, ...]      # what the blank version's feedback names
-    # student -> ({grade id of a solution cell: {old: new} or "layerwise"}, the grade cells that must fail, phrases of
-    # the feedback)
-    wrong: dict[str, tuple[dict, set[str], tuple[str, ...]]] = field(default_factory=dict)
+    wrong: dict[str, Wrong] = field(default_factory=dict)
 
 
 LAYERWISE = '''masks = {}
@@ -44,15 +53,15 @@ ASSIGNMENTS = {
                         "pow(2).sum(dim=(0, 2, 3))", "new2.weight.copy_(c2.weight[:, keep])"),
         blanks=4, not_written=("magnitude_mask", "sensitivity_loop", "rank_channels"),
         wrong={
-            "largest": ({"magnitude_mask": {"keys = weight.detach().abs().flatten()": "keys = -weight.detach().abs().flatten()"}},
-                        {"check_magnitude_mask"}, ("the smallest magnitudes go first",)),
-            "ties_last": ({"magnitude_mask": {"tied = (keys == t).nonzero().flatten()":
-                                              "tied = (keys == t).nonzero().flatten().flip(0)"}},
-                          {"check_magnitude_mask"}, ("equal magnitudes are pruned in another order",)),
-            "off_by_one": ({"magnitude_mask": {"k = int(round(sparsity * n))": "k = int(sparsity * n) + 1"}},
-                           {"check_magnitude_mask"}, ("must go",)),
-            "descending": ({"channels": {"sqrt(), stable=True)": "sqrt(), stable=True, descending=True)"}},
-                           {"check_channels"}, ("rank_channels: got",)),
+            "largest": Wrong({"magnitude_mask": {"keys = weight.detach().abs().flatten()": "keys = -weight.detach().abs().flatten()"}},
+                             {"check_magnitude_mask"}, ("the smallest magnitudes go first",)),
+            "ties_last": Wrong({"magnitude_mask": {"tied = (keys == t).nonzero().flatten()":
+                                                   "tied = (keys == t).nonzero().flatten().flip(0)"}},
+                               {"check_magnitude_mask"}, ("equal magnitudes are pruned in another order",)),
+            "off_by_one": Wrong({"magnitude_mask": {"k = int(round(sparsity * n))": "k = int(sparsity * n) + 1"}},
+                                {"check_magnitude_mask"}, ("must go",)),
+            "descending": Wrong({"channels": {"sqrt(), stable=True)": "sqrt(), stable=True, descending=True)"}},
+                                {"check_channels"}, ("rank_channels: got",)),
         }),
     "02_plan_and_ticket": Assignment(
         points={"check_plan_size": 2.0, "check_plan_accuracy": 2.0, "check_masks": 2.0, "check_rewind": 2.0,
@@ -64,14 +73,15 @@ ASSIGNMENTS = {
         wrong={
             # every layer at 0.3: too big a file. Its accuracy cell is a trained outcome that came within 1 digit of
             # the target on one CPU setting (bench/targets.py A2), so that cell is not asserted for this student
-            "timid_layerwise": ({"plan": {'plan = {"conv1": 0.2, "conv2": 0.6, "fc1": 0.85, "fc2": 0.9, "fc3": 0.6}':
-                                          'plan = {"conv1": 0.3, "conv2": 0.3, "fc1": 0.3, "fc2": 0.3, "fc3": 0.3}'},
-                                 "masks": "layerwise"},
-                                {"check_plan_size", "check_masks"}, ("at most 25% may be", "one threshold for all layers")),
-            "trained_unmasked": ({"rewind": {"    model.load_state_dict(theta0)\n": ""},
-                                  "train": {"            with torch.no_grad():\n                for name, mask in masks.items():\n"
-                                            "                    model.get_submodule(name).weight.mul_(mask)\n": ""}},
-                                 {"check_rewind", "check_train"}, ("holds the trained values", "put the mask back after every")),
+            "timid_layerwise": Wrong({"plan": {'plan = {"conv1": 0.2, "conv2": 0.6, "fc1": 0.85, "fc2": 0.9, "fc3": 0.6}':
+                                               'plan = {"conv1": 0.3, "conv2": 0.3, "fc1": 0.3, "fc2": 0.3, "fc3": 0.3}'},
+                                      "masks": "layerwise"},
+                                     {"check_plan_size", "check_masks"}, ("at most 25% may be", "one threshold for all layers"),
+                                     unasserted=frozenset({"check_plan_accuracy"})),
+            "trained_unmasked": Wrong({"rewind": {"    model.load_state_dict(theta0)\n": ""},
+                                       "train": {"            with torch.no_grad():\n                for name, mask in masks.items():\n"
+                                                 "                    model.get_submodule(name).weight.mul_(mask)\n": ""}},
+                                      {"check_rewind", "check_train"}, ("holds the trained values", "put the mask back after every")),
         }),
 }
 
@@ -100,9 +110,10 @@ def edited(nb: dict, edits: dict) -> dict:
         text = "".join(cell["source"])
         if edits[gid] == "layerwise":
             text = _layerwise(text)
-        for old, new in ({} if edits[gid] == "layerwise" else edits[gid]).items():
-            assert old in text, old
-            text = text.replace(old, new)
+        else:
+            for old, new in edits[gid].items():
+                assert old in text, old
+                text = text.replace(old, new)
         cell["source"] = text.splitlines(keepends=True)
     return nb
 
@@ -124,8 +135,8 @@ def prepare(course: Path, name: str, env: dict) -> Path:
     source = json.loads((course / "source" / name / f"{name}.ipynb").read_text())
     submit(course, name, "teacher", source)
     submit(course, name, "blank", json.loads((course / "release" / name / f"{name}.ipynb").read_text()))
-    for student, (edits, _, _) in a.wrong.items():
-        submit(course, name, student, edited(source, edits))
+    for student, wrong in a.wrong.items():
+        submit(course, name, student, edited(source, wrong.edits))
     nbgrader(course, "autograde", name, "--create", "--force", env=env)
     return course
 
@@ -202,12 +213,11 @@ def test_the_blank_version_earns_nothing_and_says_what_to_write(course, name):
 @pytest.mark.parametrize("name,student", [(n, s) for n, a in ASSIGNMENTS.items() for s in a.wrong])
 def test_a_wrong_part_loses_exactly_its_points(course, name, student):
     a = ASSIGNMENTS[name]
-    _, failing, said = a.wrong[student]
-    unasserted = {"check_plan_accuracy"} if student == "timid_layerwise" else set()
-    got = {k: v for k, v in grades(course, name, student).items() if k not in unasserted}
-    assert got == {k: (0.0 if k in failing else v) for k, v in a.points.items() if k not in unasserted}
+    wrong = a.wrong[student]
+    got = {k: v for k, v in grades(course, name, student).items() if k not in wrong.unasserted}
+    assert got == {k: (0.0 if k in wrong.failing else v) for k, v in a.points.items() if k not in wrong.unasserted}
     feedback = " ".join(errors(course, name, student))
-    for phrase in said:
+    for phrase in wrong.said:
         assert phrase in feedback, (phrase, feedback[:2000])
 
 
