@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import prune_lab as pl
-from prune_lab.patterns import PATTERNS, Kernel, Pattern, get_pattern, lab_patterns, list_patterns, same_pattern
+from prune_lab.patterns import PATTERNS, Pattern, get_pattern, lab_patterns, list_patterns, same_pattern
 
 
 def test_names_parse_to_their_patterns_and_unknown_ones_list_the_valid():
