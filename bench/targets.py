@@ -59,7 +59,6 @@ def one(seed: int) -> dict:
         return assignment_02(seed)
 
     model, data = pl.demo(progress=False, seed=seed)
-    n = len(data.test)
     s = pl.Session(model, data.test)
     dense = s.evaluate()["accuracy"]
     out: dict = {"seed": seed, "threads": torch.get_num_threads(), "dense": dense}
