@@ -41,8 +41,14 @@ def test_mlp_is_lenet_300_100(digits):
 def test_demo_accuracy_and_cache(demo, monkeypatch):
     model, data = demo
     assert pl.models.test_accuracy(model, data) >= 0.93  # 95.5-98.3% over CPU settings and seeds (bench/targets.py)
-    cached = list(pl.models.cache_dir().glob("demo-*.pt"))
-    assert len(cached) == 1
+    # one file per demo recipe: this one's, and (when the suite has loaded it) the val=0.2 demo's, keyed apart
+    key = pl.models._demo_key(pl.models.lenet5(data, pl.models.DEMO_CHANNELS))
+    assert (pl.models.cache_dir() / f"demo-lenet5-digits-{key}.pt").is_file()
+    cached = sorted(p.name for p in pl.models.cache_dir().glob("demo-*.pt"))
+    assert f"demo-lenet5-digits-{key}.pt" in cached and len(cached) <= 2
+    if len(cached) == 2:
+        val_key = pl.models._demo_key(pl.models.lenet5(data, pl.models.DEMO_CHANNELS), 0, 0.2)
+        assert f"demo-lenet5-digits-{val_key}.pt" in cached
 
     def no_training(*a, **k):
         raise AssertionError("a cached demo loads without training")
