@@ -1,7 +1,8 @@
 """Devices: one resolver, so ``None`` means the same thing everywhere."""
 from __future__ import annotations
 
-from typing import Union
+import time
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -30,6 +31,19 @@ def model_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall milliseconds of one call of ``fn``; on a CUDA ``device`` synchronised before and after,
+    so the time covers the GPU's work and not only the launch."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t) * 1000
 
 
 def device_name(device: torch.device) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -17,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .devices import model_device
+from .devices import model_device, timed_ms
 
 
 @dataclass
@@ -63,16 +62,7 @@ def latency(model: Any, example_input: Tensor, batch_sizes: Sequence[int] = (1, 
                 if isinstance(b, bool) or not isinstance(b, int) or b < 1:
                     raise ValueError(f"batch sizes must be positive integers, got {b!r}")
                 x = sample.expand(b, *sample.shape[1:]).contiguous()
-                times = []
-                for i in range(warmup + repeats):
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    t = time.perf_counter()
-                    model(x)
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    if i >= warmup:
-                        times.append((time.perf_counter() - t) * 1000)
+                times = [timed_ms(lambda: model(x), device) for _ in range(warmup + repeats)][warmup:]
                 ms[b] = statistics.median(times)
                 q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
                 spread[b] = (q[0], q[-1])
@@ -111,12 +101,7 @@ def _ort_latency(model: Any, example_input: Tensor, batch_sizes: Sequence[int], 
         spread: dict[int, tuple[float, float]] = {}
         for b in batch_sizes:
             x = sample.repeat(b, axis=0)
-            times = []
-            for i in range(warmup + repeats):
-                t = time.perf_counter()
-                sess.run(None, {name: x})
-                if i >= warmup:
-                    times.append((time.perf_counter() - t) * 1000)
+            times = [timed_ms(lambda: sess.run(None, {name: x}), torch.device("cpu")) for _ in range(warmup + repeats)][warmup:]
             ms[b] = statistics.median(times)
             q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
             spread[b] = (q[0], q[-1])

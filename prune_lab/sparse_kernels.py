@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from .devices import timed_ms
+from .masks import check_count, count_to_prune
 
 LAYOUTS = ("csr", "coo")
 
@@ -84,10 +86,8 @@ def _check(out_features: int, in_features: int, batch: int, sparsities: Sequence
            repeats: int, warmup: int) -> None:
     for name, v in (("out_features", out_features), ("in_features", in_features), ("batch", batch),
                     ("repeats", repeats)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"time_sparse_matmul: {name} must be a positive integer, got {v!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"time_sparse_matmul: warmup must be an integer >= 0, got {warmup!r}")
+        check_count(v, f"time_sparse_matmul: {name}")
+    check_count(warmup, "time_sparse_matmul: warmup", minimum=0)
     if layout not in LAYOUTS:
         raise ValueError(f"time_sparse_matmul: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if not sparsities:
@@ -96,17 +96,6 @@ def _check(out_features: int, in_features: int, batch: int, sparsities: Sequence
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0 <= s < 1) or math.isnan(s):
             raise ValueError(f"time_sparse_matmul: sparsity {s!r} must be in [0, 1) (a weight with no nonzeros "
                              f"has nothing to time)")
-
-
-def _time_into(fn, sync, repeats: int, warmup: int, times: list[float]) -> None:
-    """Append the milliseconds of ``repeats`` runs of ``fn`` (after ``warmup`` untimed) to ``times``."""
-    for i in range(warmup + repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - t) * 1000)
 
 
 def random_operands(out_features: int, in_features: int, batch: int, sparsities: Sequence[float],
@@ -121,7 +110,7 @@ def random_operands(out_features: int, in_features: int, batch: int, sparsities:
     weights = []
     for s in sparsities:
         keep = torch.ones(n, dtype=torch.bool)
-        keep[torch.randperm(n, generator=g)[: int(round(s * n))]] = False
+        keep[torch.randperm(n, generator=g)[: count_to_prune(s, n)]] = False
         weights.append(w * keep.view_as(w))
     return x, weights
 
@@ -135,7 +124,6 @@ def time_sparse_matmul(out_features: int = 1024, in_features: int = 1024, batch:
     _check(out_features, in_features, batch, sparsities, layout, repeats, warmup)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     cuda = dev.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     x, weights = random_operands(out_features, in_features, batch, sparsities, seed)
     x = x.to(dev)
     result = KernelTimings((out_features, in_features), batch, layout,
@@ -148,11 +136,14 @@ def time_sparse_matmul(out_features: int = 1024, in_features: int = 1024, batch:
             stored = int(sparse.values().numel())  # what the sparse kernel iterates over, counted in its own layout
             with torch.inference_mode():
                 err = float((sparse @ x - dense @ x).abs().max())
+                for _ in range(warmup):
+                    timed_ms(lambda: dense @ x, dev)
+                    timed_ms(lambda: sparse @ x, dev)
                 dense_t: list[float] = []
                 sparse_t: list[float] = []
                 for _ in range(repeats):  # alternate one run each, so load changes hit both
-                    _time_into(lambda: dense @ x, sync, 1, warmup if not dense_t else 0, dense_t)
-                    _time_into(lambda: sparse @ x, sync, 1, warmup if not sparse_t else 0, sparse_t)
+                    dense_t.append(timed_ms(lambda: dense @ x, dev))
+                    sparse_t.append(timed_ms(lambda: sparse @ x, dev))
         result.rows.append(KernelRow(float(s), stored, statistics.median(dense_t), statistics.median(sparse_t), err))
     return result
 

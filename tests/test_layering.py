@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "prune_lab"
 
 RANKS = {
     "_version": 0, "registry": 0, "formats": 0, "cache": 0, "devices": 0, "onnx_export": 0.5,
-    "metrics": 0.5, "masks": 1, "datasets": 1, "quantize": 1, "compress": 1, "runtime": 1, "sparse_kernels": 1,
+    "metrics": 0.5, "masks": 1, "datasets": 1, "quantize": 1, "compress": 1, "runtime": 1, "sparse_kernels": 1.5,
     "reconstruct": 1.5, "criteria": 2, "layers": 2, "export": 2, "patterns": 2.5,
     "measure": 3, "calibration": 3.2, "groups": 3.3, "heads": 3.35, "state": 3.4,
     "allocation": 4, "incremental": 4, "stats": 4, "recipes": 4, "channels": 4.5, "pruning": 4.6,

@@ -105,3 +105,35 @@ def test_bad_arguments_are_named(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         sk.time_sparse_matmul(**args)
+
+
+@pytest.mark.parametrize("layout", sk.LAYOUTS)
+def test_each_column_times_its_own_product(layout, monkeypatch):
+    """No clock: each timed call reports the layout of the weight it multiplied (1 ms dense, 2 ms
+    sparse), so the dense column must hold only dense products and the sparse only sparse ones."""
+    from torch.overrides import TorchFunctionMode
+
+    class Layouts(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if args and isinstance(args[0], torch.Tensor) and func.__name__ in ("__matmul__", "matmul"):
+                self.seen.append(args[0].layout)
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+
+    def fake_timed_ms(fn, device):
+        with Layouts() as mode:
+            fn()
+        (seen,) = mode.seen
+        calls.append(seen)
+        return 1.0 if seen == torch.strided else 2.0
+
+    monkeypatch.setattr(sk, "timed_ms", fake_timed_ms)
+    t = sk.time_sparse_matmul(8, 8, 2, (0.5, 0.9), layout=layout, repeats=3, warmup=2)
+    assert [(r.dense_ms, r.sparse_ms) for r in t.rows] == [(1.0, 2.0), (1.0, 2.0)]
+    wanted = torch.sparse_csr if layout == "csr" else torch.sparse_coo
+    assert calls == [torch.strided, wanted] * (2 + 3) * 2  # warmup then repeats, alternating, per level
