@@ -9,13 +9,14 @@ counted or measured on the session's own model; the session is left exactly as i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from torch import Tensor
 
 if TYPE_CHECKING:
     from .session import Session
 
+T = TypeVar("T")
 GRAINS = ("unstructured", "2:4", "kernel", "channels")  # finest to coarsest
 
 
@@ -55,12 +56,27 @@ class Spectrum:
 def _row(session: "Session", grain: str, dense_nonzeros: int) -> GrainRow:
     from .measure import model_macs
 
-    stats = session.stats()
-    sample = session.data.sample(1)[0]
-    removed = any(kept < total for kept, total in session.channels.values())
+    total = session.stats().total
+    removed = any(kept < size for kept, size in session.channels.values())
     small = session.compact(measure=False) if removed else session.model  # compact() refuses when nothing goes
-    return GrainRow(grain, session.evaluate()[session.metric_name], dense_nonzeros - stats.total["nonzeros"],
-                    session.sparse_file_bytes(), stats.total["effective_macs"], model_macs(small, sample))
+    return GrainRow(grain, session.evaluate()[session.metric_name], dense_nonzeros - total["nonzeros"],
+                    total["sparse_file_bytes"], total["effective_macs"], model_macs(small, session.data.sample(1)[0]))
+
+
+def _at_each_grain(session: "Session", layers: Sequence[str], sparsity: float, grains: Sequence[str],
+                   criterion: str, measure: Callable[[str], T]) -> list[T]:
+    """``measure(grain)`` with ``layers`` pruned to ``sparsity`` at each grain in turn; the session
+    is restored bit for bit after each, and whatever happens (a grain refused, an interrupt)."""
+    before = session.snapshot()
+    out = []
+    try:
+        for grain in grains:
+            session.set_sparsity({name: sparsity for name in layers}, criterion=criterion, pattern=grain)
+            out.append(measure(grain))
+            session.restore(before)
+    finally:
+        session.restore(before)
+    return out
 
 
 def spectrum(session: "Session", layers: Sequence[str], sparsity: float = 0.5,
@@ -70,17 +86,9 @@ def spectrum(session: "Session", layers: Sequence[str], sparsity: float = 0.5,
     bit. ``sparsity=0.5`` is where 2:4 applies; a grain's own rounding (whole kernels, channels)
     may take a little more or less, as ``zeroed`` shows. Starts from the session's current state."""
     layers = tuple(layers)
-    before = session.snapshot()
-    try:
-        dense_nonzeros = session.stats().total["nonzeros"]
-        dense = _row(session, "(as given)", dense_nonzeros)
-        rows = []
-        for grain in grains:
-            session.set_sparsity({name: sparsity for name in layers}, criterion=criterion, pattern=grain)
-            rows.append(_row(session, grain, dense_nonzeros))
-            session.restore(before)
-    finally:
-        session.restore(before)
+    dense_nonzeros = session.stats().total["nonzeros"]
+    dense = _row(session, "(as given)", dense_nonzeros)
+    rows = _at_each_grain(session, layers, sparsity, grains, criterion, lambda g: _row(session, g, dense_nonzeros))
     return Spectrum(layers, sparsity, session.metric_name, dense, rows)
 
 
@@ -89,16 +97,9 @@ def grain_masks(session: "Session", layer: str, sparsity: float = 0.5, grains: S
     """``{grain: keep mask of layer's weight}`` (bool, the weight's shape) with ``layer`` pruned to
     ``sparsity`` at each grain in turn, the session restored bit for bit afterwards: what each grain
     leaves of the same layer, for :func:`prune_lab.plots.grain_masks`."""
-    before = session.snapshot()
-    masks: dict[str, Tensor] = {}
-    try:
-        for grain in grains:
-            session.set_sparsity({layer: sparsity}, criterion=criterion, pattern=grain)
-            masks[grain] = session.mask(layer).detach().cpu().clone()
-            session.restore(before)
-    finally:
-        session.restore(before)
-    return masks
+    masks = _at_each_grain(session, (layer,), sparsity, grains, criterion,
+                           lambda _: session.mask(layer).detach().cpu().clone())
+    return dict(zip(grains, masks))
 
 
 __all__ = ["GRAINS", "GrainRow", "Spectrum", "grain_masks", "spectrum"]

@@ -55,12 +55,9 @@ def threshold_plan(session: "Session", fraction: float) -> dict[str, float]:
     from .masks import check_fraction
 
     fraction = check_fraction(fraction, "slimming fraction")
-    scores: dict[str, Tensor] = {}
-    for g in session.channels:
-        try:
-            scores[g] = session.channel_scores(g, "bn_scale")
-        except ValueError:
-            continue  # a group without BatchNorm (a Linear's neurons): not slimming's to prune
+    # groups with a BatchNorm scale; the others (a Linear's neurons) are not slimming's to prune
+    scores = {g: session.channel_scores(g, "bn_scale") for g in session.channels
+              if any(m.role == "bn" for m in session.groups.get(g).members)}
     if not scores:
         raise ValueError("threshold_plan: no channel group of this model has a BatchNorm; "
                          f"groups: {', '.join(session.channels) or 'none'}")
