@@ -504,7 +504,7 @@ def grain_curves(results: dict[str, Any], layer: str, key: Optional[str] = None)
         ax.axhline(reference, color="gray", linestyle=":", linewidth=1, gid="reference")
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_xlabel(f"fraction of {layer}'s weights removed (channels: of its filters)")
-    ax.set_title(f"{layer}: the same fraction at four grains", fontsize=10)
+    ax.set_title(f"{layer}: the same fraction at {len(results)} grains", fontsize=10)
     ax.legend(fontsize=9, loc="lower left")
     ax.grid(alpha=0.3)
     return fig
